@@ -1,0 +1,131 @@
+"""Where ActionResults live: keyed by instance name and action digest, stored as encoded bytes.
+
+The service layer decides what a usable entry is (see ``server/action_cache.py``);
+these stores only keep bytes, bounded by an entry count, least recently used out first.
+"""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Final
+
+from asynccas.digest import Digest
+from asynccas.sqlite import SqliteDatabase
+
+
+class ActionCacheStore(abc.ABC):
+    async def start(self) -> None:
+        """Acquire resources."""
+
+    async def stop(self) -> None:
+        """Release resources."""
+
+    @abc.abstractmethod
+    async def get(self, instance_name: str, action: Digest) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def put(self, instance_name: str, action: Digest, result: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def delete(self, instance_name: str, action: Digest) -> None: ...
+
+
+class MemoryActionCache(ActionCacheStore):
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, Digest], bytes] = OrderedDict()
+
+    async def get(self, instance_name: str, action: Digest) -> bytes | None:
+        key = (instance_name, action)
+        result = self._entries.get(key)
+        if result is not None:
+            self._entries.move_to_end(key)
+        return result
+
+    async def put(self, instance_name: str, action: Digest, result: bytes) -> None:
+        self._entries[(instance_name, action)] = result
+        self._entries.move_to_end((instance_name, action))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    async def delete(self, instance_name: str, action: Digest) -> None:
+        self._entries.pop((instance_name, action), None)
+
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS action_results (
+    instance_name TEXT NOT NULL,
+    action_key TEXT NOT NULL,          -- Digest.key of the Action
+    result BLOB NOT NULL,              -- encoded ActionResult
+    accessed_at REAL NOT NULL,
+    PRIMARY KEY (instance_name, action_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS action_results_by_access ON action_results (accessed_at);
+"""
+
+
+class SqliteActionCache(ActionCacheStore):
+    """Persistent, shareable by several processes (WAL), trimmed to ``max_entries`` on write."""
+
+    def __init__(self, path: str | Path, max_entries: int = 1_000_000) -> None:
+        self.max_entries = max_entries
+        self._db = SqliteDatabase(path, _SCHEMA)
+        self._writes_since_trim = 0
+
+    async def start(self) -> None:
+        await self._db.open()
+
+    async def stop(self) -> None:
+        await self._db.close()
+
+    async def get(self, instance_name: str, action: Digest) -> bytes | None:
+        args = (instance_name, action.key)
+        row = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT result FROM action_results WHERE instance_name = ? AND action_key = ?",
+                args,
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE action_results SET accessed_at = ? WHERE instance_name = ? AND action_key = ?",
+                (time.time(), *args),
+            )
+        )
+        return bytes(row[0])
+
+    async def put(self, instance_name: str, action: Digest, result: bytes) -> None:
+        row = (instance_name, action.key, result, time.time())
+        await self._db.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO action_results VALUES (?, ?, ?, ?)", row
+            )
+        )
+        self._writes_since_trim += 1
+        if self._writes_since_trim >= 1000:
+            self._writes_since_trim = 0
+            await self._db.write(self._trim_sync)
+
+    def _trim_sync(self, conn: sqlite3.Connection) -> None:
+        (count,) = conn.execute("SELECT count(*) FROM action_results").fetchone()
+        excess = count - self.max_entries
+        if excess > 0:
+            conn.execute(
+                "DELETE FROM action_results WHERE (instance_name, action_key) IN"
+                " (SELECT instance_name, action_key FROM action_results ORDER BY accessed_at LIMIT ?)",
+                (excess,),
+            )
+
+    async def delete(self, instance_name: str, action: Digest) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "DELETE FROM action_results WHERE instance_name = ? AND action_key = ?",
+                (instance_name, action.key),
+            )
+        )

@@ -1,0 +1,144 @@
+"""The ``asynccas`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas.errors import CasError
+from asynccas.eviction import EvictionPolicy
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
+from asynccas.storage.base import Storage
+from asynccas.storage.disk import DiskStorage
+from asynccas.storage.memory import MemoryStorage
+
+logger = logging.getLogger("asynccas")
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_MEMORY_DEFAULT_BYTES = 1 << 30
+
+
+def parse_size(text: str) -> int:
+    """``1048576``, ``512M``, ``10G``, ``2GiB`` -> bytes (suffixes are powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 10G")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0)
+
+
+def default_data_dir() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "asynccas"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asynccas", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve the REAPI cache (CAS, ByteStream, ActionCache, Capabilities)",
+        description="Serve a REAPI remote cache. With no flags: disk storage and a SQLite index"
+        " under $XDG_CACHE_HOME/asynccas, listening on 127.0.0.1:50051.",
+    )
+    serve.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to listen on")
+    serve.add_argument(
+        "--data-dir", type=Path, default=None, help="where disk blobs and SQLite files live"
+    )
+    serve.add_argument("--storage", choices=("disk", "memory"), default="disk")
+    serve.add_argument(
+        "--max-size",
+        type=parse_size,
+        default=None,
+        help="byte budget (e.g. 20G); least recently used blobs are evicted beyond it"
+        f" (memory storage default: {_human(_MEMORY_DEFAULT_BYTES)}; disk: unbounded)",
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=parse_size,
+        default=DEFAULT_MAX_BATCH_BYTES,
+        help="max_batch_total_size_bytes advertised to clients (default 4M)",
+    )
+    serve.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync before publishing disk blobs (faster; a crash may lose recent blobs)",
+    )
+    serve.add_argument(
+        "--no-ac-check",
+        action="store_true",
+        help="serve action results even if their output blobs are gone from the CAS",
+    )
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def _build(args: argparse.Namespace) -> tuple[Storage, ActionCacheStore, str, EvictionPolicy | None]:
+    if args.storage == "memory":
+        budget = args.max_size or _MEMORY_DEFAULT_BYTES
+        where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
+        return MemoryStorage(budget), MemoryActionCache(), where, None
+    data_dir: Path = (args.data_dir or default_data_dir()).expanduser().resolve()
+    index = SqliteIndex(DiskStorage(data_dir, fsync=not args.no_fsync), data_dir / "index.sqlite")
+    budget = f"budget {_human(args.max_size)}" if args.max_size else "no size limit"
+    where = (
+        f"blobs on disk in {data_dir / 'cas'} ({budget}), index {data_dir / 'index.sqlite'},"
+        f" action cache {data_dir / 'action-cache.sqlite'}"
+    )
+    eviction = EvictionPolicy(args.max_size) if args.max_size else None
+    return index, SqliteActionCache(data_dir / "action-cache.sqlite"), where, eviction
+
+
+async def serve(args: argparse.Namespace) -> None:
+    storage, action_cache, where, eviction = _build(args)
+    server = CasServer(
+        storage,
+        action_cache,
+        address=args.address,
+        max_batch_total_size_bytes=args.max_batch_size,
+        check_action_results=not args.no_ac_check,
+    )
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with server, anyio.create_task_group() as tasks:
+            if eviction is not None and isinstance(storage, SqliteIndex):
+                tasks.start_soon(eviction.run, storage)
+            logger.info("asynccas listening on %s; %s", server.target, where)
+            async for signum in signals:
+                logger.info("received %s; shutting down", signal.Signals(signum).name)
+                tasks.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        anyio.run(serve, args, backend_options={"use_uvloop": True})
+    except (OSError, CasError) as exc:
+        logger.error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

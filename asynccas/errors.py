@@ -1,0 +1,82 @@
+"""asynccas's domain errors: every layer raises these, and only server/errors.py maps them to gRPC.
+
+CasError
+├── InvalidArgument              INVALID_ARGUMENT
+│   ├── InvalidDigest            a hash/size/function that is not a valid digest
+│   ├── InvalidResourceName      a ByteStream resource name of no known form
+│   ├── DigestMismatch           data that does not hash to (or is not the size of) its digest
+│   ├── BatchTooLarge            a batch RPC over max_batch_total_size_bytes
+│   └── UnsupportedFeature       a compressor or digest function this server does not offer
+├── NotFound                     NOT_FOUND
+│   ├── BlobNotFound             a blob absent from the CAS
+│   └── ActionResultNotFound     no (complete) cached result for an action
+├── OutOfRange                   OUT_OF_RANGE: read offsets outside the blob
+├── UploadConflict               ABORTED: a write offset that does not continue the upload
+├── StorageFull                  RESOURCE_EXHAUSTED: no room to store
+└── BackendUnavailable           UNAVAILABLE: a backend (disk, database, remote) failed; retry
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asynccas.digest import Digest
+
+
+class CasError(Exception):
+    """Base of every error asynccas raises on purpose; the message is shown to clients."""
+
+
+class InvalidArgument(CasError):
+    pass
+
+
+class InvalidDigest(InvalidArgument):
+    pass
+
+
+class InvalidResourceName(InvalidArgument):
+    pass
+
+
+class DigestMismatch(InvalidArgument):
+    pass
+
+
+class BatchTooLarge(InvalidArgument):
+    pass
+
+
+class UnsupportedFeature(InvalidArgument):
+    pass
+
+
+class NotFound(CasError):
+    pass
+
+
+class BlobNotFound(NotFound):
+    def __init__(self, digest: Digest) -> None:
+        super().__init__(f"blob {digest} is not in the CAS")
+        self.digest = digest
+
+
+class ActionResultNotFound(NotFound):
+    pass
+
+
+class OutOfRange(CasError):
+    pass
+
+
+class UploadConflict(CasError):
+    pass
+
+
+class StorageFull(CasError):
+    pass
+
+
+class BackendUnavailable(CasError):
+    pass

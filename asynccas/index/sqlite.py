@@ -1,0 +1,289 @@
+"""The embedded default index: existence, size and recency of blobs in one SQLite file.
+
+Persistent, and safe for several server processes sharing one data directory:
+publishing a blob and inserting its row happen in one ``BEGIN IMMEDIATE``
+transaction, and so do deleting rows and their files during clean-up, so a blob
+re-uploaded while being evicted never ends up indexed-but-missing. The total size
+is kept exact by triggers in the same transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import anyio
+
+from asynccas.digest import Digest
+from asynccas.errors import BlobNotFound, CasError
+from asynccas.index.base import StorageIndex
+from asynccas.sqlite import SqliteDatabase
+from asynccas.storage.base import BlobWriter, Storage
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS blobs (
+    key TEXT PRIMARY KEY,            -- Digest.key: function:hash:size
+    size_bytes INTEGER NOT NULL,
+    accessed_at REAL NOT NULL,       -- unix time of the last use, refreshed at most every touch_interval
+    stored_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (accessed_at, key);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    total_size INTEGER NOT NULL,
+    blob_count INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs BEGIN
+    UPDATE totals SET total_size = total_size + NEW.size_bytes, blob_count = blob_count + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS blobs_removed AFTER DELETE ON blobs BEGIN
+    UPDATE totals SET total_size = total_size - OLD.size_bytes, blob_count = blob_count - 1;
+END;
+"""
+_UPSERT: Final = """
+INSERT INTO blobs (key, size_bytes, accessed_at, stored_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET accessed_at = excluded.accessed_at, stored_at = excluded.stored_at
+"""
+_EVICTION_BATCH: Final = 256
+
+
+class SqliteIndex(StorageIndex):
+    def __init__(
+        self, storage: Storage, path: str | Path, *, touch_interval: float = 60.0
+    ) -> None:
+        super().__init__(storage)
+        self.path = Path(path)
+        # Refreshing recency on every hit would turn every FindMissingBlobs into a
+        # write; LRU order only needs it to within this many seconds.
+        self.touch_interval = touch_interval
+        self._db = SqliteDatabase(self.path, _SCHEMA)
+
+    async def start(self) -> None:
+        await self.storage.start()
+        await self._db.open()
+
+    async def stop(self) -> None:
+        await self._db.close()
+        await self.storage.stop()
+
+    # -- existence ---------------------------------------------------------------------------
+
+    async def has_blob(self, digest: Digest) -> bool:
+        return not await self.missing_blobs([digest])
+
+    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+        keys = json.dumps([d.key for d in unique])
+        now = time.time()
+
+        def query(conn: sqlite3.Connection) -> set[str]:
+            present = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT key FROM blobs WHERE key IN (SELECT value FROM json_each(?))", (keys,)
+                )
+            }
+            if present:
+                conn.execute(
+                    "UPDATE blobs SET accessed_at = ? WHERE key IN (SELECT value FROM json_each(?))"
+                    " AND accessed_at < ?",
+                    (now, keys, now - self.touch_interval),
+                )
+            return present
+
+        present = await self._db.run(query)
+        return [d for d in unique if d.key not in present]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        started = time.time()
+        try:
+            async for chunk in self.storage.get_blob(digest, offset, limit):
+                yield chunk
+        except BlobNotFound:
+            await self._forget([digest], started)
+            raise
+        await self._touch([digest])
+
+    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        unique = list(dict.fromkeys(digests))
+        started = time.time()
+        found = await self.storage.bulk_read_blobs(unique)
+        lost = [d for d in unique if d not in found]
+        if lost:
+            await self._forget(lost, started)
+        if found:
+            await self._touch(found)
+        return found
+
+    async def _touch(self, digests: Iterable[Digest]) -> None:
+        keys = json.dumps([d.key for d in digests])
+        now = time.time()
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE blobs SET accessed_at = ? WHERE key IN (SELECT value FROM json_each(?))"
+                " AND accessed_at < ?",
+                (now, keys, now - self.touch_interval),
+            )
+        )
+
+    async def _forget(self, digests: Iterable[Digest], stored_before: float) -> None:
+        """Self-healing: drop rows of blobs the storage no longer has.
+
+        Rows stored after the failed read began belong to a concurrent upload and stay.
+        """
+        keys = json.dumps([d.key for d in digests])
+        await self._db.run(
+            lambda conn: conn.execute(
+                "DELETE FROM blobs WHERE key IN (SELECT value FROM json_each(?)) AND stored_at < ?",
+                (keys, stored_before),
+            )
+        )
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        return _IndexedWriter(self, await self.storage.open_write(digest))
+
+    async def stage_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        return await self.storage.stage_blobs(blobs)
+
+    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
+        if not writers:
+            return
+        # Shielded: once a file is published its row must be committed too.
+        with anyio.CancelScope(shield=True):
+            async with self._db.transaction() as sql:
+                await self.storage.publish_staged(writers)
+                now = time.time()
+                rows = [(w.digest.key, w.digest.size_bytes, now, now) for w in writers]
+                await sql(lambda conn: conn.executemany(_UPSERT, rows))
+
+    # -- deletion and clean-up ---------------------------------------------------------------
+
+    async def delete_blob(self, digest: Digest) -> bool:
+        return bool(await self.bulk_delete([digest]))
+
+    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+        with anyio.CancelScope(shield=True):
+            async with self._db.transaction() as sql:
+                await sql(
+                    lambda conn: conn.executemany(
+                        "DELETE FROM blobs WHERE key = ?", [(d.key,) for d in unique]
+                    )
+                )
+                return await self.storage.bulk_delete(unique)
+
+    async def get_total_size(self) -> int:
+        row = await self._db.run(
+            lambda conn: conn.execute("SELECT total_size FROM totals").fetchone()
+        )
+        return int(row[0])
+
+    async def get_blob_count(self) -> int:
+        row = await self._db.run(
+            lambda conn: conn.execute("SELECT blob_count FROM totals").fetchone()
+        )
+        return int(row[0])
+
+    async def least_recent_digests(self) -> AsyncIterator[tuple[Digest, int]]:
+        after: tuple[float, str] = (-math.inf, "")
+        while True:
+            page = await self._db.run(
+                lambda conn, a=after: conn.execute(
+                    "SELECT accessed_at, key, size_bytes FROM blobs WHERE (accessed_at, key) > (?, ?)"
+                    " ORDER BY accessed_at, key LIMIT ?",
+                    (*a, _EVICTION_BATCH),
+                ).fetchall()
+            )
+            for accessed_at, key, size in page:
+                yield Digest.from_key(key), size
+            if len(page) < _EVICTION_BATCH:
+                return
+            after = (page[-1][0], page[-1][1])
+
+    async def delete_n_bytes(
+        self,
+        n_bytes: int,
+        dry_run: bool = False,
+        protect_blobs_after: datetime | None = None,
+        large_blob_threshold: int | None = None,
+        large_blob_lifetime: datetime | None = None,
+    ) -> int:
+        protect = protect_blobs_after.timestamp() if protect_blobs_after else math.inf
+        passes: list[tuple[str, tuple[float, ...]]] = []
+        if large_blob_threshold is not None and large_blob_lifetime is not None:
+            passes.append(
+                (
+                    "size_bytes > ? AND accessed_at < ?",
+                    (large_blob_threshold, min(protect, large_blob_lifetime.timestamp())),
+                )
+            )
+        passes.append(("accessed_at < ?", (protect,)))
+        freed = 0
+        for condition, params in passes:
+            after: tuple[float, str] = (-math.inf, "")
+            while freed < n_bytes:
+                batch = await self._eviction_batch(condition, params, after, dry_run)
+                if not batch:
+                    break
+                freed += sum(size for _, _, size in batch)
+                after = (batch[-1][0], batch[-1][1])
+        return freed
+
+    async def _eviction_batch(
+        self, condition: str, params: tuple[float, ...], after: tuple[float, str], dry_run: bool
+    ) -> list[tuple[float, str, int]]:
+        select = (
+            f"SELECT accessed_at, key, size_bytes FROM blobs WHERE {condition}"
+            " AND (accessed_at, key) > (?, ?) ORDER BY accessed_at, key LIMIT ?"
+        )
+        args = (*params, *after, _EVICTION_BATCH)
+        if dry_run:
+            return await self._db.run(lambda conn: conn.execute(select, args).fetchall())
+        with anyio.CancelScope(shield=True):
+            async with self._db.transaction() as sql:
+                batch: list[tuple[float, str, int]] = await sql(
+                    lambda conn: conn.execute(select, args).fetchall()
+                )
+                keys = [(key,) for _, key, _ in batch]
+                await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", keys))
+                await self.storage.bulk_delete(Digest.from_key(key) for _, key, _ in batch)
+        return batch
+
+
+class _IndexedWriter(BlobWriter):
+    """Streams into the wrapped storage's writer; publishes and indexes in one transaction."""
+
+    def __init__(self, index: SqliteIndex, inner: BlobWriter) -> None:
+        super().__init__(inner.digest)
+        self._index = index
+        self._inner = inner
+
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(data)
+        self.committed_size = self._inner.committed_size
+
+    async def verify(self) -> None:
+        await self._inner.verify()
+        self._verified = True
+
+    async def _write(self, data: bytes) -> None:  # pragma: no cover - write() delegates
+        raise AssertionError("unreachable")
+
+    async def _publish(self) -> None:
+        await self._index.publish_staged([self._inner])
+
+    async def abort(self) -> None:
+        await self._inner.abort()

@@ -1,0 +1,118 @@
+"""The ActionCache service. A result is only served while every blob it names is in the CAS.
+
+REAPI asks caches not to hand out results whose outputs are gone; Bazel fails the
+build on such a hit instead of re-running the action. So GetActionResult checks
+output files, stdout/stderr and every file inside output directory trees, and
+answers NOT_FOUND (a miss) when any is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from google.protobuf.message import DecodeError
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.action_cache import ActionCacheStore
+from asynccas.digest import Digest, DigestFunction
+from asynccas.errors import ActionResultNotFound, InvalidArgument, UnsupportedFeature
+from asynccas.resource_names import validate_instance_name
+from asynccas.server.cas import read_small_blobs
+from asynccas.server.errors import Context, unary_rpc
+from asynccas.storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+
+def referenced_blobs(result: re_pb2.ActionResult, function: DigestFunction) -> list[Digest]:
+    """Digests an ActionResult names directly (trees are listed, not opened)."""
+    messages = [f.digest for f in result.output_files]
+    messages += [d.tree_digest for d in result.output_directories if d.HasField("tree_digest")]
+    messages += [
+        d.root_directory_digest
+        for d in result.output_directories
+        if d.HasField("root_directory_digest")
+    ]
+    for name in ("stdout_digest", "stderr_digest"):
+        if result.HasField(name):
+            messages.append(getattr(result, name))
+    return [Digest.from_proto(m, function.proto_value) for m in messages]
+
+
+class ActionCacheService(re_grpc.ActionCacheServicer):
+    def __init__(
+        self,
+        store: ActionCacheStore,
+        storage: Storage,
+        *,
+        allow_updates: bool = True,
+        check_completeness: bool = True,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.allow_updates = allow_updates
+        self.check_completeness = check_completeness
+
+    @unary_rpc
+    async def GetActionResult(
+        self, request: re_pb2.GetActionResultRequest, context: Context
+    ) -> re_pb2.ActionResult:
+        validate_instance_name(request.instance_name)
+        action = Digest.from_proto(request.action_digest, request.digest_function)
+        data = await self.store.get(request.instance_name, action)
+        if data is None:
+            raise ActionResultNotFound(f"no cached result for action {action}")
+        try:
+            result = re_pb2.ActionResult.FromString(data)
+        except DecodeError:
+            logger.warning("dropping undecodable action cache entry for %s", action)
+            await self.store.delete(request.instance_name, action)
+            raise ActionResultNotFound(f"no cached result for action {action}") from None
+        if self.check_completeness:
+            missing = await self._missing_outputs(result, action.function)
+            if missing:
+                raise ActionResultNotFound(
+                    f"cached result for action {action} refers to {len(missing)} blob(s) no"
+                    f" longer in the CAS, e.g. {missing[0]}; treating it as a miss"
+                )
+        return result
+
+    async def _missing_outputs(
+        self, result: re_pb2.ActionResult, function: DigestFunction
+    ) -> list[Digest]:
+        wanted = referenced_blobs(result, function)
+        trees = [
+            Digest.from_proto(d.tree_digest, function.proto_value)
+            for d in result.output_directories
+            if d.HasField("tree_digest")
+        ]
+        found = await read_small_blobs(self.storage, trees)
+        for tree_digest in trees:
+            data = found.get(tree_digest)
+            if data is None:
+                continue  # reported by missing_blobs below
+            try:
+                tree = re_pb2.Tree.FromString(data)
+            except DecodeError:
+                return [tree_digest]
+            for directory in [tree.root, *tree.children]:
+                wanted += [Digest.from_proto(f.digest, function.proto_value) for f in directory.files]
+        return await self.storage.missing_blobs(d for d in wanted if not d.is_empty)
+
+    @unary_rpc
+    async def UpdateActionResult(
+        self, request: re_pb2.UpdateActionResultRequest, context: Context
+    ) -> re_pb2.ActionResult:
+        validate_instance_name(request.instance_name)
+        if not self.allow_updates:
+            raise UnsupportedFeature("this server does not accept action cache updates")
+        action = Digest.from_proto(request.action_digest, request.digest_function)
+        if not request.HasField("action_result"):
+            raise InvalidArgument("UpdateActionResult carries no action_result")
+        # Reject results naming malformed digests now rather than failing every later Get.
+        referenced_blobs(request.action_result, action.function)
+        await self.store.put(
+            request.instance_name, action, request.action_result.SerializeToString()
+        )
+        return request.action_result

@@ -1,0 +1,39 @@
+"""The Capabilities service: what this server offers, so clients configure themselves."""
+
+from __future__ import annotations
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas._proto.build.bazel.semver import semver_pb2
+from asynccas.digest import DigestFunction
+from asynccas.resource_names import validate_instance_name
+from asynccas.server.errors import Context, unary_rpc
+
+
+class CapabilitiesService(re_grpc.CapabilitiesServicer):
+    def __init__(self, *, max_batch_total_size_bytes: int, allow_action_cache_updates: bool) -> None:
+        self._capabilities = re_pb2.ServerCapabilities(
+            cache_capabilities=re_pb2.CacheCapabilities(
+                # SHA256 first: clients that take the first entry get the common default.
+                digest_functions=[f.proto_value for f in DigestFunction],
+                action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
+                    update_enabled=allow_action_cache_updates
+                ),
+                cache_priority_capabilities=re_pb2.PriorityCapabilities(
+                    priorities=[re_pb2.PriorityCapabilities.PriorityRange()]
+                ),
+                max_batch_total_size_bytes=max_batch_total_size_bytes,
+                # A cache stores symlink targets verbatim; it has no root to escape.
+                symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
+            ),
+            deprecated_api_version=semver_pb2.SemVer(major=2),
+            low_api_version=semver_pb2.SemVer(major=2),
+            high_api_version=semver_pb2.SemVer(major=2, minor=3),
+        )
+
+    @unary_rpc
+    async def GetCapabilities(
+        self, request: re_pb2.GetCapabilitiesRequest, context: Context
+    ) -> re_pb2.ServerCapabilities:
+        validate_instance_name(request.instance_name)
+        return self._capabilities

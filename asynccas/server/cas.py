@@ -1,0 +1,196 @@
+"""The ContentAddressableStorage service: FindMissingBlobs, the batch RPCs and GetTree."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.digest import Digest
+from asynccas.errors import (
+    BatchTooLarge,
+    BlobNotFound,
+    CasError,
+    DigestMismatch,
+    InvalidArgument,
+    UnsupportedFeature,
+)
+from asynccas.resource_names import validate_instance_name
+from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
+from asynccas.storage.base import Storage
+
+DEFAULT_TREE_PAGE_SIZE: Final = 1000
+MAX_TREE_PAGE_SIZE: Final = 10_000
+_TREE_READ_BATCH: Final = 1000
+
+
+async def read_small_blobs(storage: Storage, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+    """bulk_read_blobs plus REAPI's rule that the empty blob always exists."""
+    found = await storage.bulk_read_blobs([d for d in digests if not d.is_empty])
+    found.update((d, b"") for d in digests if d.is_empty)
+    return found
+
+
+class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer):
+    def __init__(self, storage: Storage, *, max_batch_total_size_bytes: int) -> None:
+        self.storage = storage
+        self.max_batch_total_size_bytes = max_batch_total_size_bytes
+
+    @unary_rpc
+    async def FindMissingBlobs(
+        self, request: re_pb2.FindMissingBlobsRequest, context: Context
+    ) -> re_pb2.FindMissingBlobsResponse:
+        validate_instance_name(request.instance_name)
+        # No per-digest status exists in the response, so one bad digest fails the request.
+        digests = [Digest.from_proto(d, request.digest_function) for d in request.blob_digests]
+        missing = await self.storage.missing_blobs(d for d in digests if not d.is_empty)
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
+
+    def _check_batch_size(self, total: int, verb: str) -> None:
+        limit = self.max_batch_total_size_bytes
+        if limit and total > limit:
+            raise BatchTooLarge(
+                f"batch would {verb} {total} bytes, over max_batch_total_size_bytes={limit};"
+                " split it or use ByteStream"
+            )
+
+    @unary_rpc
+    async def BatchUpdateBlobs(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
+    ) -> re_pb2.BatchUpdateBlobsResponse:
+        validate_instance_name(request.instance_name)
+        self._check_batch_size(sum(len(r.data) for r in request.requests), "upload")
+        results: list[CasError | None] = []
+        to_store: list[tuple[Digest, bytes]] = []
+        stored_at: list[int] = []
+        for position, entry in enumerate(request.requests):
+            try:
+                digest = Digest.from_proto(entry.digest, request.digest_function)
+                if entry.compressor != re_pb2.Compressor.IDENTITY:
+                    name = re_pb2.Compressor.Value.Name(entry.compressor).lower()
+                    raise UnsupportedFeature(f"compressor {name} is not supported by this server")
+            except CasError as exc:
+                results.append(exc)
+                continue
+            if digest.is_empty:  # always present; only check the data agrees
+                results.append(DigestMismatch("empty digest with data") if entry.data else None)
+                continue
+            results.append(None)
+            to_store.append((digest, entry.data))
+            stored_at.append(position)
+        for position, error in zip(
+            stored_at, await self.storage.bulk_update_blobs(to_store), strict=True
+        ):
+            results[position] = error
+        return re_pb2.BatchUpdateBlobsResponse(
+            responses=[
+                re_pb2.BatchUpdateBlobsResponse.Response(digest=entry.digest, status=rpc_status(e))
+                for entry, e in zip(request.requests, results, strict=True)
+            ]
+        )
+
+    @unary_rpc
+    async def BatchReadBlobs(
+        self, request: re_pb2.BatchReadBlobsRequest, context: Context
+    ) -> re_pb2.BatchReadBlobsResponse:
+        validate_instance_name(request.instance_name)
+        parsed: list[Digest | CasError] = []
+        for message in request.digests:
+            try:
+                parsed.append(Digest.from_proto(message, request.digest_function))
+            except CasError as exc:
+                parsed.append(exc)
+        valid = [d for d in parsed if isinstance(d, Digest)]
+        self._check_batch_size(sum(d.size_bytes for d in dict.fromkeys(valid)), "read")
+        found = await read_small_blobs(self.storage, valid)
+        responses = []
+        for message, digest in zip(request.digests, parsed, strict=True):
+            response = re_pb2.BatchReadBlobsResponse.Response(digest=message)
+            if isinstance(digest, CasError):
+                response.status.CopyFrom(rpc_status(digest))
+            elif digest in found:
+                response.data = found[digest]
+                response.status.CopyFrom(rpc_status(None))
+            else:
+                response.status.CopyFrom(rpc_status(BlobNotFound(digest)))
+            responses.append(response)
+        return re_pb2.BatchReadBlobsResponse(responses=responses)
+
+    @streaming_rpc
+    async def GetTree(
+        self, request: re_pb2.GetTreeRequest, context: Context
+    ) -> AsyncIterator[re_pb2.GetTreeResponse]:
+        validate_instance_name(request.instance_name)
+        root = Digest.from_proto(request.root_digest, request.digest_function)
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size {request.page_size} is negative")
+        page_size = min(request.page_size or DEFAULT_TREE_PAGE_SIZE, MAX_TREE_PAGE_SIZE)
+        skip = _parse_page_token(request.page_token)
+        # Pages are also capped in bytes so that a response fits gRPC's message limit.
+        byte_budget = max(self.max_batch_total_size_bytes, 1 << 20)
+        position = 0
+        page: list[re_pb2.Directory] = []
+        page_bytes = 0
+        async for directory, size in self._walk(root):
+            position += 1
+            if position <= skip:
+                continue
+            if page and (len(page) >= page_size or page_bytes + size > byte_budget):
+                yield re_pb2.GetTreeResponse(
+                    directories=page, next_page_token=str(position - 1)
+                )
+                page, page_bytes = [], 0
+            page.append(directory)
+            page_bytes += size
+        if position < skip:
+            raise InvalidArgument(f"page_token {request.page_token!r} is past the end of the tree")
+        yield re_pb2.GetTreeResponse(directories=page)
+
+    async def _walk(self, root: Digest) -> AsyncIterator[tuple[re_pb2.Directory, int]]:
+        """Breadth first, each directory once, children in the order their parents list them.
+
+        The order depends only on the tree's content, which is what lets a page token
+        be a plain count of directories already sent.
+        """
+        seen = {root}
+        level = [root]
+        while level:
+            blobs: dict[Digest, bytes] = {}
+            for start in range(0, len(level), _TREE_READ_BATCH):
+                blobs.update(
+                    await read_small_blobs(self.storage, level[start : start + _TREE_READ_BATCH])
+                )
+            next_level = []
+            for digest in level:
+                data = blobs.get(digest)
+                if data is None:
+                    if digest == root:
+                        raise BlobNotFound(root)
+                    continue  # REAPI: missing subtrees are left out
+                try:
+                    directory = re_pb2.Directory.FromString(data)
+                except DecodeError:
+                    if digest == root:
+                        raise InvalidArgument(f"root {root} is not a Directory message") from None
+                    continue
+                yield directory, len(data)
+                for child in directory.directories:
+                    try:
+                        child_digest = Digest.from_proto(child.digest, root.function.proto_value)
+                    except CasError:
+                        continue
+                    if child_digest not in seen:
+                        seen.add(child_digest)
+                        next_level.append(child_digest)
+            level = next_level
+
+
+def _parse_page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or not token.isascii() or len(token) > 12:
+        raise InvalidArgument(f"page_token {token!r} was not issued by this server")
+    return int(token)

@@ -1,0 +1,104 @@
+"""ByteStream uploads in progress, kept between streams so that a client can resume one.
+
+A write stream that ends without ``finish_write`` parks its upload here under its
+resource name; ``QueryWriteStatus`` reports how far it got and a later stream
+continues at that offset. Parked uploads hold temp files, so they expire after
+``idle_timeout`` seconds and the oldest are dropped beyond ``max_parked``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import anyio
+
+from asynccas.errors import InvalidArgument, UploadConflict
+from asynccas.resource_names import BlobResource
+from asynccas.storage.base import BlobWriter, Storage
+
+UploadKey = tuple[str, str, str]  # instance name, upload id, digest key
+
+
+def upload_key(resource: BlobResource) -> UploadKey:
+    return (resource.instance_name, resource.upload_id, resource.digest.key)
+
+
+@dataclass
+class Upload:
+    key: UploadKey
+    writer: BlobWriter
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class UploadSessions:
+    def __init__(
+        self, storage: Storage, *, idle_timeout: float = 600.0, max_parked: int = 1000
+    ) -> None:
+        self.storage = storage
+        self.idle_timeout = idle_timeout
+        self.max_parked = max_parked
+        self._parked: OrderedDict[UploadKey, Upload] = OrderedDict()
+        self._active: set[UploadKey] = set()
+
+    async def begin(self, resource: BlobResource, write_offset: int) -> Upload:
+        """Start or resume the upload named by ``resource`` at ``write_offset``."""
+        key = upload_key(resource)
+        if key in self._active:
+            raise UploadConflict(f"another stream is already writing upload {resource.upload_id}")
+        parked = self._parked.pop(key, None)
+        if parked is not None and write_offset == parked.writer.committed_size:
+            self._active.add(key)
+            return parked
+        if parked is not None:
+            await _abort(parked)
+        if write_offset != 0:
+            held = parked.writer.committed_size if parked else 0
+            raise InvalidArgument(
+                f"write_offset {write_offset} does not continue upload {resource.upload_id}:"
+                f" the server holds {held} bytes of it (see QueryWriteStatus)"
+            )
+        upload = Upload(key, await self.storage.open_write(resource.digest))
+        self._active.add(key)
+        return upload
+
+    async def park(self, upload: Upload) -> None:
+        """Keep an unfinished upload for a later stream to resume."""
+        self._active.discard(upload.key)
+        upload.last_used = time.monotonic()
+        self._parked[upload.key] = upload
+        while len(self._parked) > self.max_parked:
+            _, oldest = self._parked.popitem(last=False)
+            await _abort(oldest)
+
+    async def end(self, upload: Upload, *, abort: bool) -> None:
+        self._active.discard(upload.key)
+        if abort:
+            await _abort(upload)
+
+    def committed_size(self, resource: BlobResource) -> int:
+        parked = self._parked.get(upload_key(resource))
+        return parked.writer.committed_size if parked else 0
+
+    async def expire_idle(self) -> None:
+        cutoff = time.monotonic() - self.idle_timeout
+        for key, upload in list(self._parked.items()):
+            if upload.last_used < cutoff:
+                del self._parked[key]
+                await _abort(upload)
+
+    async def run_expiry(self, interval: float = 30.0) -> None:
+        while True:
+            await anyio.sleep(interval)
+            await self.expire_idle()
+
+    async def close(self) -> None:
+        while self._parked:
+            _, upload = self._parked.popitem()
+            await _abort(upload)
+
+
+async def _abort(upload: Upload) -> None:
+    with anyio.CancelScope(shield=True):
+        await upload.writer.abort()

@@ -1,0 +1,112 @@
+"""A small async wrapper around one SQLite connection, shared by the SQLite index and action cache.
+
+Each call is one thread hop. WAL mode and a busy timeout let several server
+processes share a database file; ``BEGIN IMMEDIATE`` transactions serialize writers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from asynccas.errors import BackendUnavailable, StorageFull
+
+T = TypeVar("T")
+
+
+@contextmanager
+def sqlite_errors(path: Path) -> Iterator[None]:
+    """Translate sqlite3 errors into asynccas errors once, at the backend boundary."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        message = str(exc)
+        if "full" in message:
+            raise StorageFull(f"SQLite database {path} is full: {message}") from exc
+        raise BackendUnavailable(f"SQLite database {path} failed: {message}") from exc
+
+
+class SqliteDatabase:
+    def __init__(self, path: str | Path, schema: str, *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._schema = schema
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock = anyio.Lock()
+
+    async def open(self) -> None:
+        with sqlite_errors(self.path):
+            self._conn = await anyio.to_thread.run_sync(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+        try:
+            # One transaction, so concurrent processes creating the schema do not collide.
+            conn.executescript(f"BEGIN IMMEDIATE;\n{self._schema}\nCOMMIT;")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            async with self._lock:
+                await anyio.to_thread.run_sync(conn.close)
+
+    async def run(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``func`` with the connection in a worker thread, one caller at a time."""
+        async with self._lock:
+            return await self._call(func)
+
+    async def _call(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise BackendUnavailable(f"SQLite database {self.path} is not open")
+        with sqlite_errors(self.path):
+            return await anyio.to_thread.run_sync(func, conn)
+
+    async def write(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``func`` inside one write transaction."""
+        async with self.transaction() as call:
+            return await call(func)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[InTransaction]:
+        """Hold the write lock across awaits; yields a function that runs SQL inside it.
+
+        Used where work outside SQLite (publishing or deleting a file) must happen
+        atomically with respect to other processes' index updates. Commits on
+        success, rolls back on any exception; both are shielded from cancellation.
+        """
+        async with self._lock:
+            await self._call(lambda c: c.execute("BEGIN IMMEDIATE"))
+            try:
+                yield InTransaction(self)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._call(lambda c: c.execute("ROLLBACK"))
+                raise
+            with anyio.CancelScope(shield=True):
+                await self._call(lambda c: c.execute("COMMIT"))
+
+
+class InTransaction:
+    """Runs SQL inside an open ``SqliteDatabase.transaction()``."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._database = database
+
+    async def __call__(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._database._call(func)

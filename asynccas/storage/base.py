@@ -1,0 +1,209 @@
+"""The storage protocol every backend, index and tier implements.
+
+Reads are async iterators of bounded chunks; writes go through a ``BlobWriter``
+that hashes while streaming and only makes the blob visible once it verified.
+Bulk calls take many digests so that network backends can answer in one trip.
+Storages are plain stores: the always-present empty blob is the service
+layer's business (see ``asynccas.server.cas``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from contextlib import aclosing
+from types import TracebackType
+from typing import Final, Self
+
+import anyio
+
+from asynccas.digest import Digest
+from asynccas.errors import BlobNotFound, CasError, DigestMismatch
+
+CHUNK_SIZE: Final = 1024 * 1024
+"""Largest piece of a blob held at once while streaming (well under gRPC's 4 MiB default)."""
+
+
+class BlobWriter(abc.ABC):
+    """One upload of one digest. ``write`` appends, ``commit`` verifies then publishes.
+
+    Commit is two phases so that an index can do the slow part (``verify``: hash check,
+    fsync) outside its lock and only ``publish`` (making the blob visible) inside it.
+    ``abort`` discards everything and is safe to call at any point, more than once.
+    """
+
+    def __init__(self, digest: Digest) -> None:
+        self.digest = digest
+        self.committed_size = 0
+        self._hasher = digest.function.new_hasher()
+        self._verified = False
+
+    async def write(self, data: bytes) -> None:
+        if self.committed_size + len(data) > self.digest.size_bytes:
+            raise DigestMismatch(
+                f"received more than the {self.digest.size_bytes} bytes of digest {self.digest}"
+            )
+        await self._write(data)
+        self.committed_size += len(data)
+
+    async def verify(self) -> None:
+        """Check size and hash, and make the data durable; raise DigestMismatch if wrong."""
+        if self.committed_size != self.digest.size_bytes:
+            raise DigestMismatch(
+                f"received {self.committed_size} bytes, digest {self.digest} says "
+                f"{self.digest.size_bytes}"
+            )
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hash:
+            raise DigestMismatch(
+                f"data hashes to {actual}, not {self.digest.hash} as its digest says"
+            )
+        await self._finish()
+        self._verified = True
+
+    async def publish(self) -> None:
+        """Make the verified blob visible atomically; a no-op if it is already stored."""
+        assert self._verified, "publish() before verify()"
+        await self._publish()
+
+    async def commit(self) -> None:
+        try:
+            await self.verify()
+            await self.publish()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.abort()
+            raise
+
+    @abc.abstractmethod
+    async def _write(self, data: bytes) -> None:
+        """Store ``data`` and feed it to ``self._hasher``."""
+
+    async def _finish(self) -> None:
+        """Make the written bytes durable before they are published."""
+
+    @abc.abstractmethod
+    async def _publish(self) -> None: ...
+
+    @abc.abstractmethod
+    async def abort(self) -> None: ...
+
+
+class Storage(abc.ABC):
+    """A content-addressable blob store. See the module docstring for the contract."""
+
+    async def start(self) -> None:
+        """Acquire resources (connections, directories, background tasks)."""
+
+    async def stop(self) -> None:
+        """Release what ``start`` acquired."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @abc.abstractmethod
+    async def has_blob(self, digest: Digest) -> bool: ...
+
+    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The given digests that are absent, each once, in first-seen order."""
+        return [d for d in dict.fromkeys(digests) if not await self.has_blob(d)]
+
+    @abc.abstractmethod
+    def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        """Stream ``limit`` bytes (0: all) from ``offset`` in chunks of at most CHUNK_SIZE.
+
+        Raises BlobNotFound on the first iteration if the blob is absent. Callers
+        keep 0 <= offset <= size; the service layer turns other offsets into OUT_OF_RANGE.
+        """
+
+    @abc.abstractmethod
+    async def open_write(self, digest: Digest) -> BlobWriter: ...
+
+    async def commit_write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        """Store a blob fed as chunks; raise DigestMismatch (storing nothing) if it is wrong."""
+        writer = await self.open_write(digest)
+        try:
+            async for chunk in chunks:
+                await writer.write(chunk)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await writer.abort()
+            raise
+        await writer.commit()
+
+    async def stage_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        """Write and verify small blobs without publishing them; errors are per blob."""
+        staged: list[BlobWriter | CasError] = []
+        try:
+            for digest, data in blobs:
+                writer = await self.open_write(digest)
+                try:
+                    await writer.write(data)
+                    await writer.verify()
+                except CasError as exc:
+                    await writer.abort()
+                    staged.append(exc)
+                else:
+                    staged.append(writer)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await abort_all(staged)
+            raise
+        return staged
+
+    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
+        """Publish writers from ``stage_blobs``; backends may override to do it in one go."""
+        for writer in writers:
+            await writer.publish()
+
+    async def bulk_update_blobs(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[CasError | None]:
+        """Store many small blobs; the result holds one error (or None) per input, in order."""
+        staged = await self.stage_blobs(blobs)
+        writers = [w for w in staged if isinstance(w, BlobWriter)]
+        try:
+            await self.publish_staged(writers)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await abort_all(writers)  # releases temp files; published blobs stay
+        return [w if isinstance(w, CasError) else None for w in staged]
+
+    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        """Read many small blobs whole; absent ones are left out of the result."""
+        found: dict[Digest, bytes] = {}
+        for digest in dict.fromkeys(digests):
+            try:
+                found[digest] = await read_all(self, digest)
+            except BlobNotFound:
+                continue
+        return found
+
+    @abc.abstractmethod
+    async def delete_blob(self, digest: Digest) -> bool:
+        """Remove a blob; True if it was there."""
+
+    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+        """Remove many blobs; returns those that were there and are now gone."""
+        return [d for d in dict.fromkeys(digests) if await self.delete_blob(d)]
+
+
+async def abort_all(staged: Iterable[BlobWriter | CasError]) -> None:
+    for writer in staged:
+        if isinstance(writer, BlobWriter):
+            await writer.abort()
+
+
+async def read_all(storage: Storage, digest: Digest) -> bytes:
+    """A whole blob in memory: only for blobs known to be small (batch RPCs, Directory protos)."""
+    parts = []
+    async with aclosing(storage.get_blob(digest)) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+    return b"".join(parts)

@@ -1,0 +1,265 @@
+"""Blobs as files under a directory: ``cas/{function}/{hash[:2]}/{hash}``.
+
+Writes go to ``tmp/`` (same filesystem), are hashed as they stream, optionally
+fsynced, then hard-linked into place, so a reader never sees a partial blob and
+concurrent writers of one digest leave exactly one file. Paths are derived only
+from validated ``Digest`` values. Safe for several processes on one directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, ParamSpec, TypeVar
+
+import aiofiles
+import aiofiles.os
+import anyio
+import anyio.to_thread
+
+from asynccas.digest import Digest, DigestFunction
+from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch, StorageFull
+from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@contextmanager
+def _disk_errors(action: str) -> Iterator[None]:
+    """Translate OSError into asynccas errors once, at the backend boundary."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"disk full while trying to {action}") from exc
+        raise BackendUnavailable(f"disk error while trying to {action}: {exc}") from exc
+
+
+async def _in_thread(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+
+
+class DiskStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self._cas = self.root / "cas"
+        self._tmp = self.root / "tmp"
+
+    def path_for(self, digest: Digest) -> Path:
+        return self._cas / digest.function.lower_name / digest.hash[:2] / digest.hash
+
+    async def start(self) -> None:
+        with _disk_errors("create the storage directories"):
+            await _in_thread(self._prepare_directories)
+
+    def _prepare_directories(self) -> None:
+        self._cas.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        # Temp files are named after their process; only dead processes' are garbage.
+        for leftover in self._tmp.iterdir():
+            pid = leftover.name.split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                leftover.unlink(missing_ok=True)
+
+    async def has_blob(self, digest: Digest) -> bool:
+        with _disk_errors("check for a blob"):
+            return await _in_thread(self._has_blob_sync, digest)
+
+    def _has_blob_sync(self, digest: Digest) -> bool:
+        try:
+            return self.path_for(digest).stat().st_size == digest.size_bytes
+        except FileNotFoundError:
+            return False
+
+    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+        with _disk_errors("check for blobs"):
+            return await _in_thread(lambda: [d for d in unique if not self._has_blob_sync(d)])
+
+    async def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        path = self.path_for(digest)
+        with _disk_errors(f"read blob {digest}"):
+            try:
+                handle = await aiofiles.open(path, "rb")
+            except FileNotFoundError:
+                raise BlobNotFound(digest) from None
+        try:
+            with _disk_errors(f"read blob {digest}"):
+                size = (await aiofiles.os.stat(path)).st_size
+                if size != digest.size_bytes:  # truncated by a crash or tampered with
+                    raise BlobNotFound(digest)
+                await handle.seek(offset)
+            end = size if limit == 0 else min(size, offset + limit)
+            remaining = end - offset
+            while remaining > 0:
+                with _disk_errors(f"read blob {digest}"):
+                    chunk = await handle.read(min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    raise BackendUnavailable(f"blob {digest} ended early on disk")
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):
+                await handle.close()
+
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        with _disk_errors("create a temporary file"):
+            handle = await _in_thread(self._new_temp)
+        return _DiskWriter(self, digest, handle)
+
+    def _new_temp(self) -> IO[bytes]:
+        path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
+        return open(path, "xb")  # noqa: SIM115 - closed by the writer
+
+    async def stage_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        # One thread hop for a whole batch of small blobs, not several per blob.
+        return await _in_thread(self._stage_sync, blobs)
+
+    def _stage_sync(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[BlobWriter | CasError]:
+        staged: list[BlobWriter | CasError] = []
+        try:
+            for digest, data in blobs:
+                actual = Digest.of(data, digest.function)
+                if actual != digest:
+                    staged.append(DigestMismatch(f"data has digest {actual}, not {digest}"))
+                    continue
+                with _disk_errors(f"store blob {digest}"):
+                    handle = self._new_temp()
+                    writer = _DiskWriter(self, digest, handle)
+                    staged.append(writer)
+                    handle.write(data)
+                    writer.close_sync()
+                    writer.mark_verified(len(data))
+        except BaseException:
+            for writer in staged:
+                if isinstance(writer, _DiskWriter):
+                    writer.discard_sync()
+            raise
+        return staged
+
+    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
+        disk_writers = [w for w in writers if isinstance(w, _DiskWriter)]
+        with _disk_errors("publish blobs"):
+            await _in_thread(lambda: [w.publish_sync() for w in disk_writers])
+
+    async def delete_blob(self, digest: Digest) -> bool:
+        with _disk_errors(f"delete blob {digest}"):
+            return await _in_thread(self._delete_sync, digest)
+
+    def _delete_sync(self, digest: Digest) -> bool:
+        try:
+            self.path_for(digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+        with _disk_errors("delete blobs"):
+            return await _in_thread(lambda: [d for d in unique if self._delete_sync(d)])
+
+    async def list_blobs(self) -> AsyncIterator[tuple[Digest, float]]:
+        """Every stored blob with its modification time, for rebuilding an index."""
+        for function in DigestFunction:
+            base = self._cas / function.lower_name
+            shards = await _in_thread(lambda b=base: sorted(b.iterdir()) if b.is_dir() else [])
+            for shard in shards:
+                entries = await _in_thread(_scan_shard, shard, function)
+                for entry in entries:
+                    yield entry
+
+
+def _scan_shard(shard: Path, function: DigestFunction) -> list[tuple[Digest, float]]:
+    found = []
+    with os.scandir(shard) as entries:
+        for entry in entries:
+            try:
+                stat = entry.stat()
+                found.append((Digest(entry.name, stat.st_size, function), stat.st_mtime))
+            except (CasError, FileNotFoundError):
+                continue  # not a blob of ours, or deleted meanwhile
+    return found
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _DiskWriter(BlobWriter):
+    def __init__(self, storage: DiskStorage, digest: Digest, handle: IO[bytes]) -> None:
+        super().__init__(digest)
+        self._storage = storage
+        self._handle: IO[bytes] | None = handle
+        self._temp_path: Path | None = Path(handle.name)
+
+    async def _write(self, data: bytes) -> None:
+        # Hashing and writing share one thread hop; hashlib releases the GIL on big chunks.
+        with _disk_errors(f"write blob {self.digest}"):
+            await _in_thread(self._write_sync, data)
+
+    def _write_sync(self, data: bytes) -> None:
+        assert self._handle is not None, "write after commit or abort"
+        self._hasher.update(data)
+        self._handle.write(data)
+
+    async def _finish(self) -> None:
+        with _disk_errors(f"flush blob {self.digest}"):
+            await _in_thread(self.close_sync)
+
+    def close_sync(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            if self._storage.fsync:
+                os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def mark_verified(self, size: int) -> None:
+        self.committed_size = size
+        self._verified = True
+
+    async def _publish(self) -> None:
+        with _disk_errors(f"publish blob {self.digest}"):
+            await _in_thread(self.publish_sync)
+
+    def publish_sync(self) -> None:
+        if self._temp_path is None:
+            return
+        final = self._storage.path_for(self.digest)
+        try:
+            os.link(self._temp_path, final)
+        except FileNotFoundError:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self._temp_path, final)
+        except FileExistsError:
+            # Another writer got there first; keep its copy unless it is damaged.
+            if final.stat().st_size != self.digest.size_bytes:
+                os.replace(self._temp_path, final)
+        self.discard_sync()
+
+    async def abort(self) -> None:
+        if self._temp_path is not None or self._handle is not None:
+            await _in_thread(self.discard_sync)
+
+    def discard_sync(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._temp_path is not None:
+            self._temp_path.unlink(missing_ok=True)
+            self._temp_path = None
