@@ -80,7 +80,11 @@ def parse_write_name(name: str) -> BlobResource:
     segments = _split(name)
     start = _find(segments, ("uploads",), name)
     _check_instance(segments[:start])
-    if len(segments) < start + 2 or not _UUID.fullmatch(segments[start + 1]):
+    if (
+        len(segments) < start + 2
+        or not _UUID.fullmatch(segments[start + 1])
+        or segments[start + 1] in (".", "..")
+    ):
         raise InvalidResourceName(f"missing or malformed upload id in {name!r}")
     compressor, digest, rest = _parse_blob_part(segments[start + 2 :], name)
     return BlobResource(

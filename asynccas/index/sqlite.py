@@ -235,7 +235,7 @@ class SqliteIndex(StorageIndex):
         for condition, params in passes:
             after: tuple[float, str] = (-math.inf, "")
             while freed < n_bytes:
-                batch = await self._eviction_batch(condition, params, after, dry_run)
+                batch = await self._eviction_batch(condition, params, after, n_bytes - freed, dry_run)
                 if not batch:
                     break
                 freed += sum(size for _, _, size in batch)
@@ -243,24 +243,38 @@ class SqliteIndex(StorageIndex):
         return freed
 
     async def _eviction_batch(
-        self, condition: str, params: tuple[float, ...], after: tuple[float, str], dry_run: bool
+        self,
+        condition: str,
+        params: tuple[float, ...],
+        after: tuple[float, str],
+        wanted: int,
+        dry_run: bool,
     ) -> list[tuple[float, str, int]]:
+        """Select (and unless dry_run, delete) the oldest candidates covering ``wanted`` bytes."""
         select = (
             f"SELECT accessed_at, key, size_bytes FROM blobs WHERE {condition}"
             " AND (accessed_at, key) > (?, ?) ORDER BY accessed_at, key LIMIT ?"
         )
         args = (*params, *after, _EVICTION_BATCH)
         if dry_run:
-            return await self._db.run(lambda conn: conn.execute(select, args).fetchall())
+            return _covering(await self._db.run(lambda c: c.execute(select, args).fetchall()), wanted)
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
-                batch: list[tuple[float, str, int]] = await sql(
-                    lambda conn: conn.execute(select, args).fetchall()
-                )
+                batch = _covering(await sql(lambda c: c.execute(select, args).fetchall()), wanted)
                 keys = [(key,) for _, key, _ in batch]
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", keys))
                 await self.storage.bulk_delete(Digest.from_key(key) for _, key, _ in batch)
         return batch
+
+
+def _covering(rows: list[tuple[float, str, int]], wanted: int) -> list[tuple[float, str, int]]:
+    """The shortest prefix of ``rows`` whose sizes add up to at least ``wanted``."""
+    total = 0
+    for position, (_, _, size) in enumerate(rows):
+        total += size
+        if total >= wanted:
+            return rows[: position + 1]
+    return rows
 
 
 class _IndexedWriter(BlobWriter):

@@ -81,9 +81,10 @@ class CasServer:
         await self.storage.start()
         await self.action_cache.start()
         try:
-            self.port = self._server.add_insecure_port(self.address)
-            if self.port == 0:
-                raise OSError(f"could not listen on {self.address}")
+            try:
+                self.port = self._server.add_insecure_port(self.address)
+            except RuntimeError as exc:  # grpc's way of saying the bind failed
+                raise OSError(f"could not listen on {self.address}: {exc}") from exc
             await self._server.start()
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Final
 
 import anyio
 
@@ -14,6 +15,9 @@ from asynccas.resource_names import BlobResource, parse_read_name, parse_write_n
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.base import Storage
+
+HALF_CLOSE_GRACE: Final = 0.1
+"""Seconds to wait before parking an upload whose stream ended without finish_write."""
 
 
 def _reject_compression(resource: BlobResource) -> None:
@@ -85,6 +89,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     finished = True
                     return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
                 request = await anext(request_iterator, None)
+            # The stream ended without finish_write. A client that cancelled looks the
+            # same at this point: gRPC cancels this handler only a moment later. Wait
+            # that moment, so a cancelled upload is discarded (below), not parked.
+            await anyio.sleep(HALF_CLOSE_GRACE)
         except BaseException:
             finished = True
             with anyio.CancelScope(shield=True):
@@ -93,7 +101,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         finally:
             if finished:
                 await self.uploads.end(upload, abort=False)
-        # The client closed the stream without finish_write: keep it for resumption.
+        # The client closed the stream early on purpose: keep the upload to resume.
         await self.uploads.park(upload)
         return bs_pb2.WriteResponse(committed_size=upload.writer.committed_size)
 

@@ -73,9 +73,11 @@ class UploadSessions:
             await _abort(oldest)
 
     async def end(self, upload: Upload, *, abort: bool) -> None:
-        self._active.discard(upload.key)
-        if abort:
-            await _abort(upload)
+        try:
+            if abort:
+                await _abort(upload)
+        finally:
+            self._active.discard(upload.key)
 
     def committed_size(self, resource: BlobResource) -> int:
         parked = self._parked.get(upload_key(resource))

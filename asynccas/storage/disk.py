@@ -242,10 +242,11 @@ class _DiskWriter(BlobWriter):
             return
         final = self._storage.path_for(self.digest)
         try:
-            os.link(self._temp_path, final)
-        except FileNotFoundError:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.link(self._temp_path, final)
+            try:
+                os.link(self._temp_path, final)
+            except FileNotFoundError:  # first blob of its shard
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.link(self._temp_path, final)
         except FileExistsError:
             # Another writer got there first; keep its copy unless it is damaged.
             if final.stat().st_size != self.digest.size_bytes:

@@ -1,0 +1,151 @@
+"""Conformance checks any Storage (or StorageIndex) must pass, in the spirit of trio's
+``check_one_way_stream``. Backends, indexes and tiers run them in their own tests::
+
+    async with MyStorage(...) as storage:
+        await check_storage(storage)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import datetime, timedelta, timezone
+
+import anyio
+
+from asynccas.digest import Digest, DigestFunction
+from asynccas.errors import BlobNotFound, DigestMismatch
+from asynccas.index.base import StorageIndex
+from asynccas.storage.base import CHUNK_SIZE, Storage, read_all
+
+
+def blob(size: int, seed: int = 0) -> tuple[Digest, bytes]:
+    """A blob of pseudo-random bytes (distinct per seed) and its digest."""
+    data = (seed.to_bytes(8, "big") + os.urandom(max(0, size - 8)))[:size] if size else b""
+    return Digest.of(data), data
+
+
+async def _chunks(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def _read(storage: Storage, digest: Digest, offset: int = 0, limit: int = 0) -> list[bytes]:
+    async with aclosing(storage.get_blob(digest, offset, limit)) as chunks:
+        return [chunk async for chunk in chunks]
+
+
+async def check_storage(storage: Storage) -> None:
+    """Exercise the whole Storage contract; raises AssertionError naming what broke."""
+    absent, _ = blob(100, 1)
+    assert not await storage.has_blob(absent), "absent blob reported present"
+    assert await storage.missing_blobs([absent, absent]) == [absent], "missing_blobs must dedupe"
+    try:
+        await _read(storage, absent)
+    except BlobNotFound:
+        pass
+    else:
+        raise AssertionError("reading an absent blob must raise BlobNotFound")
+
+    # Streamed write of a multi-chunk blob, then reads with offsets and limits.
+    digest, data = blob(2 * CHUNK_SIZE + 12345, 2)
+    await storage.commit_write(digest, _chunks(data))
+    assert await storage.has_blob(digest), "committed blob not found"
+    assert await storage.missing_blobs([digest, absent]) == [absent]
+    chunks = await _read(storage, digest)
+    assert b"".join(chunks) == data, "read back different bytes"
+    assert all(len(c) <= CHUNK_SIZE for c in chunks), "a read chunk exceeded CHUNK_SIZE"
+    assert b"".join(await _read(storage, digest, 1000, 5000)) == data[1000:6000]
+    assert b"".join(await _read(storage, digest, len(data) - 10)) == data[-10:]
+    assert b"".join(await _read(storage, digest, len(data))) == b""
+    assert b"".join(await _read(storage, digest, 5, 10**12)) == data[5:]
+
+    # The size is part of the identity.
+    wrong_size = Digest(digest.hash, digest.size_bytes + 1)
+    assert not await storage.has_blob(wrong_size), "same hash with another size is another blob"
+
+    # Wrong data never becomes visible.
+    bad, bad_data = blob(5000, 3)
+    for corrupt in (bad_data[:-1] + b"x", bad_data[:-1], bad_data + b"x"):
+        try:
+            await storage.commit_write(bad, _chunks(corrupt, 1000))
+        except DigestMismatch:
+            pass
+        else:
+            raise AssertionError("a mismatching upload was accepted")
+    assert not await storage.has_blob(bad), "a mismatching upload became visible"
+
+    # An aborted writer leaves nothing behind.
+    writer = await storage.open_write(bad)
+    await writer.write(bad_data[:100])
+    await writer.abort()
+    await writer.abort()
+    assert not await storage.has_blob(bad), "an aborted upload became visible"
+
+    # Batches answer per blob.
+    good = [blob(1000 + i, 10 + i) for i in range(5)]
+    mismatch_digest, _ = blob(50, 20)
+    results = await storage.bulk_update_blobs([*good, (mismatch_digest, b"not it")])
+    assert results[:5] == [None] * 5, f"good blobs failed: {results[:5]}"
+    assert isinstance(results[5], DigestMismatch), "bad blob in a batch was not rejected"
+    assert not await storage.has_blob(mismatch_digest)
+    found = await storage.bulk_read_blobs([d for d, _ in good] + [absent])
+    assert found == dict(good), "bulk_read_blobs returned wrong blobs"
+
+    # Concurrent writes of one digest all succeed and leave one readable copy.
+    shared, shared_data = blob(300_000, 30)
+    async with anyio.create_task_group() as tasks:
+        for _ in range(20):
+            tasks.start_soon(storage.commit_write, shared, _chunks(shared_data, 50_000))
+    assert b"".join(await _read(storage, shared)) == shared_data
+
+    # Deleting.
+    assert await storage.delete_blob(shared)
+    assert not await storage.has_blob(shared)
+    assert not await storage.delete_blob(shared), "deleting twice reported success"
+    deleted = await storage.bulk_delete([d for d, _ in good] + [absent])
+    assert set(deleted) == {d for d, _ in good}, "bulk_delete reported the wrong digests"
+    assert await storage.missing_blobs([d for d, _ in good]) == [d for d, _ in good]
+
+    # Other digest functions live side by side.
+    sha1 = Digest.of(b"sha1 blob", DigestFunction.SHA1)
+    await storage.commit_write(sha1, _chunks(b"sha1 blob"))
+    assert b"".join(await _read(storage, sha1)) == b"sha1 blob"
+    await storage.bulk_delete([digest, sha1])
+
+
+async def check_index(index: StorageIndex) -> None:
+    """check_storage plus the index contract: exact total size, LRU order, delete_n_bytes."""
+    await check_storage(index)
+    assert await index.get_total_size() == 0, "total size is not zero after deleting everything"
+
+    blobs = [blob(1000 * (i + 1), 100 + i) for i in range(6)]
+    for digest, data in blobs:
+        await index.commit_write(digest, _chunks(data))
+    await index.commit_write(blobs[0][0], _chunks(blobs[0][1]))  # re-writes do not double-count
+    expected_total = sum(len(d) for _, d in blobs)
+    assert await index.get_total_size() == expected_total, "total size drifted"
+
+    order = [d async for d, _ in index.least_recent_digests()]
+    assert set(order) == {d for d, _ in blobs}, "least_recent_digests lost or invented blobs"
+
+    would_free = await index.delete_n_bytes(1, dry_run=True)
+    assert would_free > 0 and await index.get_total_size() == expected_total, "dry run deleted"
+
+    future = datetime.now(timezone.utc) + timedelta(hours=1)
+    past = datetime.now(timezone.utc) - timedelta(hours=1)
+    assert await index.delete_n_bytes(10**9, protect_blobs_after=past) == 0, "protected blobs went"
+
+    # Large blobs past their lifetime go before smaller, older blobs.
+    largest, _ = blobs[-1]
+    freed = await index.delete_n_bytes(
+        1, large_blob_threshold=5500, large_blob_lifetime=future, protect_blobs_after=future
+    )
+    assert freed == largest.size_bytes, f"expected the large blob to go first, freed {freed}"
+    assert not await index.has_blob(largest)
+
+    freed = await index.delete_n_bytes(expected_total)
+    assert freed == expected_total - largest.size_bytes, "delete_n_bytes freed the wrong amount"
+    assert await index.get_total_size() == 0
+    assert await index.missing_blobs([d for d, _ in blobs]) == [d for d, _ in blobs]

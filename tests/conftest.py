@@ -1,0 +1,83 @@
+"""Shared fixtures: every async test runs on asyncio and on uvloop, in debug mode, with
+blocking calls on the event loop turned into failures; servers listen on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from asynccas.action_cache import MemoryActionCache, SqliteActionCache
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.server.app import CasServer
+from asynccas.storage.base import Storage
+from asynccas.storage.disk import DiskStorage
+from asynccas.storage.memory import MemoryStorage
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param(("asyncio", {"debug": True, "use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any test whose code makes a blocking call on the event loop thread."""
+    with blockbuster_ctx(["asynccas"]) as detector:
+        yield detector
+
+
+def make_storage(kind: str, root: Path) -> Storage:
+    if kind == "memory":
+        return MemoryStorage(64 * 1024 * 1024)
+    if kind == "disk":
+        return DiskStorage(root / "data", fsync=False)
+    if kind == "sqlite-disk":
+        return SqliteIndex(DiskStorage(root / "data", fsync=False), root / "index.sqlite")
+    if kind == "sqlite-memory":
+        return SqliteIndex(MemoryStorage(64 * 1024 * 1024), root / "index.sqlite")
+    raise ValueError(kind)
+
+
+STORAGE_KINDS = ["memory", "disk", "sqlite-disk", "sqlite-memory"]
+
+
+@pytest.fixture(params=["sqlite-disk", "memory"])
+def server_storage_kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def server(server_storage_kind: str, tmp_path: Path) -> AsyncIterator[CasServer]:
+    storage = make_storage(server_storage_kind, tmp_path)
+    action_cache = (
+        SqliteActionCache(tmp_path / "ac.sqlite")
+        if server_storage_kind.startswith("sqlite")
+        else MemoryActionCache()
+    )
+    async with CasServer(
+        storage, action_cache, address="127.0.0.1:0", max_batch_total_size_bytes=1 << 20
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def channel(server: CasServer) -> AsyncIterator[grpc.aio.Channel]:
+    limit = 8 << 20
+    async with grpc.aio.insecure_channel(
+        server.target,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    ) as opened:
+        yield opened

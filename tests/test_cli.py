@@ -1,0 +1,118 @@
+"""The real `asynccas serve` process: defaults, start-up line, graceful stop, eviction."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.cli import parse_size
+from asynccas.testing import blob
+
+
+def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asynccas.cli", "serve", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"listening on (\S+); (.*)", line)
+    assert match, f"no start-up line, got {line!r}"
+    return process, match.group(1), match.group(2)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    yield {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+
+def stop(process: subprocess.Popen[str], signum: int) -> str:
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_default_serve_uses_xdg_cache_and_stops_gracefully(
+    env: dict[str, str], tmp_path: Path, signum: int
+) -> None:
+    process, target, where = start(["--address", "127.0.0.1:0"], env)
+    try:
+        data_dir = tmp_path / "xdg" / "asynccas"
+        assert str(data_dir / "cas") in where and "index.sqlite" in where
+        digest, data = blob(1000, 1)
+        with grpc.insecure_channel(target) as channel:
+            cas = re_grpc.ContentAddressableStorageStub(channel)
+            request = re_pb2.BatchUpdateBlobsRequest.Request(digest=digest.to_proto(), data=data)
+            cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[request]))
+        assert (data_dir / "cas" / "sha256" / digest.hash[:2] / digest.hash).read_bytes() == data
+    finally:
+        output = stop(process, signum)
+    assert "shutting down" in output
+
+
+def test_serve_default_address_is_documented() -> None:
+    from asynccas.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.address, args.storage, args.max_size) == ("127.0.0.1:50051", "disk", None)
+
+
+def test_max_size_evicts_least_recently_used(env: dict[str, str], tmp_path: Path) -> None:
+    process, target, where = start(
+        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--max-size", "100K"], env
+    )
+    try:
+        assert "budget 100.0 KiB" in where
+        blobs = [blob(20_000, i) for i in range(10)]  # 200 kB, twice the budget
+        with grpc.insecure_channel(target) as channel:
+            cas = re_grpc.ContentAddressableStorageStub(channel)
+            for digest, data in blobs:
+                request = re_pb2.BatchUpdateBlobsRequest.Request(digest=digest.to_proto(), data=data)
+                cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[request]))
+            import time
+
+            deadline = time.monotonic() + 15
+            while True:
+                missing = cas.FindMissingBlobs(
+                    re_pb2.FindMissingBlobsRequest(blob_digests=[d.to_proto() for d, _ in blobs])
+                ).missing_blob_digests
+                if len(missing) >= 6 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        # Down to the low watermark (90 KiB): the oldest blobs went, the newest stayed.
+        assert [m.hash for m in missing] == [d.hash for d, _ in blobs[: len(missing)]]
+        assert len(missing) == 6
+    finally:
+        stop(process, signal.SIGTERM)
+
+
+def test_bad_address_fails_with_a_message(env: dict[str, str], tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "serve", "--address", "256.1.1.1:1",
+         "--data-dir", str(tmp_path / "d")],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot serve" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0", 0), ("512", 512), ("1K", 1024), ("10G", 10 << 30), ("2GiB", 2 << 30)]
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected

@@ -1,0 +1,164 @@
+"""Digest validation and resource-name parsing, including hostile input (hypothesis)."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asynccas.digest import MAX_SIZE, Digest, DigestFunction
+from asynccas.errors import InvalidArgument, InvalidDigest, InvalidResourceName, UnsupportedFeature
+from asynccas.resource_names import (
+    format_read_name,
+    format_write_name,
+    parse_read_name,
+    parse_write_name,
+)
+
+functions = st.sampled_from(list(DigestFunction))
+sizes = st.integers(min_value=0, max_value=MAX_SIZE)
+segment = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=12)
+reserved = {"blobs", "uploads", "compressed-blobs", "actions", "actionResults", "operations", "capabilities"}
+instances = st.lists(segment.filter(lambda s: s not in reserved and s not in (".", "..")), max_size=4).map("/".join)
+
+
+@st.composite
+def digests(draw: st.DrawFn) -> Digest:
+    function = draw(functions)
+    hex_ = draw(st.text(alphabet="0123456789abcdef", min_size=function.hex_length, max_size=function.hex_length))
+    return Digest(hex_, draw(sizes), function)
+
+
+@given(digests())
+def test_digest_roundtrips(digest: Digest) -> None:
+    assert Digest.from_proto(digest.to_proto()) == digest
+    assert Digest.from_key(digest.key) == digest
+    assert Digest.parse(str(digest)) == digest
+
+
+@given(st.text(), st.integers())
+def test_digest_rejects_anything_not_hex_of_the_right_length(hash_: str, size: int) -> None:
+    valid_hash = all(c in "0123456789abcdef" for c in hash_) and len(hash_) in {
+        f.hex_length for f in DigestFunction
+    }
+    try:
+        digest = Digest.from_proto(Digest.of(b"").to_proto().__class__(hash=hash_, size_bytes=size))
+    except (InvalidDigest, ValueError):
+        assert not (valid_hash and 0 <= size <= MAX_SIZE)
+    else:
+        assert valid_hash and digest.size_bytes == size
+        assert "/" not in digest.key and ".." not in digest.key
+
+
+@pytest.mark.parametrize(
+    "hash_",
+    ["", "../" * 21 + "a", "/etc/passwd", "A" * 64, "g" * 64, "a" * 63 + "\x00", "a" * 63 + "\n", " " + "a" * 63],
+)
+def test_hostile_hashes(hash_: str) -> None:
+    with pytest.raises(InvalidDigest):
+        Digest(hash_, 1)
+
+
+@pytest.mark.parametrize("size", [-1, MAX_SIZE + 1, True, 1.0])
+def test_bad_sizes(size: object) -> None:
+    with pytest.raises(InvalidDigest):
+        Digest("a" * 64, size)  # type: ignore[arg-type]
+
+
+def test_empty_blob() -> None:
+    assert Digest.empty().is_empty
+    assert Digest.empty().hash == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert not Digest("a" * 64, 0).is_empty
+
+
+@given(instances, digests())
+def test_read_names_roundtrip(instance: str, digest: Digest) -> None:
+    parsed = parse_read_name(format_read_name(instance, digest))
+    assert (parsed.instance_name, parsed.digest, parsed.compressor) == (instance, digest, None)
+    compressed = parse_read_name(format_read_name(instance, digest, "zstd"))
+    assert compressed.compressor == "zstd" and compressed.digest == digest
+
+
+@given(instances, segment.filter(lambda s: s not in (".", "..")), digests(), st.lists(segment, max_size=3).map("/".join))
+def test_write_names_roundtrip(instance: str, upload_id: str, digest: Digest, metadata: str) -> None:
+    name = format_write_name(instance, upload_id, digest)
+    name = f"{name}/{metadata}" if metadata else name
+    parsed = parse_write_name(name)
+    assert (parsed.instance_name, parsed.upload_id, parsed.digest, parsed.metadata) == (
+        instance,
+        upload_id,
+        digest,
+        metadata,
+    )
+
+
+def test_explicit_digest_function_segment() -> None:
+    digest = Digest.of(b"x", DigestFunction.SHA512)
+    parsed = parse_read_name(f"inst/blobs/sha512/{digest.hash}/1")
+    assert parsed.digest == digest
+    with pytest.raises(UnsupportedFeature, match="blake3"):
+        parse_read_name(f"blobs/blake3/{'a' * 64}/1")
+    with pytest.raises(InvalidResourceName):
+        parse_read_name(f"blobs/sha1/{digest.hash}/1")  # length disagrees with the function
+
+
+HOSTILE_NAMES = [
+    "",
+    "/",
+    "blobs",
+    "blobs/abc",
+    f"blobs/{'a' * 64}",
+    f"blobs/{'a' * 64}/-1",
+    f"blobs/{'a' * 64}/+1",
+    f"blobs/{'a' * 64}/01",
+    f"blobs/{'a' * 64}/1e3",
+    f"blobs/{'a' * 64}/{2**63}",
+    f"blobs/{'a' * 64}/{10**30}",
+    f"blobs/{'A' * 64}/1",
+    f"blobs/../../../../etc/passwd/1",
+    f"../blobs/{'a' * 64}/1",
+    f"/abs/blobs/{'a' * 64}/1",
+    f"a//b/blobs/{'a' * 64}/1",
+    f"uploads/x/blobs/{'a' * 64}/1",
+    f"inst\x00/blobs/{'a' * 64}/1",
+    f"blobs/{'a' * 64}/1\x00",
+    f"compressed-blobs/gzip/{'a' * 64}/1",
+    f"compressed-blobs/{'a' * 64}/1",
+    f"actions/blobs/{'a' * 64}/1",
+    f"blobs/{'a' * 64}/1/trailing",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_read_names(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_read_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "uploads/blobs/" + "a" * 64 + "/1",
+        "uploads/../blobs/" + "a" * 64 + "/1",
+        "uploads/x\x00/blobs/" + "a" * 64 + "/1",
+        "uploads/x/blobs/" + "a" * 64 + "/-5",
+        "blobs/" + "a" * 64 + "/1",
+    ],
+)
+def test_hostile_write_names(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_write_name(name)
+
+
+@given(st.text(max_size=300))
+def test_arbitrary_text_never_escapes(name: str) -> None:
+    """Whatever the input, parsing either fails cleanly or yields a validated digest."""
+    for parse in (parse_read_name, parse_write_name):
+        try:
+            parsed = parse(name)
+        except InvalidArgument:
+            continue
+        assert isinstance(parsed.digest, Digest)
+        assert set(parsed.digest.hash) <= set("0123456789abcdef")

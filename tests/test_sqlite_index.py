@@ -1,0 +1,110 @@
+"""SqliteIndex behaviour beyond the conformance check: exact totals under concurrency, two
+indexes (as two server processes would) sharing one data directory, and self-healing."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asynccas.digest import Digest
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.storage.disk import DiskStorage
+from asynccas.testing import blob
+
+pytestmark = pytest.mark.anyio
+
+
+def open_index(root: Path) -> SqliteIndex:
+    return SqliteIndex(DiskStorage(root / "data", fsync=False), root / "index.sqlite")
+
+
+async def chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def test_total_size_is_exact_under_concurrent_churn(tmp_path: Path) -> None:
+    blobs = [blob(1000 + 37 * i, i) for i in range(40)]
+    # Two indexes on one directory stand in for two worker processes.
+    async with open_index(tmp_path) as first, open_index(tmp_path) as second:
+        rng = random.Random(7)
+
+        async def churn(index: SqliteIndex) -> None:
+            for _ in range(150):
+                digest, data = rng.choice(blobs)
+                action = rng.random()
+                if action < 0.5:
+                    await index.commit_write(digest, chunks(data))
+                elif action < 0.7:
+                    await index.bulk_update_blobs([(digest, data), rng.choice(blobs)])
+                elif action < 0.9:
+                    await index.delete_blob(digest)
+                else:
+                    await index.delete_n_bytes(3000)
+
+        async with anyio.create_task_group() as tasks:
+            for index in (first, second, first, second):
+                tasks.start_soon(churn, index)
+
+        present = [d for d, _ in blobs if await first.has_blob(d)]
+        assert await first.get_total_size() == sum(d.size_bytes for d in present)
+        assert await second.get_total_size() == await first.get_total_size()
+        # Indexed implies stored: nothing is indexed-but-missing after the races.
+        storage = first.storage
+        assert await storage.missing_blobs(present) == []
+
+
+async def test_eviction_racing_reupload_never_loses_an_indexed_blob(tmp_path: Path) -> None:
+    blobs = [blob(4096, 1000 + i) for i in range(30)]
+    async with open_index(tmp_path) as writer, open_index(tmp_path) as evictor:
+
+        async def keep_uploading() -> None:
+            for _ in range(10):
+                await writer.bulk_update_blobs(blobs)
+
+        async def keep_evicting() -> None:
+            for _ in range(40):
+                await evictor.delete_n_bytes(10**9)
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(keep_uploading)
+            tasks.start_soon(keep_evicting)
+        indexed = [d for d, _ in blobs if await writer.has_blob(d)]
+        assert await writer.storage.missing_blobs(indexed) == []
+
+
+async def test_index_heals_when_storage_lost_a_blob(tmp_path: Path) -> None:
+    digest, data = blob(5000, 1)
+    async with open_index(tmp_path) as index:
+        await index.commit_write(digest, chunks(data))
+        assert isinstance(index.storage, DiskStorage)
+        await anyio.to_thread.run_sync(index.storage.path_for(digest).unlink)
+        assert await index.bulk_read_blobs([digest]) == {}
+        assert not await index.has_blob(digest), "a lost blob must be de-indexed"
+        assert await index.get_total_size() == 0
+
+
+async def test_index_persists_across_restarts(tmp_path: Path) -> None:
+    digest, data = blob(5000, 2)
+    async with open_index(tmp_path) as index:
+        await index.commit_write(digest, chunks(data))
+    async with open_index(tmp_path) as reopened:
+        assert await reopened.has_blob(digest)
+        assert await reopened.get_total_size() == len(data)
+        assert [d async for d, _ in reopened.least_recent_digests()] == [digest]
+
+
+async def test_least_recent_order(tmp_path: Path) -> None:
+    blobs = [blob(100, i) for i in range(3)]
+    async with SqliteIndex(DiskStorage(tmp_path / "d", fsync=False), tmp_path / "i.sqlite", touch_interval=0) as index:
+        for digest, data in blobs:
+            await index.commit_write(digest, chunks(data))
+            await anyio.sleep(0.01)
+        await anyio.sleep(0.01)
+        await index.missing_blobs([blobs[0][0]])  # a use moves it to the back
+        order: list[Digest] = [d async for d, _ in index.least_recent_digests()]
+        assert order == [blobs[1][0], blobs[2][0], blobs[0][0]]

@@ -1,0 +1,28 @@
+"""Every backend and index passes the same conformance check from asynccas.testing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asynccas.index.base import StorageIndex
+from asynccas.testing import check_index, check_storage
+from tests.conftest import STORAGE_KINDS, make_storage
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("kind", STORAGE_KINDS)
+async def test_storage_conformance(kind: str, tmp_path: Path) -> None:
+    async with make_storage(kind, tmp_path) as storage:
+        if isinstance(storage, StorageIndex):
+            await check_index(storage)
+        else:
+            await check_storage(storage)
+
+
+async def test_disk_leaves_no_temp_files(tmp_path: Path) -> None:
+    async with make_storage("sqlite-disk", tmp_path) as storage:
+        await check_storage(storage)
+    assert list((tmp_path / "data" / "tmp").iterdir()) == []
