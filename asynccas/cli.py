@@ -34,7 +34,8 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 10G")
     number, unit = int(match.group(1)), match.group(2).lower()
-    return number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0)
+    exponent = "kmgt".index(unit) + 1 if unit else 0
+    return int(number * 1024**exponent)
 
 
 def default_data_dir() -> Path:
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace) -> tuple[Storage, ActionCacheStore, str, EvictionPolicy | None]:
+def _build(
+    args: argparse.Namespace,
+) -> tuple[Storage, ActionCacheStore, str, EvictionPolicy | None]:
     if args.storage == "memory":
         budget = args.max_size or _MEMORY_DEFAULT_BYTES
         where = f"blobs in memory (budget {_human(budget)}), action cache in memory"

@@ -52,7 +52,7 @@ class DigestFunction(enum.Enum):
         for function in cls:
             if function.proto_value == value:
                 return function
-        name = re_pb2.DigestFunction.Value.Name(value) if _known_proto(value) else str(value)
+        name = _PROTO_NAMES.get(value, str(value))
         raise UnsupportedFeature(f"digest function {name} is not supported by this server")
 
     @classmethod
@@ -70,12 +70,14 @@ class DigestFunction(enum.Enum):
         raise InvalidDigest(f"no supported digest function has {length}-character hashes")
 
 
-def _known_proto(value: int) -> bool:
-    return value in re_pb2.DigestFunction.Value.values()
+_PROTO_NAMES: Final = {
+    value.number: value.name
+    for value in re_pb2.DESCRIPTOR.message_types_by_name["DigestFunction"].enum_types[0].values
+}
 
 
 def _raise_unknown(name: str) -> DigestFunction:
-    if name.upper() in re_pb2.DigestFunction.Value.keys() and name == name.lower():
+    if name.upper() in _PROTO_NAMES.values() and name == name.lower():
         raise UnsupportedFeature(f"digest function {name} is not supported by this server")
     raise InvalidDigest(f"unknown digest function {name!r}")
 

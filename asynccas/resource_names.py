@@ -24,14 +24,26 @@ from asynccas.digest import MAX_SIZE, Digest, DigestFunction
 from asynccas.errors import InvalidDigest, InvalidResourceName
 
 RESERVED_SEGMENTS: Final = frozenset(
-    {"blobs", "uploads", "compressed-blobs", "actions", "actionResults", "operations", "capabilities"}
+    {
+        "blobs",
+        "uploads",
+        "compressed-blobs",
+        "actions",
+        "actionResults",
+        "operations",
+        "capabilities",
+    }
 )
-COMPRESSORS: Final = frozenset(
-    name.lower() for name in re_pb2.Compressor.Value.keys() if name != "IDENTITY"
-)
-_FUNCTION_NAMES: Final = frozenset(
-    name.lower() for name in re_pb2.DigestFunction.Value.keys() if name != "UNKNOWN"
-)
+
+
+def _enum_names(message: str) -> frozenset[str]:
+    """Lower-case names of the ``Value`` enum nested in a REAPI message, as used in paths."""
+    values = re_pb2.DESCRIPTOR.message_types_by_name[message].enum_types[0].values
+    return frozenset(v.name.lower() for v in values if v.number != 0)
+
+
+COMPRESSORS: Final = _enum_names("Compressor")  # identity (0) is never named in a path
+_FUNCTION_NAMES: Final = _enum_names("DigestFunction")
 # Functions whose segment REAPI says to omit: the server infers them from hash length.
 _IMPLIED_FUNCTIONS: Final = frozenset(DigestFunction)
 _SEGMENT = re.compile(r"[\x21-\x7e\u00a0-\U0010ffff]+")  # printable, no spaces or controls
@@ -127,9 +139,7 @@ def _find(segments: list[str], words: tuple[str, ...], name: str) -> int:
     raise InvalidResourceName(f"resource name {name!r} has no {' or '.join(words)} segment")
 
 
-def _parse_blob_part(
-    segments: list[str], name: str
-) -> tuple[str | None, Digest, list[str]]:
+def _parse_blob_part(segments: list[str], name: str) -> tuple[str | None, Digest, list[str]]:
     """Parse ``blobs/...`` or ``compressed-blobs/{c}/...``; return the segments after the size."""
     if not segments or segments[0] not in ("blobs", "compressed-blobs"):
         raise InvalidResourceName(f"expected blobs or compressed-blobs in {name!r}")

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import anyio
 
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch
 from asynccas.index.base import StorageIndex
-from asynccas.storage.base import CHUNK_SIZE, Storage, read_all
+from asynccas.storage.base import CHUNK_SIZE, Storage
 
 
 def blob(size: int, seed: int = 0) -> tuple[Digest, bytes]:
@@ -131,10 +131,11 @@ async def check_index(index: StorageIndex) -> None:
     assert set(order) == {d for d, _ in blobs}, "least_recent_digests lost or invented blobs"
 
     would_free = await index.delete_n_bytes(1, dry_run=True)
-    assert would_free > 0 and await index.get_total_size() == expected_total, "dry run deleted"
+    assert would_free > 0, "dry run found nothing to free"
+    assert await index.get_total_size() == expected_total, "dry run deleted"
 
-    future = datetime.now(timezone.utc) + timedelta(hours=1)
-    past = datetime.now(timezone.utc) - timedelta(hours=1)
+    future = datetime.now(UTC) + timedelta(hours=1)
+    past = datetime.now(UTC) - timedelta(hours=1)
     assert await index.delete_n_bytes(10**9, protect_blobs_after=past) == 0, "protected blobs went"
 
     # Large blobs past their lifetime go before smaller, older blobs.

@@ -29,7 +29,9 @@ PACKAGE = "asynccas._proto"
 # Only dotted names ending in a generated module (``..._pb2``/``..._pb2_grpc``) are
 # module references; proto full names in comments never end that way.
 _MODULE_REF = re.compile(
-    r"(?<![\w.])((?:" + "|".join(re.escape(p) for p in OWN_PACKAGES) + r")(?:\.\w+)*?\.\w+_pb2(?:_grpc)?)\b"
+    r"(?<![\w.])((?:"
+    + "|".join(re.escape(p) for p in OWN_PACKAGES)
+    + r")(?:\.\w+)*?\.\w+_pb2(?:_grpc)?)\b"
 )
 _FROM_IMPORT = re.compile(
     r"^(\s*from )((?:" + "|".join(re.escape(p) for p in OWN_PACKAGES) + r")(?:\.\w+)*)( import )",

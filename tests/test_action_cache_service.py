@@ -18,7 +18,9 @@ pytestmark = pytest.mark.anyio
 async def test_get_unknown_action_is_not_found(channel: grpc.aio.Channel) -> None:
     ac = re_grpc.ActionCacheStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await ac.GetActionResult(re_pb2.GetActionResultRequest(action_digest=blob(50, 1)[0].to_proto()))
+        await ac.GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=blob(50, 1)[0].to_proto())
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -35,7 +37,9 @@ async def test_update_then_get_with_complete_outputs(channel: grpc.aio.Channel) 
     await upload(channel, output, stdout, tree_file, (tree_digest, tree_data))
     result = re_pb2.ActionResult(
         output_files=[re_pb2.OutputFile(path="out/x", digest=output[0].to_proto())],
-        output_directories=[re_pb2.OutputDirectory(path="out/d", tree_digest=tree_digest.to_proto())],
+        output_directories=[
+            re_pb2.OutputDirectory(path="out/d", tree_digest=tree_digest.to_proto())
+        ],
         stdout_digest=stdout[0].to_proto(),
         exit_code=0,
     )
@@ -64,7 +68,11 @@ async def test_results_with_missing_blobs_are_misses(
     parts = {"output": blob(2000, 7), "tree_file": blob(100, 8), "stderr": blob(20, 9)}
     tree = re_pb2.Tree(
         root=re_pb2.Directory(),
-        children=[re_pb2.Directory(files=[re_pb2.FileNode(name="f", digest=parts["tree_file"][0].to_proto())])],
+        children=[
+            re_pb2.Directory(
+                files=[re_pb2.FileNode(name="f", digest=parts["tree_file"][0].to_proto())]
+            )
+        ],
     )
     tree_blob = (Digest.of(tree.SerializeToString()), tree.SerializeToString())
     await upload(channel, tree_blob, *(p for name, p in parts.items() if name != missing_part))
@@ -93,12 +101,16 @@ async def test_update_rejects_bad_input(channel: grpc.aio.Channel) -> None:
     )
     for request in [
         re_pb2.UpdateActionResultRequest(
-            action_digest=re_pb2.Digest(hash="nothex", size_bytes=1), action_result=re_pb2.ActionResult()
+            action_digest=re_pb2.Digest(hash="nothex", size_bytes=1),
+            action_result=re_pb2.ActionResult(),
         ),
         re_pb2.UpdateActionResultRequest(action_digest=blob(5, 1)[0].to_proto()),
-        re_pb2.UpdateActionResultRequest(action_digest=blob(5, 1)[0].to_proto(), action_result=bad_output),
         re_pb2.UpdateActionResultRequest(
-            instance_name="x/actionResults", action_digest=blob(5, 1)[0].to_proto(),
+            action_digest=blob(5, 1)[0].to_proto(), action_result=bad_output
+        ),
+        re_pb2.UpdateActionResultRequest(
+            instance_name="x/actionResults",
+            action_digest=blob(5, 1)[0].to_proto(),
             action_result=re_pb2.ActionResult(),
         ),
     ]:

@@ -82,7 +82,9 @@ async def test_read_errors(channel: grpc.aio.Channel) -> None:
     digest, data = blob(1000, 2)
     await write(channel, write_requests(upload_name(digest), data))
     name = format_read_name("", digest)
-    assert "read_offset" in await expect_error(grpc.StatusCode.OUT_OF_RANGE, read(channel, name, -1))
+    assert "read_offset" in await expect_error(
+        grpc.StatusCode.OUT_OF_RANGE, read(channel, name, -1)
+    )
     await expect_error(grpc.StatusCode.OUT_OF_RANGE, read(channel, name, 1001))
     await expect_error(grpc.StatusCode.OUT_OF_RANGE, read(channel, name, 0, -5))
     absent = format_read_name("", blob(10, 3)[0])
@@ -105,7 +107,8 @@ async def test_write_rejects_mismatches_and_stores_nothing(channel: grpc.aio.Cha
     digest, data = blob(200_000, 4)
     corrupt = data[:-1] + bytes([data[-1] ^ 1])
     details = await expect_error(
-        grpc.StatusCode.INVALID_ARGUMENT, write(channel, write_requests(upload_name(digest), corrupt))
+        grpc.StatusCode.INVALID_ARGUMENT,
+        write(channel, write_requests(upload_name(digest), corrupt)),
     )
     assert "hashes to" in details
     await expect_error(
@@ -118,10 +121,13 @@ async def test_write_rejects_mismatches_and_stores_nothing(channel: grpc.aio.Cha
     )
     requests = write_requests(upload_name(digest), data)
     requests[1].write_offset += 1
-    assert "write_offset" in await expect_error(grpc.StatusCode.INVALID_ARGUMENT, write(channel, requests))
+    assert "write_offset" in await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, write(channel, requests)
+    )
     await expect_error(grpc.StatusCode.INVALID_ARGUMENT, write(channel, []))
     await expect_error(
-        grpc.StatusCode.INVALID_ARGUMENT, write(channel, write_requests("uploads/x/blobs/zz/1", b"z"))
+        grpc.StatusCode.INVALID_ARGUMENT,
+        write(channel, write_requests("uploads/x/blobs/zz/1", b"z")),
     )
     await expect_error(grpc.StatusCode.NOT_FOUND, read(channel, format_read_name("", digest)))
 
@@ -162,7 +168,9 @@ async def test_resumable_write_across_streams(channel: grpc.aio.Channel) -> None
     assert await read(channel, format_read_name("", digest)) == data
 
 
-async def test_concurrent_writes_of_one_blob(server: CasServer, channel: grpc.aio.Channel, tmp_path: Path) -> None:
+async def test_concurrent_writes_of_one_blob(
+    server: CasServer, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
     digest, data = blob(256 * 1024, 7)
     sizes: list[int] = []
 
@@ -179,11 +187,15 @@ async def test_concurrent_writes_of_one_blob(server: CasServer, channel: grpc.ai
         assert await server.storage.get_total_size() == len(data), "one copy indexed"
         files = await anyio.to_thread.run_sync(lambda: list((tmp_path / "data").rglob(digest.hash)))
         assert len(files) == 1
-        leftovers = await anyio.to_thread.run_sync(lambda: list((tmp_path / "data" / "tmp").iterdir()))
+        leftovers = await anyio.to_thread.run_sync(
+            lambda: list((tmp_path / "data" / "tmp").iterdir())
+        )
         assert leftovers == []
 
 
-async def test_cancelled_write_leaves_nothing(server: CasServer, channel: grpc.aio.Channel, tmp_path: Path) -> None:
+async def test_cancelled_write_leaves_nothing(
+    server: CasServer, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
     digest, data = blob(1024 * 1024, 8)
     halfway = anyio.Event()
 
@@ -200,11 +212,15 @@ async def test_cancelled_write_leaves_nothing(server: CasServer, channel: grpc.a
     assert call.cancel()  # the client goes away mid-upload
     temp_dir = tmp_path / "data" / "tmp"
 
-    def leftovers() -> list[Path]:
-        return list(temp_dir.iterdir()) if temp_dir.exists() else []
+    def leftovers() -> bool:
+        return temp_dir.exists() and any(temp_dir.iterdir())
+
+    async def cleaned_up() -> bool:
+        busy = bool(server.uploads._active or server.uploads._parked)
+        return not busy and not await anyio.to_thread.run_sync(leftovers)
 
     with anyio.fail_after(5):  # cleanup is prompt, not left to the idle timeout
-        while server.uploads._active or server.uploads._parked or await anyio.to_thread.run_sync(leftovers):
+        while not await cleaned_up():  # noqa: ASYNC110 - polling files; no event to wait on
             await anyio.sleep(0.02)
     assert not await server.storage.has_blob(digest)
     if isinstance(server.storage, SqliteIndex):

@@ -93,9 +93,7 @@ async def test_batch_update_statuses_are_per_blob(channel: grpc.aio.Channel) -> 
                 Request(digest=other[0].to_proto(), data=b"wrong"),
                 Request(digest=re_pb2.Digest(hash="/etc/passwd", size_bytes=4), data=b"root"),
                 Request(digest=EMPTY.to_proto(), data=b""),
-                Request(
-                    digest=good[0].to_proto(), data=good[1], compressor=re_pb2.Compressor.ZSTD
-                ),
+                Request(digest=good[0].to_proto(), data=good[1], compressor=re_pb2.Compressor.ZSTD),
             ]
         )
     )
@@ -121,7 +119,9 @@ async def test_batch_over_the_limit_fails_whole(channel: grpc.aio.Channel) -> No
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_batch_total_size_bytes" in (caught.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[d.to_proto() for d, _ in big]))
+        await cas.BatchReadBlobs(
+            re_pb2.BatchReadBlobsRequest(digests=[d.to_proto() for d, _ in big])
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -145,7 +145,9 @@ async def test_batch_read_statuses_are_per_blob(channel: grpc.aio.Channel) -> No
     assert str(absent[0]) in response.responses[1].status.message
 
 
-def directory(files: list[tuple[str, Digest]], dirs: list[tuple[str, Digest]]) -> tuple[Digest, bytes]:
+def directory(
+    files: list[tuple[str, Digest]], dirs: list[tuple[str, Digest]]
+) -> tuple[Digest, bytes]:
     message = re_pb2.Directory(
         files=[re_pb2.FileNode(name=n, digest=d.to_proto()) for n, d in files],
         directories=[re_pb2.DirectoryNode(name=n, digest=d.to_proto()) for n, d in dirs],
@@ -161,7 +163,13 @@ async def test_get_tree_pages_and_omits_missing_subtrees(channel: grpc.aio.Chann
     shared = leaves[0]
     middle = directory([], [("a", shared[0]), ("b", leaves[1][0])])
     root = directory(
-        [], [("m", middle[0]), ("s", shared[0]), ("x", ghost[0]), *[(f"l{i}", leaves[i][0]) for i in (2, 3, 4)]]
+        [],
+        [
+            ("m", middle[0]),
+            ("s", shared[0]),
+            ("x", ghost[0]),
+            *[(f"l{i}", leaves[i][0]) for i in (2, 3, 4)],
+        ],
     )
     await upload(channel, root, middle, *leaves)
     expected = {root[1], middle[1], *(leaf[1] for leaf in leaves)}

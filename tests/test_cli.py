@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -35,8 +34,8 @@ def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], 
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    yield {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+def env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
 
 
 def stop(process: subprocess.Popen[str], signum: int) -> str:
@@ -53,7 +52,8 @@ def test_default_serve_uses_xdg_cache_and_stops_gracefully(
     process, target, where = start(["--address", "127.0.0.1:0"], env)
     try:
         data_dir = tmp_path / "xdg" / "asynccas"
-        assert str(data_dir / "cas") in where and "index.sqlite" in where
+        assert str(data_dir / "cas") in where
+        assert "index.sqlite" in where
         digest, data = blob(1000, 1)
         with grpc.insecure_channel(target) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)
@@ -82,7 +82,9 @@ def test_max_size_evicts_least_recently_used(env: dict[str, str], tmp_path: Path
         with grpc.insecure_channel(target) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)
             for digest, data in blobs:
-                request = re_pb2.BatchUpdateBlobsRequest.Request(digest=digest.to_proto(), data=data)
+                request = re_pb2.BatchUpdateBlobsRequest.Request(
+                    digest=digest.to_proto(), data=data
+                )
                 cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[request]))
             import time
 
@@ -112,7 +114,8 @@ def test_bad_address_fails_with_a_message(env: dict[str, str], tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("0", 0), ("512", 512), ("1K", 1024), ("10G", 10 << 30), ("2GiB", 2 << 30)]
+    ("text", "expected"),
+    [("0", 0), ("512", 512), ("1K", 1024), ("10G", 10 << 30), ("2GiB", 2 << 30)],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected

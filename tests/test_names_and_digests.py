@@ -20,14 +20,28 @@ from asynccas.resource_names import (
 functions = st.sampled_from(list(DigestFunction))
 sizes = st.integers(min_value=0, max_value=MAX_SIZE)
 segment = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=12)
-reserved = {"blobs", "uploads", "compressed-blobs", "actions", "actionResults", "operations", "capabilities"}
-instances = st.lists(segment.filter(lambda s: s not in reserved and s not in (".", "..")), max_size=4).map("/".join)
+reserved = {
+    "blobs",
+    "uploads",
+    "compressed-blobs",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+}
+instances = st.lists(
+    segment.filter(lambda s: s not in reserved and s not in (".", "..")), max_size=4
+).map("/".join)
 
 
 @st.composite
 def digests(draw: st.DrawFn) -> Digest:
     function = draw(functions)
-    hex_ = draw(st.text(alphabet="0123456789abcdef", min_size=function.hex_length, max_size=function.hex_length))
+    hex_ = draw(
+        st.text(
+            alphabet="0123456789abcdef", min_size=function.hex_length, max_size=function.hex_length
+        )
+    )
     return Digest(hex_, draw(sizes), function)
 
 
@@ -48,13 +62,24 @@ def test_digest_rejects_anything_not_hex_of_the_right_length(hash_: str, size: i
     except (InvalidDigest, ValueError):
         assert not (valid_hash and 0 <= size <= MAX_SIZE)
     else:
-        assert valid_hash and digest.size_bytes == size
-        assert "/" not in digest.key and ".." not in digest.key
+        assert valid_hash
+        assert digest.size_bytes == size
+        assert "/" not in digest.key
+        assert ".." not in digest.key
 
 
 @pytest.mark.parametrize(
     "hash_",
-    ["", "../" * 21 + "a", "/etc/passwd", "A" * 64, "g" * 64, "a" * 63 + "\x00", "a" * 63 + "\n", " " + "a" * 63],
+    [
+        "",
+        "../" * 21 + "a",
+        "/etc/passwd",
+        "A" * 64,
+        "g" * 64,
+        "a" * 63 + "\x00",
+        "a" * 63 + "\n",
+        " " + "a" * 63,
+    ],
 )
 def test_hostile_hashes(hash_: str) -> None:
     with pytest.raises(InvalidDigest):
@@ -78,11 +103,19 @@ def test_read_names_roundtrip(instance: str, digest: Digest) -> None:
     parsed = parse_read_name(format_read_name(instance, digest))
     assert (parsed.instance_name, parsed.digest, parsed.compressor) == (instance, digest, None)
     compressed = parse_read_name(format_read_name(instance, digest, "zstd"))
-    assert compressed.compressor == "zstd" and compressed.digest == digest
+    assert compressed.compressor == "zstd"
+    assert compressed.digest == digest
 
 
-@given(instances, segment.filter(lambda s: s not in (".", "..")), digests(), st.lists(segment, max_size=3).map("/".join))
-def test_write_names_roundtrip(instance: str, upload_id: str, digest: Digest, metadata: str) -> None:
+@given(
+    instances,
+    segment.filter(lambda s: s not in (".", "..")),
+    digests(),
+    st.lists(segment, max_size=3).map("/".join),
+)
+def test_write_names_roundtrip(
+    instance: str, upload_id: str, digest: Digest, metadata: str
+) -> None:
     name = format_write_name(instance, upload_id, digest)
     name = f"{name}/{metadata}" if metadata else name
     parsed = parse_write_name(name)
@@ -117,7 +150,7 @@ HOSTILE_NAMES = [
     f"blobs/{'a' * 64}/{2**63}",
     f"blobs/{'a' * 64}/{10**30}",
     f"blobs/{'A' * 64}/1",
-    f"blobs/../../../../etc/passwd/1",
+    "blobs/../../../../etc/passwd/1",
     f"../blobs/{'a' * 64}/1",
     f"/abs/blobs/{'a' * 64}/1",
     f"a//b/blobs/{'a' * 64}/1",

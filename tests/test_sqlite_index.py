@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asynccas.digest import Digest
@@ -68,7 +69,7 @@ async def test_eviction_racing_reupload_never_loses_an_indexed_blob(tmp_path: Pa
         async def keep_evicting() -> None:
             for _ in range(40):
                 await evictor.delete_n_bytes(10**9)
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(keep_uploading)
@@ -100,7 +101,9 @@ async def test_index_persists_across_restarts(tmp_path: Path) -> None:
 
 async def test_least_recent_order(tmp_path: Path) -> None:
     blobs = [blob(100, i) for i in range(3)]
-    async with SqliteIndex(DiskStorage(tmp_path / "d", fsync=False), tmp_path / "i.sqlite", touch_interval=0) as index:
+    async with SqliteIndex(
+        DiskStorage(tmp_path / "d", fsync=False), tmp_path / "i.sqlite", touch_interval=0
+    ) as index:
         for digest, data in blobs:
             await index.commit_write(digest, chunks(data))
             await anyio.sleep(0.01)

@@ -38,6 +38,3 @@ class StorageIndex(Storage):
         ``large_blob_threshold`` bytes not used since ``large_blob_lifetime`` go first.
         With ``dry_run`` nothing is deleted and the bytes that would be freed are returned.
         """
-
-
-

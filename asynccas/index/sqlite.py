@@ -13,8 +13,9 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -55,9 +56,7 @@ _EVICTION_BATCH: Final = 256
 
 
 class SqliteIndex(StorageIndex):
-    def __init__(
-        self, storage: Storage, path: str | Path, *, touch_interval: float = 60.0
-    ) -> None:
+    def __init__(self, storage: Storage, path: str | Path, *, touch_interval: float = 60.0) -> None:
         super().__init__(storage)
         self.path = Path(path)
         # Refreshing recency on every hit would turn every FindMissingBlobs into a
@@ -103,7 +102,9 @@ class SqliteIndex(StorageIndex):
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
         started = time.time()
         try:
             async for chunk in self.storage.get_blob(digest, offset, limit):
@@ -176,14 +177,12 @@ class SqliteIndex(StorageIndex):
 
     async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
         unique = list(dict.fromkeys(digests))
+        rows = [(d.key,) for d in unique]
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
-                await sql(
-                    lambda conn: conn.executemany(
-                        "DELETE FROM blobs WHERE key = ?", [(d.key,) for d in unique]
-                    )
-                )
-                return await self.storage.bulk_delete(unique)
+                await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", rows))
+                deleted = await self.storage.bulk_delete(unique)
+        return deleted
 
     async def get_total_size(self) -> int:
         row = await self._db.run(
@@ -200,14 +199,8 @@ class SqliteIndex(StorageIndex):
     async def least_recent_digests(self) -> AsyncIterator[tuple[Digest, int]]:
         after: tuple[float, str] = (-math.inf, "")
         while True:
-            page = await self._db.run(
-                lambda conn, a=after: conn.execute(
-                    "SELECT accessed_at, key, size_bytes FROM blobs WHERE (accessed_at, key) > (?, ?)"
-                    " ORDER BY accessed_at, key LIMIT ?",
-                    (*a, _EVICTION_BATCH),
-                ).fetchall()
-            )
-            for accessed_at, key, size in page:
+            page = await self._db.run(partial(_page_after, after=after))
+            for _accessed_at, key, size in page:
                 yield Digest.from_key(key), size
             if len(page) < _EVICTION_BATCH:
                 return
@@ -235,7 +228,9 @@ class SqliteIndex(StorageIndex):
         for condition, params in passes:
             after: tuple[float, str] = (-math.inf, "")
             while freed < n_bytes:
-                batch = await self._eviction_batch(condition, params, after, n_bytes - freed, dry_run)
+                batch = await self._eviction_batch(
+                    condition, params, after, n_bytes - freed, dry_run
+                )
                 if not batch:
                     break
                 freed += sum(size for _, _, size in batch)
@@ -257,7 +252,9 @@ class SqliteIndex(StorageIndex):
         )
         args = (*params, *after, _EVICTION_BATCH)
         if dry_run:
-            return _covering(await self._db.run(lambda c: c.execute(select, args).fetchall()), wanted)
+            return _covering(
+                await self._db.run(lambda c: c.execute(select, args).fetchall()), wanted
+            )
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
                 batch = _covering(await sql(lambda c: c.execute(select, args).fetchall()), wanted)
@@ -265,6 +262,14 @@ class SqliteIndex(StorageIndex):
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", keys))
                 await self.storage.bulk_delete(Digest.from_key(key) for _, key, _ in batch)
         return batch
+
+
+def _page_after(conn: sqlite3.Connection, after: tuple[float, str]) -> list[tuple[float, str, int]]:
+    return conn.execute(
+        "SELECT accessed_at, key, size_bytes FROM blobs"
+        " WHERE (accessed_at, key) > (?, ?) ORDER BY accessed_at, key LIMIT ?",
+        (*after, _EVICTION_BATCH),
+    ).fetchall()
 
 
 def _covering(rows: list[tuple[float, str, int]], wanted: int) -> list[tuple[float, str, int]]:

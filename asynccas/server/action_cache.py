@@ -97,7 +97,9 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
             except DecodeError:
                 return [tree_digest]
             for directory in [tree.root, *tree.children]:
-                wanted += [Digest.from_proto(f.digest, function.proto_value) for f in directory.files]
+                wanted += [
+                    Digest.from_proto(f.digest, function.proto_value) for f in directory.files
+                ]
         return await self.storage.missing_blobs(d for d in wanted if not d.is_empty)
 
     @unary_rpc

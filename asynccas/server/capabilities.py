@@ -11,11 +11,15 @@ from asynccas.server.errors import Context, unary_rpc
 
 
 class CapabilitiesService(re_grpc.CapabilitiesServicer):
-    def __init__(self, *, max_batch_total_size_bytes: int, allow_action_cache_updates: bool) -> None:
+    def __init__(
+        self, *, max_batch_total_size_bytes: int, allow_action_cache_updates: bool
+    ) -> None:
         self._capabilities = re_pb2.ServerCapabilities(
             cache_capabilities=re_pb2.CacheCapabilities(
                 # SHA256 first: clients that take the first entry get the common default.
-                digest_functions=[f.proto_value for f in DigestFunction],
+                digest_functions=[
+                    re_pb2.DigestFunction.Value.ValueType(f.proto_value) for f in DigestFunction
+                ],
                 action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
                     update_enabled=allow_action_cache_updates
                 ),

@@ -139,9 +139,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
             if position <= skip:
                 continue
             if page and (len(page) >= page_size or page_bytes + size > byte_budget):
-                yield re_pb2.GetTreeResponse(
-                    directories=page, next_page_token=str(position - 1)
-                )
+                yield re_pb2.GetTreeResponse(directories=page, next_page_token=str(position - 1))
                 page, page_bytes = [], 0
             page.append(directory)
             page_bytes += size

@@ -10,7 +10,7 @@ layer's business (see ``asynccas.server.cas``).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Final, Self
@@ -103,7 +103,10 @@ class Storage(abc.ABC):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()
 
@@ -115,7 +118,7 @@ class Storage(abc.ABC):
         return [d for d in dict.fromkeys(digests) if not await self.has_blob(d)]
 
     @abc.abstractmethod
-    def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+    def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncGenerator[bytes]:
         """Stream ``limit`` bytes (0: all) from ``offset`` in chunks of at most CHUNK_SIZE.
 
         Raises BlobNotFound on the first iteration if the blob is absent. Callers
@@ -164,7 +167,9 @@ class Storage(abc.ABC):
         for writer in writers:
             await writer.publish()
 
-    async def bulk_update_blobs(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[CasError | None]:
+    async def bulk_update_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[CasError | None]:
         """Store many small blobs; the result holds one error (or None) per input, in order."""
         staged = await self.stage_blobs(blobs)
         writers = [w for w in staged if isinstance(w, BlobWriter)]

@@ -12,7 +12,7 @@ import errno
 import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, ParamSpec, TypeVar
@@ -83,7 +83,9 @@ class DiskStorage(Storage):
         with _disk_errors("check for blobs"):
             return await _in_thread(lambda: [d for d in unique if not self._has_blob_sync(d)])
 
-    async def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
         path = self.path_for(digest)
         with _disk_errors(f"read blob {digest}"):
             try:
@@ -116,7 +118,7 @@ class DiskStorage(Storage):
 
     def _new_temp(self) -> IO[bytes]:
         path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
-        return open(path, "xb")  # noqa: SIM115 - closed by the writer
+        return open(path, "xb")
 
     async def stage_blobs(
         self, blobs: Sequence[tuple[Digest, bytes]]
@@ -134,11 +136,11 @@ class DiskStorage(Storage):
                     continue
                 with _disk_errors(f"store blob {digest}"):
                     handle = self._new_temp()
-                    writer = _DiskWriter(self, digest, handle)
-                    staged.append(writer)
+                    disk_writer = _DiskWriter(self, digest, handle)
+                    staged.append(disk_writer)
                     handle.write(data)
-                    writer.close_sync()
-                    writer.mark_verified(len(data))
+                    disk_writer.close_sync()
+                    disk_writer.mark_verified(len(data))
         except BaseException:
             for writer in staged:
                 if isinstance(writer, _DiskWriter):
@@ -148,8 +150,13 @@ class DiskStorage(Storage):
 
     async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
         disk_writers = [w for w in writers if isinstance(w, _DiskWriter)]
+
+        def publish_all() -> None:
+            for writer in disk_writers:
+                writer.publish_sync()
+
         with _disk_errors("publish blobs"):
-            await _in_thread(lambda: [w.publish_sync() for w in disk_writers])
+            await _in_thread(publish_all)
 
     async def delete_blob(self, digest: Digest) -> bool:
         with _disk_errors(f"delete blob {digest}"):
@@ -171,11 +178,15 @@ class DiskStorage(Storage):
         """Every stored blob with its modification time, for rebuilding an index."""
         for function in DigestFunction:
             base = self._cas / function.lower_name
-            shards = await _in_thread(lambda b=base: sorted(b.iterdir()) if b.is_dir() else [])
+            shards = await _in_thread(_list_shards, base)
             for shard in shards:
                 entries = await _in_thread(_scan_shard, shard, function)
                 for entry in entries:
                     yield entry
+
+
+def _list_shards(base: Path) -> list[Path]:
+    return sorted(base.iterdir()) if base.is_dir() else []
 
 
 def _scan_shard(shard: Path, function: DigestFunction) -> list[tuple[Digest, float]]:

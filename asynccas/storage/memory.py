@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, StorageFull
@@ -37,7 +37,9 @@ class MemoryStorage(Storage):
                 missing.append(digest)
         return missing
 
-    async def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
         data = self._blobs.get(digest)
         if data is None:
             raise BlobNotFound(digest)
