@@ -119,3 +119,45 @@ def test_bad_address_fails_with_a_message(env: dict[str, str], tmp_path: Path) -
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
+
+
+def test_two_processes_share_one_data_dir(env: dict[str, str], tmp_path: Path) -> None:
+    """What one worker process stores, another serving the same directory sees at once."""
+    args = ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "shared")]
+    first, first_target, _ = start(args, env)
+    second, second_target, _ = start(args, env)
+    try:
+        blobs = [blob(10_000 + i, i) for i in range(20)]
+        action = blob(100, 99)[0]
+        result = re_pb2.ActionResult(
+            output_files=[re_pb2.OutputFile(path="o", digest=blobs[0][0].to_proto())]
+        )
+        with grpc.insecure_channel(first_target) as a, grpc.insecure_channel(second_target) as b:
+            requests = [
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                for d, data in blobs
+            ]
+            re_grpc.ContentAddressableStorageStub(a).BatchUpdateBlobs(
+                re_pb2.BatchUpdateBlobsRequest(requests=requests)
+            )
+            re_grpc.ActionCacheStub(a).UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(
+                    action_digest=action.to_proto(), action_result=result
+                )
+            )
+            cas_b = re_grpc.ContentAddressableStorageStub(b)
+            missing = cas_b.FindMissingBlobs(
+                re_pb2.FindMissingBlobsRequest(blob_digests=[d.to_proto() for d, _ in blobs])
+            )
+            assert list(missing.missing_blob_digests) == []
+            read = cas_b.BatchReadBlobs(
+                re_pb2.BatchReadBlobsRequest(digests=[d.to_proto() for d, _ in blobs])
+            )
+            assert [r.data for r in read.responses] == [data for _, data in blobs]
+            got = re_grpc.ActionCacheStub(b).GetActionResult(
+                re_pb2.GetActionResultRequest(action_digest=action.to_proto())
+            )
+            assert got == result
+    finally:
+        stop(first, signal.SIGTERM)
+        stop(second, signal.SIGTERM)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from asynccas.digest import MAX_SIZE, Digest, DigestFunction
 from asynccas.errors import InvalidArgument, InvalidDigest, InvalidResourceName, UnsupportedFeature
 from asynccas.resource_names import (
+    RESERVED_SEGMENTS,
     format_read_name,
     format_write_name,
     parse_read_name,
@@ -20,15 +21,7 @@ from asynccas.resource_names import (
 functions = st.sampled_from(list(DigestFunction))
 sizes = st.integers(min_value=0, max_value=MAX_SIZE)
 segment = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=12)
-reserved = {
-    "blobs",
-    "uploads",
-    "compressed-blobs",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-}
+reserved = RESERVED_SEGMENTS
 instances = st.lists(
     segment.filter(lambda s: s not in reserved and s not in (".", "..")), max_size=4
 ).map("/".join)
