@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from asynccas.errors import StorageFull
 from asynccas.index.base import StorageIndex
-from asynccas.testing import check_index, check_storage
+from asynccas.storage.memory import MemoryStorage
+from asynccas.testing import blob, check_index, check_storage
 from tests.conftest import STORAGE_KINDS, make_storage
 
 pytestmark = pytest.mark.anyio
@@ -26,3 +28,12 @@ async def test_disk_leaves_no_temp_files(tmp_path: Path) -> None:
     async with make_storage("sqlite-disk", tmp_path) as storage:
         await check_storage(storage)
     assert list((tmp_path / "data" / "tmp").iterdir()) == []
+
+
+async def test_batch_reports_storage_full_per_blob() -> None:
+    small, big = blob(100, 1), blob(5000, 2)
+    async with MemoryStorage(max_bytes=1000) as storage:
+        results = await storage.bulk_update_blobs([big, small])
+        assert isinstance(results[0], StorageFull)
+        assert results[1] is None
+        assert await storage.has_blob(small[0])

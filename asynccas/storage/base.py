@@ -147,7 +147,11 @@ class Storage(abc.ABC):
         staged: list[BlobWriter | CasError] = []
         try:
             for digest, data in blobs:
-                writer = await self.open_write(digest)
+                try:
+                    writer = await self.open_write(digest)
+                except CasError as exc:  # e.g. StorageFull for this blob alone
+                    staged.append(exc)
+                    continue
                 try:
                     await writer.write(data)
                     await writer.verify()
