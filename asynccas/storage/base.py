@@ -29,7 +29,9 @@ class BlobWriter(abc.ABC):
 
     Commit is two phases so that an index can do the slow part (``verify``: hash check,
     fsync) outside its lock and only ``publish`` (making the blob visible) inside it.
-    ``abort`` discards everything and is safe to call at any point, more than once.
+    ``publish`` is idempotent and the writer keeps its data until ``abort``, so an index
+    that lost a race with eviction can publish again. ``abort`` releases the writer's
+    temporary data (a published blob stays) and is safe to call at any point, repeatedly.
     """
 
     def __init__(self, digest: Digest) -> None:
@@ -70,10 +72,9 @@ class BlobWriter(abc.ABC):
         try:
             await self.verify()
             await self.publish()
-        except BaseException:
+        finally:
             with anyio.CancelScope(shield=True):
                 await self.abort()
-            raise
 
     @abc.abstractmethod
     async def _write(self, data: bytes) -> None:

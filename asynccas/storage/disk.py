@@ -261,8 +261,8 @@ class _DiskWriter(BlobWriter):
         except FileExistsError:
             # Another writer got there first; keep its copy unless it is damaged.
             if final.stat().st_size != self.digest.size_bytes:
-                os.replace(self._temp_path, final)
-        self.discard_sync()
+                os.link(self._temp_path, final.with_name(f"{final.name}.{os.getpid()}"))
+                os.replace(final.with_name(f"{final.name}.{os.getpid()}"), final)
 
     async def abort(self) -> None:
         if self._temp_path is not None or self._handle is not None:

@@ -95,7 +95,6 @@ class _MemoryWriter(BlobWriter):
 
     async def _publish(self) -> None:
         self._storage._insert(self.digest, b"".join(self._parts))
-        self._parts = []
 
     async def abort(self) -> None:
         self._parts = []
