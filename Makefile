@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test pytest lint protos protos-check bench clean
+.PHONY: install serve test pytest lint protos protos-check bench clean redis-server
 
 install: $(STAMP)
 
@@ -23,8 +23,18 @@ serve: install
 ## Everything CI checks: generated code current, lint, then the test suite.
 test: install protos-check lint pytest
 
-pytest: install
+pytest: install redis-server
 	$(BIN)/pytest $(ARGS)
+
+## The Redis tests start their own redis-server processes; make sure the binary exists.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "The tests need redis-server: install the Debian/Ubuntu package redis-server" \
+	         "(or your system's Redis >= 6.2) and run make test again." >&2; exit 1; \
+	  fi; }
 
 lint: install
 	$(BIN)/ruff check .

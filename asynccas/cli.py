@@ -16,7 +16,10 @@ import anyio
 from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.errors import CasError
 from asynccas.eviction import EvictionPolicy
+from asynccas.index.base import StorageIndex
+from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
+from asynccas.redis_provider import RedisProvider
 from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="where disk blobs and SQLite files live"
     )
     serve.add_argument("--storage", choices=("disk", "memory"), default="disk")
+    _add_index_argument(serve)
     serve.add_argument(
         "--max-size",
         type=parse_size,
@@ -89,21 +93,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve action results even if their output blobs are gone from the CAS",
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    reindex = commands.add_parser(
+        "reindex",
+        help="rebuild the index of a disk store from the blobs it holds",
+        description="Index every blob found under DATA_DIR/cas and drop index entries whose"
+        " blobs are gone. Safe to run while servers use the same store.",
+    )
+    reindex.add_argument("--data-dir", type=Path, default=None)
+    _add_index_argument(reindex)
+    reindex.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     return parser
+
+
+def _add_index_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index",
+        default="sqlite",
+        metavar="sqlite|REDIS_URL",
+        help="where disk blob metadata lives: 'sqlite' (DATA_DIR/index.sqlite, default) or"
+        " redis://HOST:PORT/DB, rediss://..., redis+cluster://HOST:PORT[,HOST:PORT],"
+        " redis+sentinel://HOST:PORT/SERVICE",
+    )
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or default_data_dir()).expanduser().resolve()
+
+
+def _build_index(args: argparse.Namespace, storage: DiskStorage) -> tuple[StorageIndex, str]:
+    data_dir = _data_dir(args)
+    if args.index == "sqlite":
+        return SqliteIndex(storage, data_dir / "index.sqlite"), f"index {data_dir / 'index.sqlite'}"
+    if args.index.startswith(("redis://", "rediss://", "redis+cluster://", "redis+sentinel://")):
+        provider = RedisProvider(args.index)
+        return RedisIndex(storage, provider), f"index {provider.display_url}"
+    raise CasError(f"--index {args.index!r} is neither 'sqlite' nor a redis URL")
 
 
 def _build(
     args: argparse.Namespace,
 ) -> tuple[Storage, ActionCacheStore, str, EvictionPolicy | None]:
     if args.storage == "memory":
+        if args.index != "sqlite":
+            raise CasError("--index applies to disk storage; memory storage needs no index")
         budget = args.max_size or _MEMORY_DEFAULT_BYTES
         where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
         return MemoryStorage(budget), MemoryActionCache(), where, None
-    data_dir: Path = (args.data_dir or default_data_dir()).expanduser().resolve()
-    index = SqliteIndex(DiskStorage(data_dir, fsync=not args.no_fsync), data_dir / "index.sqlite")
+    data_dir = _data_dir(args)
+    index, index_where = _build_index(args, DiskStorage(data_dir, fsync=not args.no_fsync))
     budget = f"budget {_human(args.max_size)}" if args.max_size else "no size limit"
     where = (
-        f"blobs on disk in {data_dir / 'cas'} ({budget}), index {data_dir / 'index.sqlite'},"
+        f"blobs on disk in {data_dir / 'cas'} ({budget}), {index_where},"
         f" action cache {data_dir / 'action-cache.sqlite'}"
     )
     eviction = EvictionPolicy(args.max_size) if args.max_size else None
@@ -121,7 +163,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with server, anyio.create_task_group() as tasks:
-            if eviction is not None and isinstance(storage, SqliteIndex):
+            if eviction is not None and isinstance(storage, StorageIndex):
                 tasks.start_soon(eviction.run, storage)
             logger.info("asynccas listening on %s; %s", server.target, where)
             async for signum in signals:
@@ -130,13 +172,23 @@ async def serve(args: argparse.Namespace) -> None:
                 break
 
 
+async def reindex(args: argparse.Namespace) -> None:
+    storage = DiskStorage(_data_dir(args))
+    index, where = _build_index(args, storage)
+    async with index:
+        listed, dropped = await index.reindex(storage.list_blobs())
+    logger.info("reindexed %s into %s: %d blobs indexed, %d stale entries dropped",
+                storage.root / "cas", where, listed, dropped)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    command = serve if args.command == "serve" else reindex
     try:
-        anyio.run(serve, args, backend_options={"use_uvloop": True})
+        anyio.run(command, args, backend_options={"use_uvloop": True})
     except (OSError, CasError) as exc:
         logger.error("cannot serve: %s", exc)
         return 1

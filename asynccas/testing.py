@@ -67,7 +67,8 @@ async def check_storage(storage: Storage) -> None:
 
     # Wrong data never becomes visible.
     bad, bad_data = blob(5000, 3)
-    for corrupt in (bad_data[:-1] + b"x", bad_data[:-1], bad_data + b"x"):
+    flipped = bad_data[:-1] + bytes([bad_data[-1] ^ 1])  # always differs from the original
+    for corrupt in (flipped, bad_data[:-1], bad_data + b"x"):
         try:
             await storage.commit_write(bad, _chunks(corrupt, 1000))
         except DigestMismatch:

@@ -17,6 +17,7 @@ from asynccas.server.app import CasServer
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from tests.redis_servers import RedisCluster, RedisServer
 
 
 @pytest.fixture(
@@ -81,3 +82,19 @@ async def channel(server: CasServer) -> AsyncIterator[grpc.aio.Channel]:
         ],
     ) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

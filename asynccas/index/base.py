@@ -4,7 +4,7 @@ the blobs, plus the clean-up API of BuildGrid's indexes, made async."""
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 from asynccas.digest import Digest
@@ -14,6 +14,41 @@ from asynccas.storage.base import Storage
 class StorageIndex(Storage):
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+
+    @abc.abstractmethod
+    async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:
+        """Add entries for blobs already in storage, with their last-use times."""
+
+    @abc.abstractmethod
+    async def forget(self, digests: Iterable[Digest]) -> None:
+        """Drop entries without touching storage."""
+
+    async def reindex(self, blobs: AsyncIterator[tuple[Digest, float]]) -> tuple[int, int]:
+        """Rebuild from what storage holds: index every listed blob, drop entries for the rest.
+
+        Returns (blobs listed, stale entries dropped).
+        """
+        listed = 0
+        batch: list[tuple[Digest, float]] = []
+        async for item in blobs:
+            batch.append(item)
+            listed += 1
+            if len(batch) >= 1000:
+                await self.index_existing(batch)
+                batch = []
+        if batch:
+            await self.index_existing(batch)
+        stale: list[Digest] = []
+        page: list[Digest] = []
+        async for digest, _ in self.least_recent_digests():
+            page.append(digest)
+            if len(page) >= 1000:
+                stale += await self.storage.missing_blobs(page)
+                page = []
+        if page:
+            stale += await self.storage.missing_blobs(page)
+        await self.forget(stale)
+        return listed, len(stale)
 
     @abc.abstractmethod
     def least_recent_digests(self) -> AsyncIterator[tuple[Digest, int]]:

@@ -184,6 +184,20 @@ class SqliteIndex(StorageIndex):
                 deleted = await self.storage.bulk_delete(unique)
         return deleted
 
+    async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:
+        rows = [(d.key, d.size_bytes, used, used) for d, used in blobs]
+        await self._db.write(
+            lambda conn: conn.executemany(
+                "INSERT OR IGNORE INTO blobs (key, size_bytes, accessed_at, stored_at)"
+                " VALUES (?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def forget(self, digests: Iterable[Digest]) -> None:
+        rows = [(d.key,) for d in digests]
+        await self._db.write(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", rows))
+
     async def get_total_size(self) -> int:
         row = await self._db.run(
             lambda conn: conn.execute("SELECT total_size FROM totals").fetchone()

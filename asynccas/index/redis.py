@@ -1,0 +1,474 @@
+"""BuildGrid's RedisIndex, rebuilt on redis.asyncio: existence, size and recency of blobs in Redis,
+in front of any storage.
+
+Layout: digests fall into ``buckets`` by hash. Each bucket is a sorted set (member
+``Digest.key``, which carries the size; score = last use, unix time), a byte counter,
+an eviction generation and an "eviction in progress" flag, all under one hash tag
+``{prefix:N}`` so a bucket lives on one Redis Cluster slot and one Lua script can
+update it atomically. A request touching N digests sends one script per bucket in one
+non-transactional pipeline: O(1) round trips and at most ``buckets`` scripts, never
+one command per digest.
+
+Eviction never leaves a blob indexed but missing, without locks on the write path: a
+writer reads the bucket generation before publishing its file, and its ADD script
+refuses when an eviction began since (generation moved) or is running (flag set). The
+writer then publishes again (``BlobWriter.publish`` is idempotent) and retries.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import anyio
+
+from asynccas.digest import Digest
+from asynccas.errors import BackendUnavailable, BlobNotFound, CasError
+from asynccas.index.base import StorageIndex
+from asynccas.redis_provider import Client, RedisProvider
+from asynccas.storage.base import BlobWriter, Storage
+
+logger = logging.getLogger(__name__)
+
+# Scripts stay small and per bucket: every key they touch shares the bucket's hash tag.
+_TOUCH: Final = """
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, 3))
+local present, stale = {}, {}
+for i = 1, #ARGV - 2 do
+  local score = scores[i]
+  if score then
+    present[i] = 1
+    if tonumber(score) < tonumber(ARGV[2]) then
+      stale[#stale + 1] = ARGV[1]
+      stale[#stale + 1] = ARGV[i + 2]
+    end
+  else
+    present[i] = 0
+  end
+end
+if #stale > 0 then redis.call('ZADD', KEYS[1], 'XX', unpack(stale)) end
+return present
+"""
+_ADD: Final = """
+if redis.call('EXISTS', KEYS[4]) == 1 or (redis.call('GET', KEYS[3]) or '0') ~= ARGV[1] then
+  return -1
+end
+local added = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i]) == 1 then
+    added = added + tonumber(ARGV[i + 1])
+  end
+end
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+return added
+"""
+_BEGIN_EVICTION: Final = """
+redis.call('INCR', KEYS[3])
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+local removed, freed = {}, 0
+for i = 3, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    freed = freed + tonumber(string.match(ARGV[i], ':(%d+)$'))
+    removed[#removed + 1] = ARGV[i]
+  end
+end
+if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
+return removed
+"""
+_END_EVICTION: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_FORGET: Final = """
+local freed = 0
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) < tonumber(ARGV[1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    freed = freed + tonumber(string.match(ARGV[i], ':(%d+)$'))
+  end
+end
+if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
+return freed
+"""
+_RELEASE_LOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_MAX_ARGS_PER_SCRIPT: Final = 2000  # Lua's unpack() has a stack limit around 8000
+_EVICTION_BATCH: Final = 256
+_EVICTION_FLAG_TTL_MS: Final = 60_000
+_PUBLISH_ATTEMPTS: Final = 40
+
+
+class RedisIndex(StorageIndex):
+    def __init__(
+        self,
+        storage: Storage,
+        redis: RedisProvider | str,
+        *,
+        prefix: str = "asynccas",
+        buckets: int = 8,
+        touch_interval: float = 60.0,
+    ) -> None:
+        super().__init__(storage)
+        self.provider = RedisProvider(redis) if isinstance(redis, str) else redis
+        if not prefix.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"Redis key prefix {prefix!r} must be alphanumeric, - or _")
+        self.prefix = prefix
+        self.buckets = buckets
+        # Refreshing recency on every hit would rewrite hot blobs constantly; LRU order
+        # only needs it to within this many seconds.
+        self.touch_interval = touch_interval
+        self._client: Client | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.storage.start()
+        self._client = self.provider.client()
+        with self.provider.errors("connect"):
+            await self._client.ping()
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+        await self.storage.stop()
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise BackendUnavailable("RedisIndex is not started")
+        return self._client
+
+    def bucket_of(self, digest: Digest) -> int:
+        return int(digest.hash[:8], 16) % self.buckets
+
+    def _keys(self, bucket: int) -> tuple[str, str, str, str]:
+        tag = f"{{{self.prefix}:{bucket}}}"
+        return f"{tag}:lru", f"{tag}:bytes", f"{tag}:generation", f"{tag}:evicting"
+
+    def _group(self, digests: Iterable[Digest]) -> dict[int, list[Digest]]:
+        groups: dict[int, list[Digest]] = defaultdict(list)
+        for digest in digests:
+            groups[self.bucket_of(digest)].append(digest)
+        return groups
+
+    async def _pipeline(
+        self, action: str, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run (script, keys, args) calls in one round trip, without MULTI/EXEC."""
+        if not calls:
+            return []
+        with self.provider.errors(action):
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.eval(script, len(keys), *keys, *args)
+            return list(await pipe.execute())
+
+    # -- existence ---------------------------------------------------------------------------
+
+    async def has_blob(self, digest: Digest) -> bool:
+        return not await self.missing_blobs([digest])
+
+    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+        now = time.time()
+        calls, order = [], []
+        for bucket, members in self._group(unique).items():
+            for start in range(0, len(members), _MAX_ARGS_PER_SCRIPT):
+                chunk = members[start : start + _MAX_ARGS_PER_SCRIPT]
+                args = [now, now - self.touch_interval, *(d.key for d in chunk)]
+                calls.append((_TOUCH, self._keys(bucket)[:1], args))
+                order.append(chunk)
+        present: set[Digest] = set()
+        for chunk, flags in zip(order, await self._pipeline("check blobs", calls), strict=True):
+            present.update(d for d, flag in zip(chunk, flags, strict=True) if flag)
+        return [d for d in unique if d not in present]
+
+    async def _touch(self, digests: Iterable[Digest]) -> None:
+        await self.missing_blobs(digests)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        started = time.time()
+        try:
+            async for chunk in self.storage.get_blob(digest, offset, limit):
+                yield chunk
+        except BlobNotFound:
+            await self._forget([digest], started)
+            raise
+        await self._touch([digest])
+
+    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        unique = list(dict.fromkeys(digests))
+        started = time.time()
+        found = await self.storage.bulk_read_blobs(unique)
+        lost = [d for d in unique if d not in found]
+        if lost:
+            await self._forget(lost, started)
+        if found:
+            await self._touch(found)
+        return found
+
+    async def _forget(self, digests: Iterable[Digest], used_before: float) -> None:
+        """Self-healing: de-index blobs the storage no longer has.
+
+        Entries used since ``used_before`` belong to a concurrent upload and stay.
+        """
+        calls = [
+            (_FORGET, self._keys(b)[:2], [used_before, *(d.key for d in members)])
+            for b, members in self._group(digests).items()
+        ]
+        await self._pipeline("de-index lost blobs", calls)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        return _IndexedWriter(self, await self.storage.open_write(digest))
+
+    async def stage_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        return await self.storage.stage_blobs(blobs)
+
+    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
+        pending = list(writers)
+        with anyio.CancelScope(shield=True):  # a published blob must get its entry
+            for attempt in range(_PUBLISH_ATTEMPTS):
+                groups: dict[int, list[BlobWriter]] = defaultdict(list)
+                for writer in pending:
+                    groups[self.bucket_of(writer.digest)].append(writer)
+                buckets = list(groups)
+                generations = await self._generations(buckets)
+                await self.storage.publish_staged(pending)
+                now = time.time()
+                calls = []
+                for bucket, generation in zip(buckets, generations, strict=True):
+                    args: list[Any] = [_decode(generation) or "0", now]
+                    for writer in groups[bucket]:
+                        args += [writer.digest.key, writer.digest.size_bytes]
+                    calls.append((_ADD, self._keys(bucket), args))
+                results = await self._pipeline("index new blobs", calls)
+                pending = [
+                    w for b, r in zip(buckets, results, strict=True) if r == -1 for w in groups[b]
+                ]
+                if not pending:
+                    return
+                # An eviction ran over these buckets meanwhile: wait for it, publish again.
+                await anyio.sleep(min(0.005 * 2**attempt, 0.25))
+        raise BackendUnavailable(
+            f"could not index {len(pending)} blob(s) while eviction kept running; retry"
+        )
+
+    async def _generations(self, buckets: Sequence[int]) -> list[Any]:
+        # GETs in a pipeline rather than one MGET: the keys live on different cluster slots.
+        with self.provider.errors("read eviction generations"):
+            pipe = self.client.pipeline(transaction=False)
+            for bucket in buckets:
+                pipe.get(self._keys(bucket)[2])
+            return list(await pipe.execute())
+
+    # -- deletion and clean-up ---------------------------------------------------------------
+
+    async def delete_blob(self, digest: Digest) -> bool:
+        return bool(await self.bulk_delete([digest]))
+
+    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+        removed = await self._evict([(math.inf, d) for d in unique])
+        # Blobs the index did not know are deleted from storage too.
+        unindexed = [d for d in unique if d not in removed]
+        gone = await self.storage.bulk_delete(unindexed) if unindexed else []
+        return [d for d in unique if d in removed or d in gone]
+
+    async def _evict(self, candidates: Sequence[tuple[float, Digest]]) -> set[Digest]:
+        """De-index candidates not used since their given score, delete their files."""
+        token = uuid.uuid4().hex
+        groups: dict[int, list[tuple[float, Digest]]] = defaultdict(list)
+        for score, digest in candidates:
+            groups[self.bucket_of(digest)].append((score, digest))
+        removed: set[Digest] = set()
+        with anyio.CancelScope(shield=True):
+            calls = []
+            for bucket, members in groups.items():
+                args: list[Any] = [token, _EVICTION_FLAG_TTL_MS]
+                for score, digest in members:
+                    args += [digest.key, "inf" if math.isinf(score) else repr(score)]
+                calls.append((_BEGIN_EVICTION, self._keys(bucket), args))
+            try:
+                for result in await self._pipeline("begin eviction", calls):
+                    removed.update(Digest.from_key(_decode(m)) for m in result)
+                if removed:
+                    await self.storage.bulk_delete(removed)
+            finally:
+                await self._pipeline(
+                    "end eviction",
+                    [(_END_EVICTION, self._keys(b)[3:], [token]) for b in groups],
+                )
+        return removed
+
+    async def get_total_size(self) -> int:
+        with self.provider.errors("read the total size"):
+            pipe = self.client.pipeline(transaction=False)
+            for bucket in range(self.buckets):
+                pipe.get(self._keys(bucket)[1])
+            return sum(int(v or 0) for v in await pipe.execute())
+
+    async def least_recent_digests(self) -> AsyncIterator[tuple[Digest, int]]:
+        async for _, digest in self._in_lru_order(math.inf):
+            yield digest, digest.size_bytes
+
+    async def _in_lru_order(self, used_before: float) -> AsyncIterator[tuple[float, Digest]]:
+        """Every entry last used before ``used_before``, oldest first, merged across buckets."""
+        pages = [_BucketPages(self, b, used_before) for b in range(self.buckets)]
+        heap: list[tuple[float, str, int]] = []
+        for bucket, page in enumerate(pages):
+            entry = await page.next()
+            if entry is not None:
+                heap.append((entry[0], entry[1], bucket))
+        heapq.heapify(heap)
+        while heap:
+            score, key, bucket = heapq.heappop(heap)
+            yield score, Digest.from_key(key)
+            entry = await pages[bucket].next()
+            if entry is not None:
+                heapq.heappush(heap, (entry[0], entry[1], bucket))
+
+    async def delete_n_bytes(
+        self,
+        n_bytes: int,
+        dry_run: bool = False,
+        protect_blobs_after: datetime | None = None,
+        large_blob_threshold: int | None = None,
+        large_blob_lifetime: datetime | None = None,
+    ) -> int:
+        protect = protect_blobs_after.timestamp() if protect_blobs_after else math.inf
+        passes: list[tuple[float, int]] = []  # (used before, larger than)
+        if large_blob_threshold is not None and large_blob_lifetime is not None:
+            passes.append((min(protect, large_blob_lifetime.timestamp()), large_blob_threshold))
+        passes.append((protect, -1))
+        lock_key, token = f"{{{self.prefix}}}:eviction-lock", uuid.uuid4().hex
+        if not dry_run:
+            with self.provider.errors("take the eviction lock"):
+                if not await self.client.set(lock_key, token, nx=True, px=300_000):
+                    logger.info("another process is evicting; skipping this pass")
+                    return 0
+        freed = 0
+        try:
+            for used_before, larger_than in passes:
+                batch: list[tuple[float, Digest]] = []
+                batch_bytes = 0
+                async for score, digest in self._in_lru_order(used_before):
+                    if freed + batch_bytes >= n_bytes:
+                        break
+                    if digest.size_bytes <= larger_than:
+                        continue
+                    batch.append((score, digest))
+                    batch_bytes += digest.size_bytes
+                    if len(batch) >= _EVICTION_BATCH:
+                        freed += batch_bytes if dry_run else _size(await self._evict(batch))
+                        batch, batch_bytes = [], 0
+                if batch:
+                    freed += batch_bytes if dry_run else _size(await self._evict(batch))
+                if freed >= n_bytes:
+                    break
+        finally:
+            if not dry_run:
+                await self._pipeline(
+                    "release the eviction lock", [(_RELEASE_LOCK, [lock_key], [token])]
+                )
+        return freed
+
+    # -- rebuilding --------------------------------------------------------------------------
+
+    async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:
+        """Add entries for blobs already in storage (used by ``asynccas reindex``)."""
+        generations = await self._generations(list(range(self.buckets)))
+        calls = []
+        for digest, used in blobs:  # one entry per call: each keeps its own last-use time
+            bucket = self.bucket_of(digest)
+            args = [_decode(generations[bucket]) or "0", used, digest.key, digest.size_bytes]
+            calls.append((_ADD, self._keys(bucket), args))
+        for start in range(0, len(calls), 1000):
+            await self._pipeline("index existing blobs", calls[start : start + 1000])
+
+    async def forget(self, digests: Iterable[Digest]) -> None:
+        await self._forget(digests, math.inf)
+
+
+class _BucketPages:
+    """Reads one bucket's sorted set in score order, a page at a time."""
+
+    def __init__(self, index: RedisIndex, bucket: int, used_before: float) -> None:
+        self._index = index
+        self._key = index._keys(bucket)[0]
+        self._max = f"({used_before!r}" if math.isfinite(used_before) else "+inf"
+        self._min = "-inf"
+        self._skip = 0  # entries already seen at exactly the current minimum score
+        self._page: list[tuple[float, str]] = []
+        self._done = False
+
+    async def next(self) -> tuple[float, str] | None:
+        if not self._page and not self._done:
+            with self._index.provider.errors("list least recently used blobs"):
+                rows = await self._index.client.zrange(
+                    self._key, self._min, self._max, byscore=True,
+                    offset=self._skip, num=_EVICTION_BATCH, withscores=True,
+                )  # fmt: skip
+            self._page = [(float(row[1]), _decode(row[0])) for row in rows]  # (member, score)
+            self._done = len(rows) < _EVICTION_BATCH
+            if self._page:
+                last = self._page[-1][0]
+                same = sum(1 for score, _ in self._page if score == last)
+                self._skip = same + (self._skip if repr(last) == self._min else 0)
+                self._min = repr(last)
+        return self._page.pop(0) if self._page else None
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
+
+
+def _size(digests: Iterable[Digest]) -> int:
+    return sum(d.size_bytes for d in digests)
+
+
+class _IndexedWriter(BlobWriter):
+    """Streams into the wrapped storage's writer; publishing also indexes (see publish_staged)."""
+
+    def __init__(self, index: RedisIndex, inner: BlobWriter) -> None:
+        super().__init__(inner.digest)
+        self._index = index
+        self._inner = inner
+
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(data)
+        self.committed_size = self._inner.committed_size
+
+    async def verify(self) -> None:
+        await self._inner.verify()
+        self._verified = True
+
+    async def _write(self, data: bytes) -> None:  # pragma: no cover - write() delegates
+        raise AssertionError("unreachable")
+
+    async def _publish(self) -> None:
+        await self._index.publish_staged([self._inner])
+
+    async def abort(self) -> None:
+        await self._inner.abort()
