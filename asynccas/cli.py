@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve action results even if their output blobs are gone from the CAS",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the address (SO_REUSEPORT) and the store; one per core",
+    )
+    # Set on the extra worker processes that --workers starts; only the first evicts.
+    serve.add_argument("--extra-worker", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     reindex = commands.add_parser(
         "reindex",
@@ -148,7 +157,7 @@ def _build(
         f"blobs on disk in {data_dir / 'cas'} ({budget}), {index_where},"
         f" action cache {data_dir / 'action-cache.sqlite'}"
     )
-    eviction = EvictionPolicy(args.max_size) if args.max_size else None
+    eviction = EvictionPolicy(args.max_size) if args.max_size and not args.extra_worker else None
     return index, SqliteActionCache(data_dir / "action-cache.sqlite"), where, eviction
 
 
@@ -165,7 +174,9 @@ async def serve(args: argparse.Namespace) -> None:
         async with server, anyio.create_task_group() as tasks:
             if eviction is not None and isinstance(storage, StorageIndex):
                 tasks.start_soon(eviction.run, storage)
-            logger.info("asynccas listening on %s; %s", server.target, where)
+            if not args.extra_worker:
+                workers = f" with {args.workers} workers" if args.workers > 1 else ""
+                logger.info("asynccas listening on %s%s; %s", server.target, workers, where)
             async for signum in signals:
                 logger.info("received %s; shutting down", signal.Signals(signum).name)
                 tasks.cancel_scope.cancel()
@@ -187,12 +198,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     command = serve if args.command == "serve" else reindex
+    extra_workers = _start_extra_workers(args, argv) if args.command == "serve" else []
     try:
         anyio.run(command, args, backend_options={"use_uvloop": True})
     except (OSError, CasError) as exc:
         logger.error("cannot serve: %s", exc)
         return 1
+    finally:
+        for worker in extra_workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in extra_workers:
+            worker.wait()
     return 0
+
+
+def _start_extra_workers(
+    args: argparse.Namespace, argv: Sequence[str] | None
+) -> list[subprocess.Popen[bytes]]:
+    """Python runs one core per process: more cores need more processes on the same port."""
+    if args.workers <= 1 or args.extra_worker:
+        return []
+    if args.address.endswith(":0"):
+        raise SystemExit("--workers needs a fixed port: workers cannot share port 0")
+    own = list(sys.argv[1:] if argv is None else argv)
+    command = [sys.executable, "-m", "asynccas.cli", *own, "--extra-worker"]
+    return [subprocess.Popen(command) for _ in range(args.workers - 1)]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
+from hypothesis import settings
 
 from asynccas.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.index.sqlite import SqliteIndex
@@ -17,7 +18,12 @@ from asynccas.server.app import CasServer
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
-from tests.redis_servers import RedisCluster, RedisServer
+from asynccas.testing_redis import RedisCluster, RedisServer
+
+# Speed is measured by benchmarks, never by unit tests: no per-example deadline, which
+# otherwise fails tests at random on a busy shared machine.
+settings.register_profile("asynccas", deadline=None)
+settings.load_profile("asynccas")
 
 
 @pytest.fixture(

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.cli import parse_size
 from asynccas.testing import blob
-from tests.redis_servers import RedisServer
+from asynccas.testing_redis import RedisServer
 
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str, str]:
@@ -29,8 +30,11 @@ def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], 
     )
     assert process.stdout is not None
     line = process.stdout.readline()
-    match = re.search(r"listening on (\S+); (.*)", line)
-    assert match, f"no start-up line, got {line!r}"
+    match = re.search(r"listening on (\S+)(?: with \d+ workers)?; (.*)", line)
+    if not match:
+        process.kill()
+        process.communicate()
+        raise AssertionError(f"no start-up line, got {line!r}")
     return process, match.group(1), match.group(2)
 
 
@@ -233,3 +237,29 @@ def test_reindex_sqlite_drops_stale_entries(env: dict[str, str], tmp_path: Path)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2 blobs indexed, 1 stale entries dropped" in result.stderr
+
+
+def test_workers_share_the_port_and_stop_together(env: dict[str, str], tmp_path: Path) -> None:
+    from asynccas.testing_redis import free_port
+
+    port = free_port()
+    process, target, _ = start(
+        ["--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), "--workers", "2"],
+        env,
+    )
+    try:
+        deadline = time.monotonic() + 20  # the extra worker starts a moment later
+        while True:
+            listeners = subprocess.run(
+                ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+            if len(listeners) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(listeners) == 2, listeners
+        with grpc.insecure_channel(target) as channel:
+            re_grpc.CapabilitiesStub(channel).GetCapabilities(re_pb2.GetCapabilitiesRequest())
+    finally:
+        stop(process, signal.SIGTERM)
+    leftover = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True, text=True)
+    assert leftover.stdout == "", "an extra worker outlived the server"

@@ -13,7 +13,7 @@ import pytest
 from asynccas.index.redis import RedisIndex
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob, check_index
-from tests.redis_servers import RedisCluster, RedisServer
+from asynccas.testing_redis import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,7 @@ from asynccas.index.redis import RedisIndex
 from asynccas.server.app import CasServer
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
-from tests.redis_servers import RedisServer
+from asynccas.testing_redis import RedisServer
 
 pytestmark = pytest.mark.anyio
 Request = re_pb2.BatchUpdateBlobsRequest.Request
@@ -74,7 +74,7 @@ async def test_find_missing_of_1000_digests_costs_a_handful_of_commands(
 
 async def test_redis_outage_fails_fast_and_recovers_without_losing_blobs(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis", persistent=True)
-    redis.start()
+    await anyio.to_thread.run_sync(redis.start)
     try:
         acknowledged: list[tuple[Digest, bytes]] = []
         failures: list[grpc.StatusCode] = []
@@ -125,4 +125,4 @@ async def test_redis_outage_fails_fast_and_recovers_without_losing_blobs(tmp_pat
                 )
                 assert [r.data for r in read.responses] == [data for _, data in part]
     finally:
-        redis.stop()
+        await anyio.to_thread.run_sync(redis.stop)

@@ -38,23 +38,28 @@ from asynccas.storage.base import BlobWriter, Storage
 logger = logging.getLogger(__name__)
 
 # Scripts stay small and per bucket: every key they touch shares the bucket's hash tag.
+# Members arrive newline-joined in one argument and presence returns as one string of
+# '0'/'1': per-argument encoding in the client would otherwise dominate the cost.
 _TOUCH: Final = """
-local scores = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, 3))
+local members = {}
+for member in string.gmatch(ARGV[3], '[^\\n]+') do members[#members + 1] = member end
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(members))
 local present, stale = {}, {}
-for i = 1, #ARGV - 2 do
+local stale_before = tonumber(ARGV[2])
+for i = 1, #members do
   local score = scores[i]
   if score then
-    present[i] = 1
-    if tonumber(score) < tonumber(ARGV[2]) then
+    present[i] = '1'
+    if tonumber(score) < stale_before then
       stale[#stale + 1] = ARGV[1]
-      stale[#stale + 1] = ARGV[i + 2]
+      stale[#stale + 1] = members[i]
     end
   else
-    present[i] = 0
+    present[i] = '0'
   end
 end
 if #stale > 0 then redis.call('ZADD', KEYS[1], 'XX', unpack(stale)) end
-return present
+return table.concat(present)
 """
 _ADD: Final = """
 if redis.call('EXISTS', KEYS[4]) == 1 or (redis.call('GET', KEYS[3]) or '0') ~= ARGV[1] then
@@ -122,6 +127,8 @@ class RedisIndex(StorageIndex):
     ) -> None:
         super().__init__(storage)
         self.provider = RedisProvider(redis) if isinstance(redis, str) else redis
+        if not 1 <= buckets <= 256:
+            raise ValueError(f"buckets must be between 1 and 256, not {buckets}")
         if not prefix.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"Redis key prefix {prefix!r} must be alphanumeric, - or _")
         self.prefix = prefix
@@ -130,6 +137,8 @@ class RedisIndex(StorageIndex):
         # only needs it to within this many seconds.
         self.touch_interval = touch_interval
         self._client: Client | None = None
+        # Bucket by the first byte of the hash; a table look-up beats parsing hex per digest.
+        self._bucket_of_prefix = {f"{b:02x}": b % buckets for b in range(256)}
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -153,7 +162,8 @@ class RedisIndex(StorageIndex):
         return self._client
 
     def bucket_of(self, digest: Digest) -> int:
-        return int(digest.hash[:8], 16) % self.buckets
+        # From the hash itself, so every process and machine agrees on it.
+        return self._bucket_of_prefix[digest[0][:2]]
 
     def _keys(self, bucket: int) -> tuple[str, str, str, str]:
         tag = f"{{{self.prefix}:{bucket}}}"
@@ -161,8 +171,9 @@ class RedisIndex(StorageIndex):
 
     def _group(self, digests: Iterable[Digest]) -> dict[int, list[Digest]]:
         groups: dict[int, list[Digest]] = defaultdict(list)
+        bucket_of_prefix = self._bucket_of_prefix
         for digest in digests:
-            groups[self.bucket_of(digest)].append(digest)
+            groups[bucket_of_prefix[digest[0][:2]]].append(digest)  # bucket_of, inlined
         return groups
 
     async def _pipeline(
@@ -183,19 +194,21 @@ class RedisIndex(StorageIndex):
         return not await self.missing_blobs([digest])
 
     async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        unique = list(dict.fromkeys(digests))
+        # Keyed by the key string: its hash is computed in C and cached, which matters
+        # at thousands of digests per request.
+        unique = {d[3]: d for d in digests}  # [3] is .key, without a property call
         now = time.time()
         calls, order = [], []
-        for bucket, members in self._group(unique).items():
+        for bucket, members in self._group(unique.values()).items():
             for start in range(0, len(members), _MAX_ARGS_PER_SCRIPT):
                 chunk = members[start : start + _MAX_ARGS_PER_SCRIPT]
-                args = [now, now - self.touch_interval, *(d.key for d in chunk)]
+                args = [now, now - self.touch_interval, "\n".join([d[3] for d in chunk])]
                 calls.append((_TOUCH, self._keys(bucket)[:1], args))
                 order.append(chunk)
-        present: set[Digest] = set()
+        present: set[str] = set()
         for chunk, flags in zip(order, await self._pipeline("check blobs", calls), strict=True):
-            present.update(d for d, flag in zip(chunk, flags, strict=True) if flag)
-        return [d for d in unique if d not in present]
+            present.update(d[3] for d, flag in zip(chunk, flags, strict=True) if flag == 49)  # "1"
+        return [d for key, d in unique.items() if key not in present]
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
         await self.missing_blobs(digests)

@@ -45,9 +45,18 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     ) -> re_pb2.FindMissingBlobsResponse:
         validate_instance_name(request.instance_name)
         # No per-digest status exists in the response, so one bad digest fails the request.
-        digests = [Digest.from_proto(d, request.digest_function) for d in request.blob_digests]
-        missing = await self.storage.missing_blobs(d for d in digests if not d.is_empty)
-        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
+        digests = Digest.from_protos(request.blob_digests, request.digest_function)
+        missing = await self.storage.missing_blobs(
+            [d for d in digests if d.size_bytes or not d.is_empty]
+        )
+        if not missing:
+            return re_pb2.FindMissingBlobsResponse()
+        # Answer with the request's own messages: cheaper than building new ones.
+        position = {d[3]: i for i, d in enumerate(digests)}  # [3] is .key; this loop is hot
+        sent = request.blob_digests
+        return re_pb2.FindMissingBlobsResponse(
+            missing_blob_digests=[sent[position[d[3]]] for d in missing]
+        )
 
     def _check_batch_size(self, total: int, verb: str) -> None:
         limit = self.max_batch_total_size_bytes

@@ -1,4 +1,5 @@
-"""Real redis-server processes for tests, on free loopback ports (never the shared 6379)."""
+"""Real redis-server processes for tests and benchmarks, on free loopback ports (never the
+shared 6379): one server, or a three-master cluster."""
 
 from __future__ import annotations
 
@@ -61,13 +62,13 @@ class RedisServer:
         self.persistent = persistent
         self.cluster = cluster
         self.process: subprocess.Popen[bytes] | None = None
-        directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(),
             "--port", str(self.port),

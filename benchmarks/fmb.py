@@ -1,0 +1,316 @@
+"""FindMissingBlobs of 1,000 digests (half present) through the server, asynccas + Redis index
+versus BuildGrid 0.4.4 + its Redis index, in the same run on the same machine.
+
+Both servers run as separate processes over their own fresh redis-server. The client keeps
+``concurrency`` requests in flight for ``duration`` seconds per server and reports p50/p99
+latency and digests checked per second.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import anyio
+import grpc
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.testing import blob
+from asynccas.testing_redis import RedisServer, free_port
+
+BUILDGRID_VERSION = "buildgrid[redis]==0.4.4"
+BUILDGRID_VENV = Path(__file__).parent / ".venv-buildgrid"
+
+BUILDGRID_CONFIG = """\
+server:
+  - !channel
+    address: "127.0.0.1:{port}"
+    insecure-mode: true
+authorization:
+  method: none
+monitoring:
+  enabled: false
+thread-pool-size: 20
+connections:
+  - !redis-connection &redis
+    host: "127.0.0.1"
+    port: {redis_port}
+    db: 0
+storages:
+  - !disk-storage &disk
+    path: "{data}/cas"
+  - !redis-index &cas
+    storage: *disk
+    redis: *redis
+    prefix: "B"
+caches:
+  - !redis-action-cache &ac
+    storage: *cas
+    redis: *redis
+    allow-updates: true
+    cache-failed-actions: true
+    entry-type: action-result-digest
+instances:
+  - name: [""]
+    services:
+      - !action-cache
+        cache: *ac
+      - !cas
+        storage: *cas
+      - !bytestream
+        storage: *cas
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    requests: int
+    seconds: float
+    latencies: list[float]
+    digests_per_request: int
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role
+
+    @property
+    def digests_per_second(self) -> float:
+        return self.requests * self.digests_per_request / self.seconds
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int, *, children: bool = True) -> float:
+    """User plus system CPU time of a process and its threads, and its child processes."""
+    pids = [pid]
+    for entry in os.listdir("/proc") if children else []:
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    pids.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    total = 0.0
+    for each in pids:
+        try:
+            fields = _stat(each)
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def ensure_buildgrid() -> Path:
+    """A throw-away virtual environment holding BuildGrid, outside asynccas's dependencies."""
+    bgd = BUILDGRID_VENV / "bin" / "bgd"
+    if not bgd.exists():
+        print(f"installing {BUILDGRID_VERSION} into {BUILDGRID_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(BUILDGRID_VENV)], check=True)
+        subprocess.run(
+            [str(BUILDGRID_VENV / "bin" / "pip"), "install", "-q", BUILDGRID_VERSION], check=True
+        )
+    return bgd
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port}") from None
+            time.sleep(0.1)
+
+
+@contextmanager
+def process(args: list[str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port)
+            yield child
+        finally:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+@dataclass
+class Target:
+    address: str
+    server_pid: int
+    redis_pid: int
+
+
+@contextmanager
+def asynccas_server(work: Path, workers: int = 1) -> Iterator[Target]:
+    redis = RedisServer(work / f"redis-asynccas-{workers}")
+    redis.start()
+    port = free_port()
+    args = [
+        sys.executable, "-m", "asynccas.cli", "serve", "--address", f"127.0.0.1:{port}",
+        "--data-dir", str(work / f"asynccas-{workers}"), "--index", redis.url,
+        "--log-level", "WARNING", "--workers", str(workers),
+    ]  # fmt: skip
+    try:
+        with process(args, work / "asynccas.log", port) as child:
+            assert redis.process is not None
+            yield Target(f"127.0.0.1:{port}", child.pid, redis.process.pid)
+    finally:
+        redis.stop()
+
+
+@contextmanager
+def buildgrid_server(work: Path) -> Iterator[Target]:
+    bgd = ensure_buildgrid()
+    redis = RedisServer(work / "redis-buildgrid")
+    redis.start()
+    port = free_port()
+    config = work / "buildgrid.yml"
+    config.write_text(
+        BUILDGRID_CONFIG.format(port=port, redis_port=redis.port, data=work / "buildgrid")
+    )
+    try:
+        with process(
+            [str(bgd), "server", "start", str(config)], work / "buildgrid.log", port
+        ) as child:
+            assert redis.process is not None
+            yield Target(f"127.0.0.1:{port}", child.pid, redis.process.pid)
+    finally:
+        redis.stop()
+
+
+async def measure(
+    name: str, target: Target, *, digests: int, concurrency: int, duration: float
+) -> Result:
+    present = [blob(256, i) for i in range(digests // 2)]
+    absent = [blob(256, 10**6 + i)[0] for i in range(digests - len(present))]
+    request = re_pb2.FindMissingBlobsRequest(
+        blob_digests=[d.to_proto() for d in [*(d for d, _ in present), *absent]]
+    )
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target.address) as channel:
+        cas = re_grpc.ContentAddressableStorageStub(channel)
+        upload = re_pb2.BatchUpdateBlobsRequest(
+            requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                for d, data in present
+            ]
+        )
+        response = await cas.BatchUpdateBlobs(upload)
+        assert all(r.status.code == 0 for r in response.responses), f"{name}: upload failed"
+        check = await cas.FindMissingBlobs(request)
+        assert len(check.missing_blob_digests) == len(absent), f"{name}: wrong answer"
+        for _ in range(20):  # warm up connections and caches
+            await cas.FindMissingBlobs(request)
+        deadline = time.perf_counter() + duration
+
+        async def worker() -> None:
+            # A connection per task, as clients like Bazel open several: with SO_REUSEPORT
+            # the kernel spreads connections, not requests, over server processes.
+            # gRPC shares connections between a process's channels unless told not to.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(target.address, options=options) as own:
+                stub = re_grpc.ContentAddressableStorageStub(own)
+                await stub.FindMissingBlobs(request)
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    await stub.FindMissingBlobs(request)
+                    latencies.append(time.perf_counter() - started)
+
+        # The servers are this process's children: count the client alone.
+        roles = {"server": target.server_pid, "redis": target.redis_pid, "client": os.getpid()}
+
+        def cpu_now() -> dict[str, float]:
+            return {
+                role: cpu_seconds(pid, children=role != "client") for role, pid in roles.items()
+            }
+
+        cpu_before = cpu_now()
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tasks:
+            for _ in range(concurrency):
+                tasks.start_soon(worker)
+        elapsed = time.perf_counter() - started
+        cpu_after = cpu_now()
+        cpu = {role: (cpu_after[role] - cpu_before[role]) / elapsed for role in roles}
+    return Result(name, len(latencies), elapsed, latencies, digests, cpu)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory_kib = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal"):
+                memory_kib = int(line.split()[1])
+    return f"{os.cpu_count()} cores ({model}), {memory_kib / 2**20:.0f} GiB RAM"
+
+
+def run(*, digests: int = 1000, concurrency: int = 8, duration: float = 15.0) -> str:
+    """Run the benchmark and return a Markdown section for RESULTS.md."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="asynccas-bench-") as scratch:
+        work = Path(scratch)
+        load = partial(measure, digests=digests, concurrency=concurrency, duration=duration)
+        with buildgrid_server(work) as target:
+            results.append(anyio.run(partial(load, "BuildGrid 0.4.4 + Redis index", target)))
+        for workers in (1, 2):
+            with asynccas_server(work, workers) as target:
+                name = f"asynccas + Redis index, {workers} worker{'s' if workers > 1 else ''}"
+                results.append(
+                    anyio.run(partial(load, name, target), backend_options={"use_uvloop": True})
+                )
+    buildgrid = results[0]
+    lines = [
+        f"### FindMissingBlobs, {digests} digests (half present), concurrency {concurrency}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine()}",
+        "- command: `make bench` (`python -m benchmarks fmb`)",
+        f"- each server in its own process with its own redis-server; {duration:.0f} s per server",
+        "",
+        "- CPU columns: cores busy on average during the run (1.00 = one core saturated)",
+        "",
+        "| server | requests | digests/s | p50 ms | p99 ms | server CPU | redis CPU | client CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.requests} | {r.digests_per_second:,.0f} |"
+            f" {statistics.median(r.latencies) * 1000:.1f} | {r.percentile(99):.1f} |"
+            f" {r.cpu['server']:.2f} | {r.cpu['redis']:.2f} | {r.cpu['client']:.2f} |"
+        )
+    lines += [""]
+    for ours in results[1:]:
+        ratio = ours.digests_per_second / buildgrid.digests_per_second
+        lines.append(f"- **{ours.name} / BuildGrid digests/s: {ratio:.1f}x** (target: 20x)")
+    lines.append("")
+    return "\n".join(lines)
