@@ -77,21 +77,27 @@ def test_serve_default_address_is_documented() -> None:
     assert (args.address, args.storage, args.max_size) == ("127.0.0.1:50051", "disk", None)
 
 
-def test_max_size_evicts_least_recently_used(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("index", ["sqlite", "redis"])
+def test_max_size_evicts_least_recently_used(
+    env: dict[str, str], tmp_path: Path, index: str, request: pytest.FixtureRequest
+) -> None:
+    index_url = "sqlite"
+    if index == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        index_url = f"redis://127.0.0.1:{redis_server.port}/1"  # a db of its own
     process, target, where = start(
-        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--max-size", "100K"], env
-    )
+        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--max-size", "100K",
+         "--index", index_url],
+        env,
+    )  # fmt: skip
     try:
         assert "budget 100.0 KiB" in where
         blobs = [blob(20_000, i) for i in range(10)]  # 200 kB, twice the budget
         with grpc.insecure_channel(target) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)
             for digest, data in blobs:
-                request = re_pb2.BatchUpdateBlobsRequest.Request(
-                    digest=digest.to_proto(), data=data
-                )
-                cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[request]))
-            import time
+                upload = re_pb2.BatchUpdateBlobsRequest.Request(digest=digest.to_proto(), data=data)
+                cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[upload]))
 
             deadline = time.monotonic() + 15
             while True:

@@ -108,3 +108,16 @@ async def test_eviction_racing_reupload(redis_server: RedisServer, tmp_path: Pat
         indexed = [d for d, _ in blobs if await writer.has_blob(d)]
         assert await writer.storage.missing_blobs(indexed) == []
         assert await writer.get_total_size() == sum(d.size_bytes for d in indexed)
+
+
+async def test_lost_blob_is_reported_missing_and_deindexed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    digest, data = blob(5000, 7)
+    async with make_index(redis_server.url, tmp_path) as index:
+        await index.commit_write(digest, chunks(data))
+        assert isinstance(index.storage, DiskStorage)
+        await anyio.to_thread.run_sync(index.storage.path_for(digest).unlink)
+        assert await index.bulk_read_blobs([digest]) == {}
+        assert not await index.has_blob(digest), "a lost blob must be de-indexed"
+        assert await index.get_total_size() == 0
