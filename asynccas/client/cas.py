@@ -1,0 +1,645 @@
+"""``CasClient``: an async client for any REAPI cache (CAS, ByteStream, ActionCache).
+
+Batches follow the server's advertised ``max_batch_total_size_bytes``; larger blobs go
+through ByteStream as bounded chunks, never whole in memory. Transient failures are
+retried with exponential backoff (uploads resume where the server says they stopped),
+concurrency is bounded, and every download is checked against its digest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import aiofiles
+import aiofiles.os
+import anyio
+import anyio.to_thread
+import grpc
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
+from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.client.merkle import build_tree, digest_of_file
+from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
+from asynccas.errors import BlobNotFound, DigestMismatch, InvalidArgument
+from asynccas.resource_names import format_read_name, format_write_name
+
+T = TypeVar("T")
+
+TRANSIENT: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+CHUNK_SIZE: Final = 1024 * 1024
+DEFAULT_MAX_BATCH: Final = 4 * 1024 * 1024
+_FIND_MISSING_CHUNK: Final = 10_000
+_PER_BLOB_OVERHEAD: Final = 200  # bytes of framing per blob inside a batch request
+
+
+@dataclass(frozen=True)
+class Progress:
+    bytes_done: int
+    bytes_total: int
+    blobs_done: int
+    blobs_total: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class _Tracker:
+    def __init__(self, callback: ProgressCallback | None, blobs: int, total: int) -> None:
+        self._callback = callback
+        self._state = [0, total, 0, blobs]
+
+    def advance(self, size: int, blobs: int = 1) -> None:
+        self._state[0] += size
+        self._state[2] += blobs
+        if self._callback is not None:
+            self._callback(Progress(*self._state))
+
+
+class CasClient:
+    """``async with CasClient("grpc://host:port", instance_name="") as cas: ...``"""
+
+    def __init__(
+        self,
+        endpoint: str,
+        instance_name: str = "",
+        *,
+        max_concurrency: int = 16,
+        max_attempts: int = 5,
+        backoff: float = 0.1,
+        timeout: float = 300.0,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.instance_name = instance_name
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.timeout = timeout
+        self.progress = progress
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._channel: grpc.aio.Channel | None = None
+        self.max_batch_bytes = DEFAULT_MAX_BATCH
+        self.digest_function = DEFAULT_FUNCTION
+        self.capabilities = re_pb2.ServerCapabilities()
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        target, secure = _parse_endpoint(self.endpoint)
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        channel = (
+            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+            if secure
+            else grpc.aio.insecure_channel(target, options=options)
+        )
+        self._channel = channel
+        self._cas = re_grpc.ContentAddressableStorageStub(channel)
+        self._bytestream = bs_grpc.ByteStreamStub(channel)
+        self._action_cache = re_grpc.ActionCacheStub(channel)
+        self.capabilities = await self._retrying(
+            lambda: re_grpc.CapabilitiesStub(channel).GetCapabilities(
+                re_pb2.GetCapabilitiesRequest(instance_name=self.instance_name),
+                timeout=self.timeout,
+            )
+        )
+        cache = self.capabilities.cache_capabilities
+        self.max_batch_bytes = cache.max_batch_total_size_bytes or DEFAULT_MAX_BATCH
+        offered = set(cache.digest_functions)
+        if offered and DEFAULT_FUNCTION.proto_value not in offered:
+            self.digest_function = next(
+                (f for f in DigestFunction if f.proto_value in offered), DEFAULT_FUNCTION
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def batch_blob_limit(self) -> int:
+        """Blobs up to this size travel in batches; larger ones through ByteStream."""
+        return max(0, self.max_batch_bytes - 4 * _PER_BLOB_OVERHEAD)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.max_attempts):
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT or attempt + 1 == self.max_attempts:
+                    raise
+                await anyio.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    def _delay(self, attempt: int) -> float:
+        return float(min(5.0, self.backoff * 2**attempt) * (0.5 + random.random() / 2))
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(d for d in digests if not d.is_empty))
+        missing: list[Digest] = []
+        for start in range(0, len(unique), _FIND_MISSING_CHUNK):
+            chunk = unique[start : start + _FIND_MISSING_CHUNK]
+            request = re_pb2.FindMissingBlobsRequest(
+                instance_name=self.instance_name, blob_digests=[d.to_proto() for d in chunk]
+            )
+            response = await self._retrying(
+                partial(self._cas.FindMissingBlobs, request, timeout=self.timeout)
+            )
+            missing += [Digest.from_proto(d) for d in response.missing_blob_digests]
+        return missing
+
+    async def upload_blobs(
+        self, blobs: Mapping[Digest, bytes] | Iterable[tuple[Digest, bytes]]
+    ) -> list[Digest]:
+        """Upload what the server lacks; returns the digests that were actually sent."""
+        items = dict(blobs.items() if isinstance(blobs, Mapping) else blobs)
+        for digest, data in items.items():
+            if len(data) != digest.size_bytes:
+                raise DigestMismatch(f"{len(data)} bytes given for digest {digest}")
+        missing = await self.find_missing(items)
+        tracker = _Tracker(self.progress, len(missing), sum(d.size_bytes for d in missing))
+        small = [d for d in missing if d.size_bytes <= self.batch_blob_limit]
+        large = [d for d in missing if d.size_bytes > self.batch_blob_limit]
+        await _run_all(
+            [
+                partial(self._upload_batch, [(d, items[d]) for d in b], tracker)
+                for b in self._batches(small)
+            ]
+            + [partial(self._upload_bytes, d, items[d], tracker) for d in large]
+        )
+        return missing
+
+    def _batches(self, digests: list[Digest]) -> list[list[Digest]]:
+        batches: list[list[Digest]] = []
+        current: list[Digest] = []
+        size = 0
+        for digest in sorted(digests, key=lambda d: d.size_bytes):
+            cost = digest.size_bytes + _PER_BLOB_OVERHEAD
+            if current and size + cost > self.max_batch_bytes:
+                batches.append(current)
+                current, size = [], 0
+            current.append(digest)
+            size += cost
+        if current:
+            batches.append(current)
+        return batches
+
+    async def _upload_batch(self, blobs: list[tuple[Digest, bytes]], tracker: _Tracker) -> None:
+        async with self._limiter:
+            pending = blobs
+            for attempt in range(self.max_attempts):
+                request = re_pb2.BatchUpdateBlobsRequest(
+                    instance_name=self.instance_name,
+                    requests=[
+                        re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=b)
+                        for d, b in pending
+                    ],
+                )
+                response = await self._retrying(
+                    partial(self._cas.BatchUpdateBlobs, request, timeout=self.timeout)
+                )
+                retry = []
+                for (digest, data), result in zip(pending, response.responses, strict=True):
+                    code = grpc.StatusCode.OK.value[0]
+                    if result.status.code == code:
+                        tracker.advance(digest.size_bytes)
+                    elif _code(result.status.code) in TRANSIENT and attempt + 1 < self.max_attempts:
+                        retry.append((digest, data))
+                    else:
+                        raise InvalidArgument(
+                            f"server refused blob {digest}: {_code(result.status.code).name}"
+                            f" {result.status.message}"
+                        )
+                if not retry:
+                    return
+                pending = retry
+                await anyio.sleep(self._delay(attempt))
+
+    async def _upload_bytes(self, digest: Digest, data: bytes, tracker: _Tracker) -> None:
+        async def chunks(offset: int) -> AsyncGenerator[bytes]:
+            view = memoryview(data)
+            for start in range(offset, len(data), CHUNK_SIZE):
+                yield bytes(view[start : start + CHUNK_SIZE])
+
+        async with self._limiter:
+            await self._write(digest, chunks)
+        tracker.advance(digest.size_bytes)
+
+    async def _write(
+        self, digest: Digest, chunks_from: Callable[[int], AsyncGenerator[bytes]]
+    ) -> None:
+        """ByteStream Write, resuming at the server's committed size after transient errors."""
+        name = format_write_name(self.instance_name, str(uuid.uuid4()), digest)
+        offset = 0
+        for attempt in range(self.max_attempts):
+
+            async def requests(start: int = offset) -> AsyncIterator[bs_pb2.WriteRequest]:
+                position = start
+                async with aclosing(chunks_from(start)) as chunks:
+                    async for chunk in chunks:
+                        end = position + len(chunk)
+                        yield bs_pb2.WriteRequest(
+                            resource_name=name if position == start else "",
+                            write_offset=position,
+                            data=chunk,
+                            finish_write=end == digest.size_bytes,
+                        )
+                        position = end
+                if position == start == digest.size_bytes:
+                    yield bs_pb2.WriteRequest(
+                        resource_name=name, write_offset=position, finish_write=True
+                    )
+
+            try:
+                response = await self._bytestream.Write(requests(), timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT or attempt + 1 == self.max_attempts:
+                    raise
+                await anyio.sleep(self._delay(attempt))
+                offset = await self._committed_size(name)
+                if offset == digest.size_bytes:
+                    return
+                continue
+            if response.committed_size not in (digest.size_bytes, -1):
+                raise DigestMismatch(
+                    f"server committed {response.committed_size} of {digest.size_bytes} bytes"
+                    f" for {digest}"
+                )
+            return
+
+    async def _committed_size(self, name: str) -> int:
+        try:
+            status = await self._bytestream.QueryWriteStatus(
+                bs_pb2.QueryWriteStatusRequest(resource_name=name), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError:
+            return 0  # the server keeps no partial uploads (or does not say): start over
+        return int(status.committed_size)
+
+    async def download_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        """Download whole blobs (mind their size); raises BlobNotFound for an absent one."""
+        unique = list(dict.fromkeys(digests))
+        found: dict[Digest, bytes] = {d: b"" for d in unique if d.is_empty}
+        wanted = [d for d in unique if not d.is_empty]
+        small = [d for d in wanted if d.size_bytes <= self.batch_blob_limit]
+        large = [d for d in wanted if d.size_bytes > self.batch_blob_limit]
+        tracker = _Tracker(self.progress, len(wanted), sum(d.size_bytes for d in wanted))
+
+        async def read_batch(batch: list[Digest]) -> None:
+            async with self._limiter:
+                request = re_pb2.BatchReadBlobsRequest(
+                    instance_name=self.instance_name, digests=[d.to_proto() for d in batch]
+                )
+                response = await self._retrying(
+                    lambda: self._cas.BatchReadBlobs(request, timeout=self.timeout)
+                )
+            for digest, result in zip(batch, response.responses, strict=True):
+                if result.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                    raise BlobNotFound(digest)
+                if result.status.code != grpc.StatusCode.OK.value[0]:
+                    raise InvalidArgument(
+                        f"server failed to read {digest}: {result.status.message}"
+                    )
+                _verify(digest, result.data)
+                found[digest] = result.data
+                tracker.advance(digest.size_bytes)
+
+        async def read_large(digest: Digest) -> None:
+            async with self._limiter:
+                parts = [chunk async for chunk in self.read_blob(digest)]
+            found[digest] = b"".join(parts)
+            tracker.advance(digest.size_bytes)
+
+        await _run_all(
+            [partial(read_batch, b) for b in self._batches(small)]
+            + [partial(read_large, d) for d in large]
+        )
+        return found
+
+    async def read_blob(self, digest: Digest) -> AsyncIterator[bytes]:
+        """Stream a blob through ByteStream, resuming after transient errors; verified at the end."""
+        hasher = digest.function.new_hasher()
+        received = 0
+        attempt = 0
+        while True:
+            request = bs_pb2.ReadRequest(
+                resource_name=format_read_name(self.instance_name, digest), read_offset=received
+            )
+            try:
+                async for response in self._bytestream.Read(request, timeout=self.timeout):
+                    hasher.update(response.data)
+                    received += len(response.data)
+                    yield response.data
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise BlobNotFound(digest) from exc
+                attempt += 1
+                if exc.code() not in TRANSIENT or attempt == self.max_attempts:
+                    raise
+                await anyio.sleep(self._delay(attempt))
+        if received != digest.size_bytes or hasher.hexdigest() != digest.hash:
+            raise DigestMismatch(f"server sent {received} bytes that do not match {digest}")
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def upload_file(self, path: str | os.PathLike[str]) -> Digest:
+        """Upload one file, streamed from disk (skipped if the server has it)."""
+        source = Path(path)
+        digest = await anyio.to_thread.run_sync(digest_of_file, source, self.digest_function)
+        if not await self.find_missing([digest]):
+            return digest
+        tracker = _Tracker(self.progress, 1, digest.size_bytes)
+        await self._upload_path(digest, source, tracker)
+        return digest
+
+    async def _upload_path(self, digest: Digest, source: Path, tracker: _Tracker) -> None:
+        if digest.size_bytes <= self.batch_blob_limit:
+            async with aiofiles.open(source, "rb") as handle:
+                data = await handle.read()
+            _verify(digest, data)  # the file changed since it was hashed
+            await self._upload_batch([(digest, data)], tracker)
+            return
+
+        async def chunks(offset: int) -> AsyncGenerator[bytes]:
+            async with aiofiles.open(source, "rb") as handle:
+                await handle.seek(offset)
+                while chunk := await handle.read(CHUNK_SIZE):
+                    yield chunk
+
+        async with self._limiter:
+            await self._write(digest, chunks)
+        tracker.advance(digest.size_bytes)
+
+    async def download_file(
+        self, digest: Digest, path: str | os.PathLike[str], *, executable: bool = False
+    ) -> None:
+        """Stream a blob into ``path`` (via a temp file renamed into place once verified)."""
+        target = Path(path)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        tracker = _Tracker(self.progress, 1, digest.size_bytes)
+        try:
+            async with aiofiles.open(temp, "wb") as handle:
+                async for chunk in self.read_blob(digest):
+                    await handle.write(chunk)
+            await anyio.to_thread.run_sync(_finish_file, temp, target, executable)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
+            raise
+        tracker.advance(digest.size_bytes)
+
+    # -- directories -------------------------------------------------------------------------
+
+    async def upload_directory(self, path: str | os.PathLike[str]) -> Digest:
+        """Upload a directory as a REAPI Merkle tree; returns the root Directory's digest."""
+        tree = await anyio.to_thread.run_sync(build_tree, Path(path), self.digest_function)
+        missing = set(await self.find_missing([*tree.directories, *tree.files]))
+        sizes = [d.size_bytes for d in missing]
+        tracker = _Tracker(self.progress, len(missing), sum(sizes))
+        small_files = [
+            d for d in tree.files if d in missing and d.size_bytes <= self.batch_blob_limit
+        ]
+        large_files = [d for d in tree.files if d in missing and d not in small_files]
+        directories = [(d, b) for d, b in tree.directories.items() if d in missing]
+        await _run_all(
+            [
+                partial(self._upload_batch, [(d, tree.directories[d]) for d in b], tracker)
+                for b in self._batches([d for d, _ in directories])
+            ]
+            + [
+                partial(self._upload_file_batch, b, tree.files, tracker)
+                for b in self._batches(small_files)
+            ]
+            + [partial(self._upload_path, d, tree.files[d], tracker) for d in large_files]
+        )
+        return tree.root
+
+    async def _upload_file_batch(
+        self, batch: list[Digest], paths: Mapping[Digest, Path], tracker: _Tracker
+    ) -> None:
+        def read_all() -> list[tuple[Digest, bytes]]:
+            return [(d, paths[d].read_bytes()) for d in batch]
+
+        async with self._limiter:
+            blobs = await anyio.to_thread.run_sync(read_all)
+        for digest, data in blobs:
+            _verify(digest, data)
+        await self._upload_batch(blobs, tracker)
+
+    async def get_tree(self, root: Digest) -> list[re_pb2.Directory]:
+        """Every Directory under ``root`` (GetTree, all pages)."""
+        directories: list[re_pb2.Directory] = []
+        token = ""
+        while True:
+            request = re_pb2.GetTreeRequest(
+                instance_name=self.instance_name, root_digest=root.to_proto(), page_token=token
+            )
+            token = ""
+            try:
+                async for page in self._cas.GetTree(request, timeout=self.timeout):
+                    directories.extend(page.directories)
+                    token = page.next_page_token
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise BlobNotFound(root) from exc
+                raise
+            if not token:
+                return directories
+
+    async def download_directory(self, root: Digest, path: str | os.PathLike[str]) -> None:
+        """Recreate the tree under ``root`` at ``path`` (created if needed)."""
+        by_digest = {
+            Digest.of(d.SerializeToString(deterministic=True), root.function): d
+            for d in await self.get_tree(root)
+        }
+        if root.is_empty:
+            by_digest.setdefault(root, re_pb2.Directory())
+        plan = _Plan()
+        _plan_directory(root, Path(path), by_digest, plan)
+        await anyio.to_thread.run_sync(plan.make_directories)
+        small = [d for d in plan.files if d.size_bytes <= self.batch_blob_limit]
+        large = [d for d in plan.files if d not in small]
+        await _run_all(
+            [partial(self._download_file_batch, b, plan) for b in self._batches(small)]
+            + [partial(self._download_large_file, d, plan) for d in large]
+        )
+        await anyio.to_thread.run_sync(plan.make_symlinks)
+
+    async def _download_file_batch(self, batch: list[Digest], plan: _Plan) -> None:
+        blobs = await self.download_blobs(batch)
+        await anyio.to_thread.run_sync(plan.write_files, blobs)
+
+    async def _download_large_file(self, digest: Digest, plan: _Plan) -> None:
+        (first, executable), *others = plan.files[digest]
+        await self.download_file(digest, first, executable=executable)
+        await anyio.to_thread.run_sync(plan.copy_file, first, others)
+
+    # -- action cache ------------------------------------------------------------------------
+
+    async def get_action_result(self, action: Digest) -> re_pb2.ActionResult | None:
+        request = re_pb2.GetActionResultRequest(
+            instance_name=self.instance_name, action_digest=action.to_proto()
+        )
+        try:
+            result: re_pb2.ActionResult = await self._retrying(
+                lambda: self._action_cache.GetActionResult(request, timeout=self.timeout)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return result
+
+    async def update_action_result(
+        self, action: Digest, result: re_pb2.ActionResult
+    ) -> re_pb2.ActionResult:
+        request = re_pb2.UpdateActionResultRequest(
+            instance_name=self.instance_name, action_digest=action.to_proto(), action_result=result
+        )
+        stored: re_pb2.ActionResult = await self._retrying(
+            lambda: self._action_cache.UpdateActionResult(request, timeout=self.timeout)
+        )
+        return stored
+
+
+async def _run_all(jobs: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+    """Run jobs concurrently; if any fails, the others are cancelled and the first error is
+    raised as itself (library callers catch BlobNotFound, not an ExceptionGroup)."""
+    try:
+        async with anyio.create_task_group() as tasks:
+            for job in jobs:
+                tasks.start_soon(job)
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        first = next((e for e in errors if isinstance(e, Exception)), errors[0])
+        raise first from group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
+    return found
+
+
+def _code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _verify(digest: Digest, data: bytes) -> None:
+    actual = Digest.of(data, digest.function)
+    if actual != digest:
+        raise DigestMismatch(f"got data with digest {actual}, expected {digest}")
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, bool]:
+    for scheme, secure in (
+        ("grpc://", False),
+        ("http://", False),
+        ("grpcs://", True),
+        ("https://", True),
+    ):
+        if endpoint.startswith(scheme):
+            return endpoint[len(scheme) :].rstrip("/"), secure
+    return endpoint, False
+
+
+def _finish_file(temp: Path, target: Path, executable: bool) -> None:
+    os.chmod(temp, 0o755 if executable else 0o644)
+    os.replace(temp, target)
+
+
+def _safe_name(name: str) -> str:
+    """A Directory entry name from the server must be one plain path segment."""
+    if not name or name in (".", "..") or "/" in name or "\x00" in name:
+        raise InvalidArgument(f"the tree names an entry {name!r}, which is not a plain file name")
+    return name
+
+
+class _Plan:
+    """Where each downloaded blob goes, worked out before any file is written."""
+
+    def __init__(self) -> None:
+        self.directories: list[Path] = []
+        self.files: dict[Digest, list[tuple[Path, bool]]] = {}
+        self.symlinks: list[tuple[Path, str]] = []
+
+    def make_directories(self) -> None:
+        for directory in self.directories:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def write_files(self, blobs: Mapping[Digest, bytes]) -> None:
+        for digest, data in blobs.items():
+            for path, executable in self.files[digest]:
+                path.write_bytes(data)
+                os.chmod(path, 0o755 if executable else 0o644)
+
+    def copy_file(self, source: Path, others: list[tuple[Path, bool]]) -> None:
+        data_path = source
+        for path, executable in others:
+            with data_path.open("rb") as src, path.open("wb") as dst:
+                while chunk := src.read(CHUNK_SIZE):
+                    dst.write(chunk)
+            os.chmod(path, 0o755 if executable else 0o644)
+
+    def make_symlinks(self) -> None:
+        for path, target in self.symlinks:
+            os.symlink(target, path)
+
+
+def _plan_directory(
+    digest: Digest, path: Path, by_digest: Mapping[Digest, re_pb2.Directory], plan: _Plan
+) -> None:
+    directory = by_digest.get(digest)
+    if directory is None:
+        raise BlobNotFound(digest)
+    plan.directories.append(path)
+    for node in directory.files:
+        file_digest = Digest.from_proto(node.digest, digest.function.proto_value)
+        target = path / _safe_name(node.name)
+        plan.files.setdefault(file_digest, []).append((target, node.is_executable))
+    for link in directory.symlinks:
+        plan.symlinks.append((path / _safe_name(link.name), link.target))
+    for child in directory.directories:
+        child_digest = Digest.from_proto(child.digest, digest.function.proto_value)
+        _plan_directory(child_digest, path / _safe_name(child.name), by_digest, plan)

@@ -1,0 +1,143 @@
+"""CasClient against a real asynccas server (disk + SQLite index, and memory)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas.client import CasClient, Progress
+from asynccas.digest import Digest
+from asynccas.errors import BlobNotFound, InvalidArgument
+from asynccas.server.app import CasServer
+from asynccas.testing import blob
+
+pytestmark = pytest.mark.anyio
+
+
+def client(server: CasServer, **kwargs: object) -> CasClient:
+    return CasClient(f"grpc://{server.target}", "ci/main", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_blobs_round_trip_across_batch_and_bytestream(server: CasServer) -> None:
+    seen: list[Progress] = []
+    blobs = dict([blob(10, 1), blob(100_000, 2), blob(3 * 1024 * 1024, 3), blob(0)])
+    async with client(server, progress=seen.append) as cas:
+        assert cas.max_batch_bytes == 1 << 20  # from the server's Capabilities
+        assert set(await cas.find_missing(blobs)) == {d for d in blobs if not d.is_empty}
+        sent = await cas.upload_blobs(blobs)
+        assert len(sent) == 3
+        assert await cas.find_missing(blobs) == []
+        assert await cas.upload_blobs(blobs) == [], "present blobs are not sent again"
+        assert await cas.download_blobs(blobs) == blobs
+        with pytest.raises(BlobNotFound):
+            await cas.download_blobs([blob(5, 9)[0]])
+    uploads = seen[: len(sent)]
+    assert uploads[-1].bytes_done == uploads[-1].bytes_total == sum(d.size_bytes for d in sent)
+    assert uploads[-1].blobs_done == uploads[-1].blobs_total == 3
+
+
+async def test_files_stream_both_ways(server: CasServer, tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    await anyio.Path(source).write_bytes(data)
+    async with client(server) as cas:
+        digest = await cas.upload_file(source)
+        assert digest == Digest.of(data)
+        target = tmp_path / "copy.bin"
+        await cas.download_file(digest, target, executable=True)
+        assert await anyio.Path(target).read_bytes() == data
+        assert (await anyio.Path(target).stat()).st_mode & stat.S_IXUSR
+        leftovers = [
+            p.name async for p in anyio.Path(tmp_path).iterdir() if p.name.endswith(".part")
+        ]
+        assert leftovers == []
+
+
+def make_tree(root: Path) -> None:
+    (root / "src" / "deep" / "er").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "src" / "a.txt").write_text("alpha\n")
+    (root / "src" / "deep" / "b.txt").write_text("alpha\n")  # same content twice
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "big.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    (root / "link").symlink_to("src/a.txt")
+    (root / "Zeta").write_text("sorted before lower case\n")
+
+
+def expected_root(root: Path) -> Digest:
+    """The REAPI Merkle tree of ``root``, computed independently of asynccas.client."""
+
+    def directory(path: Path) -> Digest:
+        message = re_pb2.Directory()
+        for entry in sorted(path.iterdir(), key=lambda p: p.name.encode()):
+            if entry.is_symlink():
+                message.symlinks.add(name=entry.name, target=os.readlink(entry))
+            elif entry.is_dir():
+                message.directories.add(name=entry.name, digest=directory(entry).to_proto())
+            else:
+                message.files.add(
+                    name=entry.name,
+                    digest=Digest.of(entry.read_bytes()).to_proto(),
+                    is_executable=os.access(entry, os.X_OK),
+                )
+        return Digest.of(message.SerializeToString())
+
+    return directory(root)
+
+
+async def test_directory_round_trip(server: CasServer, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    await anyio.to_thread.run_sync(make_tree, source)
+    async with client(server) as cas:
+        root = await cas.upload_directory(source)
+        assert root == await anyio.to_thread.run_sync(expected_root, source)
+        assert await cas.upload_directory(source) == root
+        target = tmp_path / "target"
+        await cas.download_directory(root, target)
+    assert await anyio.to_thread.run_sync(expected_root, target) == root
+    assert (target / "run.sh").stat().st_mode & stat.S_IXUSR
+    assert os.readlink(target / "link") == "src/a.txt"
+    assert (target / "empty-dir").is_dir()
+    assert (target / "big.bin").read_bytes() == (source / "big.bin").read_bytes()
+
+
+async def test_hostile_tree_names_are_refused(server: CasServer, tmp_path: Path) -> None:
+    evil = re_pb2.Directory(
+        files=[re_pb2.FileNode(name="../escaped", digest=blob(3, 1)[0].to_proto())]
+    ).SerializeToString()
+    digest = Digest.of(evil)
+    async with client(server) as cas:
+        await cas.upload_blobs({digest: evil, blob(3, 1)[0]: blob(3, 1)[1]})
+        with pytest.raises(InvalidArgument, match="escaped"):
+            await cas.download_directory(digest, tmp_path / "out")
+    assert not (tmp_path / "escaped").exists()
+
+
+async def test_action_results(server: CasServer) -> None:
+    action = blob(40, 5)[0]
+    output = blob(100, 6)
+    result = re_pb2.ActionResult(
+        output_files=[re_pb2.OutputFile(path="out", digest=output[0].to_proto())], exit_code=0
+    )
+    async with client(server) as cas:
+        assert await cas.get_action_result(action) is None
+        await cas.upload_blobs([output])
+        assert await cas.update_action_result(action, result) == result
+        assert await cas.get_action_result(action) == result
+
+
+async def test_unreachable_server_fails_after_retries() -> None:
+    from asynccas.testing_redis import free_port
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with CasClient(f"grpc://127.0.0.1:{free_port()}", max_attempts=2, backoff=0.01):
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
