@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import grpc
 
 from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas.client.commands import add_cas_commands, run_cas_command
 from asynccas.errors import CasError
 from asynccas.eviction import EvictionPolicy
 from asynccas.index.base import StorageIndex
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
+    add_cas_commands(commands)
     return parser
 
 
@@ -194,6 +197,8 @@ async def reindex(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cas":
+        return _run_cas(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -210,6 +215,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for worker in extra_workers:
             worker.wait()
     return 0
+
+
+def _run_cas(args: argparse.Namespace) -> int:
+    try:
+        return int(anyio.run(run_cas_command, args, backend_options={"use_uvloop": True}))
+    except CasError as exc:
+        print(f"asynccas cas {args.verb}: {exc}", file=sys.stderr)
+    except grpc.aio.AioRpcError as exc:
+        print(
+            f"asynccas cas {args.verb}: {args.endpoint} answered {exc.code().name}: {exc.details()}",
+            file=sys.stderr,
+        )
+    except OSError as exc:
+        print(f"asynccas cas {args.verb}: {exc}", file=sys.stderr)
+    return 2
 
 
 def _start_extra_workers(

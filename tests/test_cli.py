@@ -16,6 +16,7 @@ import pytest
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.cli import parse_size
+from asynccas.digest import Digest
 from asynccas.testing import blob
 from asynccas.testing_redis import RedisServer
 
@@ -269,3 +270,45 @@ def test_workers_share_the_port_and_stop_together(env: dict[str, str], tmp_path:
         stop(process, signal.SIGTERM)
     leftover = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True, text=True)
     assert leftover.stdout == "", "an extra worker outlived the server"
+
+
+def cas_cli(target: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "cas", "--endpoint", f"grpc://{target}", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_cas_commands(env: dict[str, str], tmp_path: Path) -> None:
+    import json
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f.txt").write_text("hello\n")
+    (tree / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    process, target, _ = start(["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d")], env)
+    try:
+        uploaded = cas_cli(target, "--json", "upload", str(tree), env=env)
+        assert uploaded.returncode == 0, uploaded.stderr
+        record = json.loads(uploaded.stdout)
+        assert record["kind"] == "directory"
+        file_digest = Digest.of((tree / "big.bin").read_bytes())
+        absent = blob(10, 1)[0]
+        missing = cas_cli(target, "missing", str(file_digest), str(absent), env=env)
+        assert (missing.returncode, missing.stdout.split()) == (1, [str(absent)])
+        cat = subprocess.run(
+            [sys.executable, "-m", "asynccas.cli", "cas", "--endpoint", f"grpc://{target}",
+             "cat", str(file_digest)],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert cat.stdout == (tree / "big.bin").read_bytes()
+        out = tmp_path / "out"
+        fetched = cas_cli(target, "download", "--dir", record["digest"], str(out), env=env)
+        assert fetched.returncode == 0, fetched.stderr
+        assert (out / "sub" / "f.txt").read_text() == "hello\n"
+        assert (out / "big.bin").read_bytes() == (tree / "big.bin").read_bytes()
+        lost = cas_cli(target, "download", str(absent), str(tmp_path / "x"), env=env)
+        assert lost.returncode == 2
+        assert "not in the CAS" in lost.stderr
+    finally:
+        stop(process, signal.SIGTERM)

@@ -1,0 +1,122 @@
+"""``asynccas cas ...``: upload, download, check and print blobs of any REAPI cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from asynccas.client.cas import CasClient, Progress
+from asynccas.digest import Digest
+
+
+def add_cas_commands(commands: Any) -> None:
+    cas = commands.add_parser("cas", help="talk to any REAPI cache: upload, download, missing, cat")
+    cas.add_argument(
+        "--endpoint",
+        default="grpc://127.0.0.1:50051",
+        help="the cache, grpc://HOST:PORT or grpcs://HOST:PORT (default: the local asynccas)",
+    )
+    cas.add_argument("--instance", default="", help="REAPI instance name")
+    cas.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    verbs = cas.add_subparsers(dest="verb", required=True)
+    upload = verbs.add_parser("upload", help="upload a file or a directory; prints its digest")
+    upload.add_argument("path", type=Path)
+    download = verbs.add_parser("download", help="download a blob to a file, or a tree (--dir)")
+    download.add_argument("digest", type=Digest.parse, metavar="HASH/SIZE")
+    download.add_argument("path", type=Path)
+    download.add_argument(
+        "--dir", action="store_true", help="DIGEST is a Directory: fetch the tree"
+    )
+    download.add_argument("--executable", action="store_true", help="mark the file executable")
+    missing = verbs.add_parser("missing", help="print which digests the cache lacks")
+    missing.add_argument("digests", type=Digest.parse, nargs="+", metavar="HASH/SIZE")
+    cat = verbs.add_parser("cat", help="write a blob to standard output")
+    cat.add_argument("digest", type=Digest.parse, metavar="HASH/SIZE")
+
+
+class ProgressLine:
+    """A one-line progress display on a terminal; silent when output is not a terminal."""
+
+    def __init__(self, stream: TextIO = sys.stderr, interval: float = 0.2) -> None:
+        self._stream = stream
+        self._enabled = stream.isatty()
+        self._interval = interval
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        done = progress.bytes_done >= progress.bytes_total
+        if not self._enabled or (now - self._last < self._interval and not done):
+            return
+        self._last = now
+        percent = 100 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 100
+        self._stream.write(
+            f"\r{percent:5.1f}%  {progress.bytes_done / 2**20:8.1f} / "
+            f"{progress.bytes_total / 2**20:.1f} MiB  {progress.blobs_done}/{progress.blobs_total} blobs"
+        )
+        self._stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
+    print(json.dumps(record) if args.json else text)
+
+
+async def run_cas_command(args: argparse.Namespace) -> int:
+    progress = ProgressLine()
+    try:
+        async with CasClient(args.endpoint, args.instance, progress=progress) as cas:
+            if args.verb == "upload":
+                path: Path = args.path
+                if await anyio.Path(path).is_dir():
+                    digest = await cas.upload_directory(path)
+                    kind = "directory"
+                else:
+                    digest = await cas.upload_file(path)
+                    kind = "file"
+                progress.close()
+                _emit(args, {"path": str(path), "kind": kind, "digest": str(digest)}, str(digest))
+            elif args.verb == "download":
+                if args.dir:
+                    await cas.download_directory(args.digest, args.path)
+                else:
+                    await cas.download_file(args.digest, args.path, executable=args.executable)
+                progress.close()
+                _emit(
+                    args,
+                    {
+                        "digest": str(args.digest),
+                        "path": str(args.path),
+                        "kind": "directory" if args.dir else "file",
+                    },
+                    str(args.path),
+                )
+            elif args.verb == "missing":
+                missing = await cas.find_missing(args.digests)
+                if args.json:
+                    print(json.dumps({"missing": [str(d) for d in missing]}))
+                else:
+                    for digest in missing:
+                        print(digest)
+                return 1 if missing else 0
+            elif args.verb == "cat":
+                out = os.fdopen(sys.stdout.fileno(), "wb", closefd=False)
+                async for chunk in cas.read_blob(args.digest):
+                    out.write(chunk)
+                out.flush()
+    finally:
+        progress.close()
+    return 0
