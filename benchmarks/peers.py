@@ -1,0 +1,127 @@
+"""The peers asynccas is measured against and tested with, run as real processes: BuildGrid
+0.4.4 from PyPI, installed into a throw-away virtual environment (never one of asynccas's
+dependencies), serving CAS, ByteStream and ActionCache over a Redis index."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from asynccas.testing_redis import RedisServer, free_port
+
+BUILDGRID_VERSION = "buildgrid[redis]==0.4.4"
+BUILDGRID_VENV = Path(__file__).parent / ".venv-buildgrid"
+
+BUILDGRID_CONFIG = """\
+server:
+  - !channel
+    address: "127.0.0.1:{port}"
+    insecure-mode: true
+authorization:
+  method: none
+monitoring:
+  enabled: false
+thread-pool-size: 20
+connections:
+  - !redis-connection &redis
+    host: "127.0.0.1"
+    port: {redis_port}
+    db: 0
+storages:
+  - !disk-storage &disk
+    path: "{data}/cas"
+  - !redis-index &cas
+    storage: *disk
+    redis: *redis
+    prefix: "B"
+caches:
+  - !redis-action-cache &ac
+    storage: *cas
+    redis: *redis
+    allow-updates: true
+    cache-failed-actions: true
+    entry-type: action-result-digest
+instances:
+  - name: [""]
+    services:
+      - !action-cache
+        cache: *ac
+      - !cas
+        storage: *cas
+      - !bytestream
+        storage: *cas
+"""
+
+
+def ensure_buildgrid() -> Path:
+    """A throw-away virtual environment holding BuildGrid, outside asynccas's dependencies."""
+    bgd = BUILDGRID_VENV / "bin" / "bgd"
+    if not bgd.exists():
+        print(f"installing {BUILDGRID_VERSION} into {BUILDGRID_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(BUILDGRID_VENV)], check=True)
+        subprocess.run(
+            [str(BUILDGRID_VENV / "bin" / "pip"), "install", "-q", BUILDGRID_VERSION], check=True
+        )
+    return bgd
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port}") from None
+            time.sleep(0.1)
+
+
+@contextmanager
+def process(args: list[str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port)
+            yield child
+        finally:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+@dataclass
+class Target:
+    address: str
+    server_pid: int
+    redis_pid: int
+
+
+@contextmanager
+def buildgrid_server(work: Path) -> Iterator[Target]:
+    bgd = ensure_buildgrid()
+    redis = RedisServer(work / "redis-buildgrid")
+    redis.start()
+    port = free_port()
+    config = work / "buildgrid.yml"
+    config.write_text(
+        BUILDGRID_CONFIG.format(port=port, redis_port=redis.port, data=work / "buildgrid")
+    )
+    try:
+        with process(
+            [str(bgd), "server", "start", str(config)], work / "buildgrid.log", port
+        ) as child:
+            assert redis.process is not None
+            yield Target(f"127.0.0.1:{port}", child.pid, redis.process.pid)
+    finally:
+        redis.stop()
