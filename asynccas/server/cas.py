@@ -20,6 +20,7 @@ from asynccas.errors import (
 )
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
+from asynccas.server.tree_cache import TreeCache
 from asynccas.storage.base import Storage
 
 DEFAULT_TREE_PAGE_SIZE: Final = 1000
@@ -35,9 +36,16 @@ async def read_small_blobs(storage: Storage, digests: Sequence[Digest]) -> dict[
 
 
 class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer):
-    def __init__(self, storage: Storage, *, max_batch_total_size_bytes: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_batch_total_size_bytes: int,
+        tree_cache: TreeCache | None = None,
+    ) -> None:
         self.storage = storage
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
+        self.tree_cache = tree_cache if tree_cache is not None else TreeCache()
 
     @unary_rpc
     async def FindMissingBlobs(
@@ -143,7 +151,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         position = 0
         page: list[re_pb2.Directory] = []
         page_bytes = 0
-        async for directory, size in self._walk(root):
+        async for directory, size in self._directories(root):
             position += 1
             if position <= skip:
                 continue
@@ -156,7 +164,29 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
             raise InvalidArgument(f"page_token {request.page_token!r} is past the end of the tree")
         yield re_pb2.GetTreeResponse(directories=page)
 
-    async def _walk(self, root: Digest) -> AsyncIterator[tuple[re_pb2.Directory, int]]:
+    async def _directories(self, root: Digest) -> AsyncIterator[tuple[re_pb2.Directory, int]]:
+        """The tree from the cache if every Directory in it is still stored, else walked."""
+        cached = self.tree_cache.get(root)
+        if cached is not None:
+            if not await self.storage.missing_blobs(d for d, _ in cached if not d.is_empty):
+                for _, data in cached:
+                    yield re_pb2.Directory.FromString(data), len(data)
+                return
+            self.tree_cache.forget(root)
+        walked: list[tuple[Digest, bytes]] = []
+        complete = True
+        async for digest, directory, data in self._walk(root):
+            if directory is None:
+                complete = False  # a subtree is missing: the answer may change, do not keep it
+                continue
+            walked.append((digest, data))
+            yield directory, len(data)
+        if complete:
+            self.tree_cache.put(root, walked)
+
+    async def _walk(
+        self, root: Digest
+    ) -> AsyncIterator[tuple[Digest, re_pb2.Directory | None, bytes]]:
         """Breadth first, each directory once, children in the order their parents list them.
 
         The order depends only on the tree's content, which is what lets a page token
@@ -176,14 +206,16 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                 if data is None:
                     if digest == root:
                         raise BlobNotFound(root)
-                    continue  # REAPI: missing subtrees are left out
+                    yield digest, None, b""  # REAPI: missing subtrees are left out
+                    continue
                 try:
                     directory = re_pb2.Directory.FromString(data)
                 except DecodeError:
                     if digest == root:
                         raise InvalidArgument(f"root {root} is not a Directory message") from None
+                    yield digest, None, b""
                     continue
-                yield directory, len(data)
+                yield digest, directory, data
                 for child in directory.directories:
                     try:
                         child_digest = Digest.from_proto(child.digest, root.function.proto_value)
