@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -38,6 +39,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.client.caches import INLINE_LIMIT, ClientCaches
 from asynccas.client.merkle import build_tree, digest_of_file
 from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch, InvalidArgument
@@ -95,8 +97,10 @@ class CasClient:
         backoff: float = 0.1,
         timeout: float = 300.0,
         progress: ProgressCallback | None = None,
+        cache: ClientCaches | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.cache = cache
         self.instance_name = instance_name
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -111,6 +115,8 @@ class CasClient:
     # -- connection ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        if self.cache is not None:
+            await self.cache.open()
         target, secure = _parse_endpoint(self.endpoint)
         options = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -149,6 +155,8 @@ class CasClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        if self.cache is not None:
+            await self.cache.close()
 
     @property
     def batch_blob_limit(self) -> int:
@@ -317,6 +325,10 @@ class CasClient:
         unique = list(dict.fromkeys(digests))
         found: dict[Digest, bytes] = {d: b"" for d in unique if d.is_empty}
         wanted = [d for d in unique if not d.is_empty]
+        if self.cache is not None:
+            found.update(await self._cached_blobs(wanted))
+            wanted = [d for d in wanted if d not in found]
+        fetched_from = len(found)
         small = [d for d in wanted if d.size_bytes <= self.batch_blob_limit]
         large = [d for d in wanted if d.size_bytes > self.batch_blob_limit]
         tracker = _Tracker(self.progress, len(wanted), sum(d.size_bytes for d in wanted))
@@ -350,6 +362,18 @@ class CasClient:
             [partial(read_batch, b) for b in self._batches(small)]
             + [partial(read_large, d) for d in large]
         )
+        if self.cache is not None and wanted:
+            await self.cache.blobs.put_many({d: found[d] for d in list(found)[fetched_from:]})
+        return found
+
+    async def _cached_blobs(self, digests: list[Digest]) -> dict[Digest, bytes]:
+        assert self.cache is not None
+        found = await self.cache.blobs.get_many(d for d in digests if d.size_bytes <= INLINE_LIMIT)
+        for digest in digests:
+            if digest.size_bytes > INLINE_LIMIT and digest not in found:
+                path = await self.cache.blobs.get_path(digest)
+                if path is not None:
+                    found[digest] = await anyio.Path(path).read_bytes()
         return found
 
     async def read_blob(self, digest: Digest) -> AsyncIterator[bytes]:
@@ -414,10 +438,16 @@ class CasClient:
         target = Path(path)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         tracker = _Tracker(self.progress, 1, digest.size_bytes)
+        cached = None if self.cache is None else await self.cache.blobs.get_path(digest)
         try:
-            async with aiofiles.open(temp, "wb") as handle:
-                async for chunk in self.read_blob(digest):
-                    await handle.write(chunk)
+            if cached is not None:
+                await anyio.to_thread.run_sync(shutil.copyfile, cached, temp)
+            else:
+                async with aiofiles.open(temp, "wb") as handle:
+                    async for chunk in self.read_blob(digest):
+                        await handle.write(chunk)
+                if self.cache is not None:
+                    await self.cache.blobs.put_file(digest, temp)
             await anyio.to_thread.run_sync(_finish_file, temp, target, executable)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -483,14 +513,35 @@ class CasClient:
             if not token:
                 return directories
 
-    async def download_directory(self, root: Digest, path: str | os.PathLike[str]) -> None:
-        """Recreate the tree under ``root`` at ``path`` (created if needed)."""
-        by_digest = {
-            Digest.of(d.SerializeToString(deterministic=True), root.function): d
-            for d in await self.get_tree(root)
+    async def tree(self, root: Digest) -> dict[Digest, re_pb2.Directory]:
+        """Every Directory under ``root`` by digest: from the caches when the tree is known
+        whole (one recursive query), else from GetTree, then remembered."""
+        if self.cache is not None:
+            known = await self.cache.trees.descendants(root)
+            if known is not None:
+                found = {d: e for d in known if (e := self.cache.entries.get(d)) is not None}
+                found.update(
+                    await self.cache.metadata.get_directories(d for d in known if d not in found)
+                )
+                if len(found) == len(known):
+                    return found
+        encoded = {
+            Digest.of(data, root.function): data
+            for data in (d.SerializeToString(deterministic=True) for d in await self.get_tree(root))
         }
+        by_digest = {digest: re_pb2.Directory.FromString(data) for digest, data in encoded.items()}
         if root.is_empty:
             by_digest.setdefault(root, re_pb2.Directory())
+        if self.cache is not None and _complete(root, by_digest):
+            for digest, directory in by_digest.items():
+                self.cache.entries.put(digest, directory)
+            await self.cache.metadata.put_directories(encoded)
+            await self.cache.trees.record(root, by_digest)
+        return by_digest
+
+    async def download_directory(self, root: Digest, path: str | os.PathLike[str]) -> None:
+        """Recreate the tree under ``root`` at ``path`` (created if needed)."""
+        by_digest = await self.tree(root)
         plan = _Plan()
         _plan_directory(root, Path(path), by_digest, plan)
         await anyio.to_thread.run_sync(plan.make_directories)
@@ -587,6 +638,17 @@ def _parse_endpoint(endpoint: str) -> tuple[str, bool]:
 def _finish_file(temp: Path, target: Path, executable: bool) -> None:
     os.chmod(temp, 0o755 if executable else 0o644)
     os.replace(temp, target)
+
+
+def _complete(root: Digest, tree: Mapping[Digest, re_pb2.Directory]) -> bool:
+    """Whether GetTree returned every directory the tree refers to (none were missing)."""
+    if root not in tree:
+        return False
+    for directory in tree.values():
+        for child in directory.directories:
+            if Digest.from_proto(child.digest, root.function.proto_value) not in tree:
+                return False
+    return True
 
 
 def _safe_name(name: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import anyio
 
+from asynccas.client.caches import ClientCaches
 from asynccas.client.cas import CasClient, Progress
 from asynccas.digest import Digest
 
@@ -25,6 +26,13 @@ def add_cas_commands(commands: Any) -> None:
     )
     cas.add_argument("--instance", default="", help="REAPI instance name")
     cas.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    cas.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="persistent local cache (default: $XDG_CACHE_HOME/asynccas/client)",
+    )
+    cas.add_argument("--no-cache", action="store_true", help="do not use the local cache")
     verbs = cas.add_subparsers(dest="verb", required=True)
     upload = verbs.add_parser("upload", help="upload a file or a directory; prints its digest")
     upload.add_argument("path", type=Path)
@@ -78,7 +86,8 @@ def _emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
 async def run_cas_command(args: argparse.Namespace) -> int:
     progress = ProgressLine()
     try:
-        async with CasClient(args.endpoint, args.instance, progress=progress) as cas:
+        caches = None if args.no_cache else ClientCaches(args.cache_dir)
+        async with CasClient(args.endpoint, args.instance, progress=progress, cache=caches) as cas:
             if args.verb == "upload":
                 path: Path = args.path
                 if await anyio.Path(path).is_dir():
