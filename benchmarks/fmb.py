@@ -73,13 +73,15 @@ def cpu_seconds(pid: int, *, children: bool = True) -> float:
 
 
 @contextmanager
-def asynccas_server(work: Path, workers: int = 1) -> Iterator[Target]:
-    redis = RedisServer(work / f"redis-asynccas-{workers}")
+def asynccas_server(work: Path, workers: int = 1, *, index: str = "redis") -> Iterator[Target]:
+    """``asynccas serve`` in its own process, over a fresh redis-server or the SQLite default."""
+    redis = RedisServer(work / f"redis-asynccas-{workers}-{index}")
     redis.start()
     port = free_port()
     args = [
         sys.executable, "-m", "asynccas.cli", "serve", "--address", f"127.0.0.1:{port}",
-        "--data-dir", str(work / f"asynccas-{workers}"), "--index", redis.url,
+        "--data-dir", str(work / f"asynccas-{workers}-{index}"),
+        "--index", redis.url if index == "redis" else "sqlite",
         "--log-level", "WARNING", "--workers", str(workers),
     ]  # fmt: skip
     try:

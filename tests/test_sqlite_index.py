@@ -111,3 +111,24 @@ async def test_least_recent_order(tmp_path: Path) -> None:
         await index.missing_blobs([blobs[0][0]])  # a use moves it to the back
         order: list[Digest] = [d async for d, _ in index.least_recent_digests()]
         assert order == [blobs[1][0], blobs[2][0], blobs[0][0]]
+
+
+async def test_an_index_from_before_deletion_markers_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    def old_schema() -> None:
+        conn = sqlite3.connect(tmp_path / "index.sqlite")
+        conn.executescript(
+            "CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), total_size INTEGER NOT NULL,"
+            " blob_count INTEGER NOT NULL); INSERT INTO totals VALUES (0, 0, 0);"
+        )
+        conn.close()
+
+    await anyio.to_thread.run_sync(old_schema)
+    digest, data = blob(100, 1)
+    async with open_index(tmp_path) as index:
+        before = await index.deletion_marker()
+        await index.commit_write(digest, chunks(data))
+        await index.delete_blob(digest)
+        assert await index.deletion_marker() == (before or 0) + 1
+        assert await index.get_total_size() == 0

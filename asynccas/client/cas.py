@@ -466,7 +466,9 @@ class CasClient:
         small_files = [
             d for d in tree.files if d in missing and d.size_bytes <= self.batch_blob_limit
         ]
-        large_files = [d for d in tree.files if d in missing and d not in small_files]
+        large_files = [
+            d for d in tree.files if d in missing and d.size_bytes > self.batch_blob_limit
+        ]
         directories = [(d, b) for d, b in tree.directories.items() if d in missing]
         await _run_all(
             [
@@ -546,7 +548,7 @@ class CasClient:
         _plan_directory(root, Path(path), by_digest, plan)
         await anyio.to_thread.run_sync(plan.make_directories)
         small = [d for d in plan.files if d.size_bytes <= self.batch_blob_limit]
-        large = [d for d in plan.files if d not in small]
+        large = [d for d in plan.files if d.size_bytes > self.batch_blob_limit]
         await _run_all(
             [partial(self._download_file_batch, b, plan) for b in self._batches(small)]
             + [partial(self._download_large_file, d, plan) for d in large]

@@ -38,16 +38,33 @@ CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (accessed_at, key);
 CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     total_size INTEGER NOT NULL,
-    blob_count INTEGER NOT NULL
+    blob_count INTEGER NOT NULL,
+    deletions INTEGER NOT NULL DEFAULT 0   -- changes on every removal: see deletion_marker()
 );
-INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+INSERT OR IGNORE INTO totals (id, total_size, blob_count) VALUES (0, 0, 0);
 CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs BEGIN
     UPDATE totals SET total_size = total_size + NEW.size_bytes, blob_count = blob_count + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS blobs_removed AFTER DELETE ON blobs BEGIN
-    UPDATE totals SET total_size = total_size - OLD.size_bytes, blob_count = blob_count - 1;
+    UPDATE totals SET total_size = total_size - OLD.size_bytes, blob_count = blob_count - 1,
+        deletions = deletions + 1;
 END;
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an index made by an earlier asynccas up to the current schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(totals)")}
+    if "deletions" not in columns:
+        conn.execute("ALTER TABLE totals ADD COLUMN deletions INTEGER NOT NULL DEFAULT 0")
+        conn.execute("DROP TRIGGER IF EXISTS blobs_removed")
+        conn.execute(
+            "CREATE TRIGGER blobs_removed AFTER DELETE ON blobs BEGIN UPDATE totals SET"
+            " total_size = total_size - OLD.size_bytes, blob_count = blob_count - 1,"
+            " deletions = deletions + 1; END"
+        )
+
+
 _UPSERT: Final = """
 INSERT INTO blobs (key, size_bytes, accessed_at, stored_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET accessed_at = excluded.accessed_at, stored_at = excluded.stored_at
@@ -67,6 +84,7 @@ class SqliteIndex(StorageIndex):
     async def start(self) -> None:
         await self.storage.start()
         await self._db.open()
+        await self._db.write(_migrate)
 
     async def stop(self) -> None:
         await self._db.close()
@@ -78,8 +96,9 @@ class SqliteIndex(StorageIndex):
         return not await self.missing_blobs([digest])
 
     async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        unique = list(dict.fromkeys(digests))
-        keys = json.dumps([d.key for d in unique])
+        # Keyed by the key string, whose hash CPython computes in C and caches.
+        by_key = {d.key: d for d in digests}
+        keys = json.dumps(list(by_key))
         now = time.time()
 
         def query(conn: sqlite3.Connection) -> set[str]:
@@ -98,7 +117,7 @@ class SqliteIndex(StorageIndex):
             return present
 
         present = await self._db.run(query)
-        return [d for d in unique if d.key not in present]
+        return [d for key, d in by_key.items() if key not in present]
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -201,6 +220,12 @@ class SqliteIndex(StorageIndex):
     async def get_total_size(self) -> int:
         row = await self._db.run(
             lambda conn: conn.execute("SELECT total_size FROM totals").fetchone()
+        )
+        return int(row[0])
+
+    async def deletion_marker(self) -> int | None:
+        row = await self._db.run(
+            lambda conn: conn.execute("SELECT deletions FROM totals").fetchone()
         )
         return int(row[0])
 

@@ -20,7 +20,7 @@ from asynccas.errors import (
 )
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
-from asynccas.server.tree_cache import TreeCache
+from asynccas.server.tree_cache import CachedTree, TreeCache
 from asynccas.storage.base import Storage
 
 DEFAULT_TREE_PAGE_SIZE: Final = 1000
@@ -148,6 +148,14 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         skip = _parse_page_token(request.page_token)
         # Pages are also capped in bytes so that a response fits gRPC's message limit.
         byte_budget = max(self.max_batch_total_size_bytes, 1 << 20)
+        cached = self.tree_cache.get(root)
+        if cached is not None and skip == 0 and page_size in cached.pages:
+            if await self._still_stored(cached):
+                for response in cached.pages[page_size]:
+                    yield response
+                return
+            self.tree_cache.forget(root)
+        sent: list[re_pb2.GetTreeResponse] = []
         position = 0
         page: list[re_pb2.Directory] = []
         page_bytes = 0
@@ -156,23 +164,45 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
             if position <= skip:
                 continue
             if page and (len(page) >= page_size or page_bytes + size > byte_budget):
-                yield re_pb2.GetTreeResponse(directories=page, next_page_token=str(position - 1))
+                response = re_pb2.GetTreeResponse(
+                    directories=page, next_page_token=str(position - 1)
+                )
+                sent.append(response)
+                yield response
                 page, page_bytes = [], 0
             page.append(directory)
             page_bytes += size
         if position < skip:
             raise InvalidArgument(f"page_token {request.page_token!r} is past the end of the tree")
-        yield re_pb2.GetTreeResponse(directories=page)
+        last = re_pb2.GetTreeResponse(directories=page)
+        sent.append(last)
+        yield last
+        if skip == 0:  # kept only if the walk was complete (the tree cache then has the root)
+            self.tree_cache.add_pages(root, page_size, sent)
+
+    async def _still_stored(self, tree: CachedTree) -> bool:
+        """Whether every Directory of a cached tree is still in the CAS."""
+        marker = await self.storage.deletion_marker()
+        if marker is not None and marker == tree.marker:
+            return True  # nothing was deleted since they were all present
+        present = not await self.storage.missing_blobs(
+            [d for d, _ in tree.entries if d.size_bytes or not d.is_empty]
+        )
+        if present:
+            tree.marker = marker
+        return present
 
     async def _directories(self, root: Digest) -> AsyncIterator[tuple[re_pb2.Directory, int]]:
         """The tree from the cache if every Directory in it is still stored, else walked."""
         cached = self.tree_cache.get(root)
         if cached is not None:
-            if not await self.storage.missing_blobs(d for d, _ in cached if not d.is_empty):
-                for _, data in cached:
+            if await self._still_stored(cached):
+                for _, data in cached.entries:
                     yield re_pb2.Directory.FromString(data), len(data)
                 return
             self.tree_cache.forget(root)
+        # Read before the walk: a deletion during it must not be hidden by a later marker.
+        marker = await self.storage.deletion_marker()
         walked: list[tuple[Digest, bytes]] = []
         complete = True
         async for digest, directory, data in self._walk(root):
@@ -182,7 +212,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
             walked.append((digest, data))
             yield directory, len(data)
         if complete:
-            self.tree_cache.put(root, walked)
+            self.tree_cache.put(root, walked, marker)
 
     async def _walk(
         self, root: Digest

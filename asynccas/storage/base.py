@@ -203,6 +203,15 @@ class Storage(abc.ABC):
         """Remove many blobs; returns those that were there and are now gone."""
         return [d for d in dict.fromkeys(digests) if await self.delete_blob(d)]
 
+    async def deletion_marker(self) -> int | None:
+        """A number that changes whenever any blob is deleted or evicted (by any process
+        sharing this storage), or None if the storage cannot tell.
+
+        Content never changes, so a caller that saw a set of blobs present may rely on them
+        while the marker stays the same, without asking again.
+        """
+        return None
+
 
 async def abort_all(staged: Iterable[BlobWriter | CasError]) -> None:
     for writer in staged:

@@ -17,6 +17,7 @@ class MemoryStorage(Storage):
         self.max_bytes = max_bytes
         self._blobs: OrderedDict[Digest, bytes] = OrderedDict()
         self._total = 0
+        self._deletions = 0
 
     @property
     def total_size(self) -> int:
@@ -70,7 +71,11 @@ class MemoryStorage(Storage):
         if data is None:
             return False
         self._total -= len(data)
+        self._deletions += 1
         return True
+
+    async def deletion_marker(self) -> int | None:
+        return self._deletions
 
     def _insert(self, digest: Digest, data: bytes) -> None:
         if digest in self._blobs:
@@ -81,6 +86,7 @@ class MemoryStorage(Storage):
         while self._total > self.max_bytes:
             _, evicted = self._blobs.popitem(last=False)
             self._total -= len(evicted)
+            self._deletions += 1
 
 
 class _MemoryWriter(BlobWriter):
