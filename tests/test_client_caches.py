@@ -95,3 +95,25 @@ def test_dir_entry_cache_is_bounded_by_ram() -> None:
     assert entries._total <= 10_000
     assert entries.get(keys[-1]) is not None
     assert entries.get(keys[0]) is None
+
+
+async def test_metadata_cache_keeps_action_results_and_directories_apart(tmp_path: Path) -> None:
+    caches = ClientCaches(tmp_path)
+    await caches.open()
+    try:
+        result = re_pb2.ActionResult(exit_code=3, stdout_raw=b"out")
+        encoded = result.SerializeToString()
+        digest = Digest.of(encoded)
+        await caches.metadata.put_messages({digest: encoded}, re_pb2.ActionResult)
+        assert await caches.metadata.get_messages([digest], re_pb2.ActionResult) == {digest: result}
+        assert await caches.metadata.get_directories([digest]) == {}
+    finally:
+        await caches.close()
+    reopened = ClientCaches(tmp_path)  # persistent: another client, or another process
+    await reopened.open()
+    try:
+        assert await reopened.metadata.get_messages([digest], re_pb2.ActionResult) == {
+            digest: result
+        }
+    finally:
+        await reopened.close()

@@ -21,9 +21,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import anyio.to_thread
+from google.protobuf.message import Message
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.digest import Digest
@@ -41,8 +42,14 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (accessed_at);
 """
 _METADATA_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS directories (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    key TEXT NOT NULL,          -- Digest.key of the encoded message
+    type TEXT NOT NULL,         -- the message's full name, e.g. build.bazel.remote.execution.v2.Directory
+    data BLOB NOT NULL,
+    PRIMARY KEY (key, type)
+) WITHOUT ROWID;
 """
+M = TypeVar("M", bound=Message)
 _TREE_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS edges (
     parent TEXT NOT NULL, child TEXT NOT NULL, PRIMARY KEY (parent, child)
@@ -211,6 +218,9 @@ def _keys_after(conn: sqlite3.Connection, after: str) -> list[tuple[str]]:
 
 
 class MetadataCache:
+    """Encoded protobuf messages (Directory, ActionResult, Tree...) by the digest of their
+    encoding, decoded on the way out."""
+
     def __init__(self, root: Path) -> None:
         self._db = SqliteDatabase(root / "metadata.sqlite", _METADATA_SCHEMA)
 
@@ -220,22 +230,34 @@ class MetadataCache:
     async def close(self) -> None:
         await self._db.close()
 
-    async def get_directories(self, digests: Iterable[Digest]) -> dict[Digest, re_pb2.Directory]:
+    async def get_messages(
+        self, digests: Iterable[Digest], message_type: type[M]
+    ) -> dict[Digest, M]:
         by_key = {d.key: d for d in digests}
-        keys = json.dumps(list(by_key))
+        args = (json.dumps(list(by_key)), message_type.DESCRIPTOR.full_name)
         rows = await self._db.run(
             lambda conn: conn.execute(
-                "SELECT key, data FROM directories WHERE key IN (SELECT value FROM json_each(?))",
-                (keys,),
+                "SELECT key, data FROM messages WHERE key IN (SELECT value FROM json_each(?))"
+                " AND type = ?",
+                args,
             ).fetchall()
         )
-        return {by_key[key]: re_pb2.Directory.FromString(data) for key, data in rows}
+        return {by_key[key]: message_type.FromString(data) for key, data in rows}
+
+    async def put_messages(
+        self, encoded: Mapping[Digest, bytes], message_type: type[Message]
+    ) -> None:
+        name = message_type.DESCRIPTOR.full_name
+        rows = [(d.key, name, data) for d, data in encoded.items()]
+        await self._db.write(
+            lambda conn: conn.executemany("INSERT OR IGNORE INTO messages VALUES (?, ?, ?)", rows)
+        )
+
+    async def get_directories(self, digests: Iterable[Digest]) -> dict[Digest, re_pb2.Directory]:
+        return await self.get_messages(digests, re_pb2.Directory)
 
     async def put_directories(self, directories: Mapping[Digest, bytes]) -> None:
-        rows = [(d.key, data) for d, data in directories.items()]
-        await self._db.write(
-            lambda conn: conn.executemany("INSERT OR IGNORE INTO directories VALUES (?, ?)", rows)
-        )
+        await self.put_messages(directories, re_pb2.Directory)
 
 
 class TreeCache:
