@@ -69,6 +69,8 @@ class BlobCache:
         self.max_bytes = max_bytes
         self._files = root / "blobs"
         self._db = SqliteDatabase(root / "blobs.sqlite", _BLOB_SCHEMA)
+        # The cap is checked after every max_bytes/16 written, not on every write.
+        self._written_since_check = 0
 
     async def open(self) -> None:
         await self._db.open()
@@ -136,6 +138,13 @@ class BlobCache:
                     "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", rows
                 )
             )
+            await self._wrote(sum(len(data) for data in blobs.values()))
+
+    async def _wrote(self, size: int) -> None:
+        self._written_since_check += size
+        if self._written_since_check >= self.max_bytes // 16:
+            self._written_since_check = 0
+            await self.clean_up()
 
     def _write_files(self, blobs: Mapping[Digest, bytes]) -> None:
         for digest, data in blobs.items():
@@ -164,6 +173,7 @@ class BlobCache:
         await self._db.write(
             lambda conn: conn.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", row)
         )
+        await self._wrote(digest.size_bytes)
 
     async def get_cached_digests(self) -> AsyncIterator[Digest]:
         after = ""
