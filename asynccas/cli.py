@@ -16,6 +16,7 @@ import anyio
 import grpc
 
 from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas.bench.cli import add_bench_commands, run_bench
 from asynccas.client.commands import add_cas_commands, run_cas_command
 from asynccas.errors import CasError
 from asynccas.eviction import EvictionPolicy
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
     add_cas_commands(commands)
+    add_bench_commands(commands, parse_size)
     return parser
 
 
@@ -199,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "cas":
         return _run_cas(args)
+    if args.command == "bench":
+        return run_bench(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -213,6 +213,42 @@ class CasClient:
         )
         return missing
 
+    async def batch_update_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        """One BatchUpdateBlobs call, as given (no FindMissingBlobs first): for load tests."""
+        items = list(blobs)
+        await self._upload_batch(items, _Tracker(None, len(items), 0))
+
+    async def batch_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        """One BatchReadBlobs call, each blob verified; raises BlobNotFound for an absent one."""
+        wanted = list(digests)
+        request = re_pb2.BatchReadBlobsRequest(
+            instance_name=self.instance_name, digests=[d.to_proto() for d in wanted]
+        )
+        response = await self._retrying(
+            partial(self._cas.BatchReadBlobs, request, timeout=self.timeout)
+        )
+        found = {}
+        for digest, result in zip(wanted, response.responses, strict=True):
+            if result.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                raise BlobNotFound(digest)
+            if result.status.code != grpc.StatusCode.OK.value[0]:
+                raise InvalidArgument(f"server failed to read {digest}: {result.status.message}")
+            _verify(digest, result.data)
+            found[digest] = result.data
+        return found
+
+    async def write_stream(
+        self, digest: Digest, chunks_from: Callable[[int], AsyncGenerator[bytes]]
+    ) -> None:
+        """One ByteStream upload fed by ``chunks_from(offset)``, which must yield the blob's
+        bytes from ``offset`` on (called again from the server's offset after a failure)."""
+        async with self._limiter:
+            await self._write(digest, chunks_from)
+
+    async def write_blob(self, digest: Digest, data: bytes) -> None:
+        """One ByteStream upload of ``data`` (no FindMissingBlobs first)."""
+        await self._upload_bytes(digest, data, _Tracker(None, 1, 0))
+
     def _batches(self, digests: list[Digest]) -> list[list[Digest]]:
         batches: list[list[Digest]] = []
         current: list[Digest] = []

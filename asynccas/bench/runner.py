@@ -1,0 +1,148 @@
+"""Runs a scenario from several client processes, so that on a small machine the client is
+not the bottleneck: Python uses one core per process. Payloads are prepared in every process
+before a shared start, and each process sends back its merged statistics."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from asynccas.bench.scenarios import SCENARIOS, Recorder, Scenario, Settings
+from asynccas.bench.stats import OpStats
+from asynccas.client.cas import CasClient
+
+
+@dataclass
+class RunConfig:
+    endpoint: str
+    scenario: str
+    instance: str = ""
+    concurrency: int = 8
+    duration: float | None = 10.0
+    requests: int | None = None
+    processes: int = 1
+    settings: Settings = field(default_factory=Settings)
+    server_pid: int | None = None
+
+
+@dataclass
+class RunResult:
+    config: dict[str, Any]
+    seconds: float
+    ops: dict[str, OpStats]
+    client_cpu: float  # cores busy on average
+    server_cpu: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "seconds": self.seconds, "client_cpu": self.client_cpu,
+                "server_cpu": self.server_cpu,
+                "ops": {label: stats.to_json() for label, stats in self.ops.items()}}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunResult:
+        ops = {label: OpStats.from_json(stats) for label, stats in data["ops"].items()}
+        return cls(data["config"], data["seconds"], ops, data["client_cpu"], data["server_cpu"])
+
+
+def _cpu_of(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(config: RunConfig, progress: bool = True) -> RunResult:
+    context = multiprocessing.get_context("spawn")  # gRPC must not be forked
+    ready = context.Barrier(config.processes + 1)
+    done = context.Value("q", 0)
+    results = context.Queue()
+    workers = [
+        context.Process(
+            target=_worker_entry, args=(config, index, ready, done, results), daemon=True
+        )
+        for index in range(config.processes)
+    ]
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=600)  # every process has its payloads and connection: start together
+    server_before = None if config.server_pid is None else _cpu_of(config.server_pid)
+    started = time.perf_counter()
+    collected: list[dict[str, OpStats]] = []
+    while len(collected) < len(workers):
+        try:
+            collected.append(results.get(timeout=0.5))
+        except Exception:  # queue.Empty: show progress while waiting
+            if not any(w.is_alive() for w in workers) and results.empty():
+                raise RuntimeError("a benchmark process died; see its output above") from None
+        if progress and sys.stderr.isatty():
+            elapsed = time.perf_counter() - started
+            sys.stderr.write(f"\r{config.scenario}: {done.value} ops, {elapsed:.0f} s")
+            sys.stderr.flush()
+    elapsed = time.perf_counter() - started
+    for worker in workers:
+        worker.join()
+    if progress and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (usage_after.ru_utime + usage_after.ru_stime
+                  - usage_before.ru_utime - usage_before.ru_stime) / elapsed  # fmt: skip
+    server_cpu = None
+    if config.server_pid is not None and server_before is not None:
+        server_cpu = (_cpu_of(config.server_pid) - server_before) / elapsed
+    merged: dict[str, OpStats] = {}
+    for ops in collected:
+        for label, stats in ops.items():
+            merged.setdefault(label, OpStats()).merge(stats)
+    summary = {
+        "endpoint": config.endpoint, "scenario": config.scenario, "instance": config.instance,
+        "concurrency": config.concurrency, "duration": config.duration, "requests": config.requests,
+        "processes": config.processes, "blob_size": config.settings.blob_size,
+        "batch": config.settings.batch, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }  # fmt: skip
+    return RunResult(summary, elapsed, merged, client_cpu, server_cpu)
+
+
+def _worker_entry(config: RunConfig, index: int, ready: Any, done: Any, results: Any) -> None:
+    ops = anyio.run(_worker, config, index, ready, done, backend_options={"use_uvloop": True})
+    results.put(ops)
+
+
+async def _worker(config: RunConfig, index: int, ready: Any, done: Any) -> dict[str, OpStats]:
+    settings = Settings(config.settings.blob_size, config.settings.batch, config.settings.size_mix,
+                        worker=index, seed=config.settings.seed * 1000 + index)  # fmt: skip
+    scenario: Scenario = SCENARIOS[config.scenario](settings)
+    tasks_here = config.concurrency // config.processes + (
+        index < config.concurrency % config.processes
+    )
+    budget = None
+    if config.requests is not None:
+        budget = config.requests // config.processes + (index < config.requests % config.processes)
+    async with CasClient(
+        config.endpoint, config.instance, max_concurrency=max(1, tasks_here) * 4
+    ) as cas:
+        await scenario.setup(cas)
+        await anyio.to_thread.run_sync(ready.wait)
+        recorder = Recorder(time.perf_counter())
+        deadline = time.perf_counter() + config.duration if config.duration else math.inf
+        remaining = [budget if budget is not None else math.inf]
+
+        async def loop() -> None:
+            while time.perf_counter() < deadline and remaining[0] > 0:
+                remaining[0] -= 1
+                await scenario.run_once(cas, recorder)
+                with done.get_lock():
+                    done.value += 1
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(max(1, tasks_here)):
+                tasks.start_soon(loop)
+    return recorder.ops

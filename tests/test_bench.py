@@ -1,0 +1,128 @@
+"""``asynccas bench`` end to end: every scenario against a real server, and corruption detection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
+from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.action_cache import MemoryActionCache
+from asynccas.bench.scenarios import SCENARIOS
+from asynccas.server.app import CasServer
+from asynccas.server.bytestream import ByteStreamService
+from asynccas.server.capabilities import CapabilitiesService
+from asynccas.server.cas import ContentAddressableStorageService
+from asynccas.server.errors import Context
+from asynccas.server.uploads import UploadSessions
+from asynccas.storage.memory import MemoryStorage
+
+pytestmark = pytest.mark.anyio
+
+
+def bench(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "bench", f"grpc://{target}", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+async def test_every_scenario_runs_clean(scenario: str, tmp_path: Path) -> None:
+    async with CasServer(MemoryStorage(), MemoryActionCache(), address="127.0.0.1:0") as server:
+        report = tmp_path / "run.json"
+        html = tmp_path / "run.html"
+        result = await anyio.to_thread.run_sync(
+            lambda: bench(
+                server.target,
+                "--scenario",
+                scenario,
+                "--requests",
+                "12",
+                "--concurrency",
+                "4",
+                "--batch",
+                "20",
+                "--blob-size",
+                "2M" if scenario.startswith("bytestream") else "4K",
+                "--json",
+                str(report),
+                "--html",
+                str(html),
+            )
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        data = json.loads(report.read_text())
+        assert data["client_cpu"] > 0
+        for label, stats in data["ops"].items():
+            assert stats["errors"] == {}, (label, stats["errors"])
+            assert stats["corruptions"] == 0
+        main_label = {"fmb": "FindMissingBlobs", "bazel-like": "action"}.get(scenario)
+        counted = data["ops"][main_label]["histogram"]["count"] if main_label else None
+        assert counted in (None, 12)
+        assert html.read_text().count("<svg") >= 2
+
+
+class CorruptingByteStream(ByteStreamService):
+    """The real service, except that reads flip one bit of the first chunk."""
+
+    async def Read(
+        self, request: bs_pb2.ReadRequest, context: Context
+    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+        first = True
+        async for response in super().Read(request, context):
+            if first and response.data:
+                response.data = bytes([response.data[0] ^ 1]) + response.data[1:]
+                first = False
+            yield response
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])
+async def test_corrupted_reads_are_reported(tmp_path: Path) -> None:
+    storage = MemoryStorage()
+    server = grpc.aio.server()
+    re_grpc.add_CapabilitiesServicer_to_server(
+        CapabilitiesService(max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True),
+        server,
+    )
+    re_grpc.add_ContentAddressableStorageServicer_to_server(
+        ContentAddressableStorageService(storage, max_batch_total_size_bytes=1 << 20), server
+    )
+    bs_grpc.add_ByteStreamServicer_to_server(
+        CorruptingByteStream(storage, UploadSessions(storage)), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        report = tmp_path / "run.json"
+        result = await anyio.to_thread.run_sync(
+            lambda: bench(
+                f"127.0.0.1:{port}",
+                "--scenario",
+                "bytestream-read",
+                "--requests",
+                "5",
+                "--concurrency",
+                "1",
+                "--processes",
+                "1",
+                "--blob-size",
+                "100K",
+                "--json",
+                str(report),
+            )
+        )
+        assert result.returncode == 1
+        assert "CORRUPTION" in result.stderr
+        assert json.loads(report.read_text())["ops"]["ByteStream.Read"]["corruptions"] == 5
+    finally:
+        await server.stop(None)
