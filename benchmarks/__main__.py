@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import client, fmb
+from benchmarks import client, fmb, harness
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADER = (
@@ -17,7 +17,11 @@ HEADER = (
     "in a throw-away virtual environment) measured in the same run on the same machine, because\n"
     "these machines are shared and noisy: read the ratios, not the absolute numbers.\n"
 )
-BENCHMARKS: dict[str, Callable[..., str]] = {"fmb": fmb.run, "client": client.run}
+BENCHMARKS: dict[str, Callable[..., str]] = {
+    "fmb": fmb.run,
+    "client": client.run,
+    "harness": harness.run,
+}
 
 
 def record(section: str) -> None:

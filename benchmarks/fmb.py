@@ -73,16 +73,20 @@ def cpu_seconds(pid: int, *, children: bool = True) -> float:
 
 
 @contextmanager
-def asynccas_server(work: Path, workers: int = 1, *, index: str = "redis") -> Iterator[Target]:
-    """``asynccas serve`` in its own process, over a fresh redis-server or the SQLite default."""
+def asynccas_server(
+    work: Path, workers: int = 1, *, index: str = "redis", storage: str = "disk"
+) -> Iterator[Target]:
+    """``asynccas serve`` in its own process: disk over a fresh redis-server or the SQLite
+    default, or (``storage="memory"``) everything in RAM."""
     redis = RedisServer(work / f"redis-asynccas-{workers}-{index}")
     redis.start()
     port = free_port()
     args = [
         sys.executable, "-m", "asynccas.cli", "serve", "--address", f"127.0.0.1:{port}",
         "--data-dir", str(work / f"asynccas-{workers}-{index}"),
-        "--index", redis.url if index == "redis" else "sqlite",
-        "--log-level", "WARNING", "--workers", str(workers),
+        "--index", redis.url if index == "redis" and storage == "disk" else "sqlite",
+        "--storage", storage, "--max-size", "8G" if storage == "memory" else "0",
+        "--log-level", "WARNING", "--workers", str(workers), "--no-fsync",
     ]  # fmt: skip
     try:
         with process(args, work / "asynccas.log", port) as child:

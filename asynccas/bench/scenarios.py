@@ -90,7 +90,10 @@ class FreshBlobs:
 
     def __init__(self, size: int, rng: random.Random, tag: int) -> None:
         self.size = max(size, 8)
-        self.body = rng.randbytes(self.size - 8)
+        # Large bodies repeat one random block: randbytes() cannot make gigabytes at once.
+        block = rng.randbytes(min(self.size - 8, 64 * 1024 * 1024))
+        repeats, rest = divmod(self.size - 8, max(len(block), 1))
+        self.body = block * repeats + block[:rest]
         self._hasher = Digest.empty().function.new_hasher()
         self._hasher.update(self.body)
         self._tag = tag
@@ -204,7 +207,9 @@ class ByteStreamWrite:
 class ByteStreamRead:
     def __init__(self, settings: Settings) -> None:
         self.fresh = FreshBlobs(settings.blob_size, random.Random(settings.seed), settings.worker)
-        self.pool = [self.fresh.next() for _ in range(4)]
+        # A few blobs to read in turn, but never more than 1 GiB to upload first.
+        count = max(1, min(4, (1 << 30) // max(settings.blob_size, 1)))
+        self.pool = [self.fresh.next() for _ in range(count)]
         self.rng = random.Random(settings.seed + 1)
 
     async def setup(self, cas: CasClient) -> None:

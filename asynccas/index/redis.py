@@ -254,6 +254,9 @@ class RedisIndex(StorageIndex):
     async def open_write(self, digest: Digest) -> BlobWriter:
         return _IndexedWriter(self, await self.storage.open_write(digest))
 
+    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
+        await self.storage.release_staged(writers)
+
     async def stage_blobs(
         self, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[BlobWriter | CasError]:

@@ -172,6 +172,11 @@ class Storage(abc.ABC):
         for writer in writers:
             await writer.publish()
 
+    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
+        """Release the temporary data of writers from ``stage_blobs`` (``abort`` each);
+        backends may override to do it in one go."""
+        await abort_all(writers)
+
     async def bulk_update_blobs(
         self, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[CasError | None]:
@@ -182,7 +187,7 @@ class Storage(abc.ABC):
             await self.publish_staged(writers)
         finally:
             with anyio.CancelScope(shield=True):
-                await abort_all(writers)  # releases temp files; published blobs stay
+                await self.release_staged(writers)  # temp data goes; published blobs stay
         return [w if isinstance(w, CasError) else None for w in staged]
 
     async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:

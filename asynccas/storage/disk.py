@@ -188,6 +188,15 @@ class DiskStorage(Storage):
         with _disk_errors("publish blobs"):
             await _in_thread(publish_all)
 
+    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
+        disk_writers = [w for w in writers if isinstance(w, _DiskWriter)]
+
+        def discard_all() -> None:
+            for writer in disk_writers:
+                writer.discard_sync()
+
+        await _in_thread(discard_all)  # one thread hop for the batch, not one per blob
+
     async def delete_blob(self, digest: Digest) -> bool:
         with _disk_errors(f"delete blob {digest}"):
             return await _in_thread(self._delete_sync, digest)
