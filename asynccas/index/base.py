@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 from asynccas.digest import Digest
-from asynccas.storage.base import Storage
+from asynccas.storage.base import BlobWriter, Storage
 
 
 class StorageIndex(Storage):
@@ -73,3 +73,30 @@ class StorageIndex(Storage):
         ``large_blob_threshold`` bytes not used since ``large_blob_lifetime`` go first.
         With ``dry_run`` nothing is deleted and the bytes that would be freed are returned.
         """
+
+
+class IndexedWriter(BlobWriter):
+    """Streams into the wrapped storage's writer; publishing goes through the index's
+    ``publish_staged``, which makes the blob visible and indexes it together."""
+
+    def __init__(self, index: StorageIndex, inner: BlobWriter) -> None:
+        super().__init__(inner.digest)
+        self._index = index
+        self._inner = inner
+
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(data)
+        self.committed_size = self._inner.committed_size
+
+    async def verify(self) -> None:
+        await self._inner.verify()
+        self._verified = True
+
+    async def _write(self, data: bytes) -> None:  # pragma: no cover - write() delegates
+        raise AssertionError("unreachable")
+
+    async def _publish(self) -> None:
+        await self._index.publish_staged([self._inner])
+
+    async def abort(self) -> None:
+        await self._inner.abort()

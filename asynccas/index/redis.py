@@ -31,7 +31,7 @@ import anyio
 
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError
-from asynccas.index.base import StorageIndex
+from asynccas.index.base import IndexedWriter, StorageIndex
 from asynccas.redis_provider import Client, RedisProvider
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -252,7 +252,7 @@ class RedisIndex(StorageIndex):
     # -- writes ------------------------------------------------------------------------------
 
     async def open_write(self, digest: Digest) -> BlobWriter:
-        return _IndexedWriter(self, await self.storage.open_write(digest))
+        return IndexedWriter(self, await self.storage.open_write(digest))
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
         await self.storage.release_staged(writers)
@@ -462,29 +462,3 @@ def _decode(value: Any) -> str:
 
 def _size(digests: Iterable[Digest]) -> int:
     return sum(d.size_bytes for d in digests)
-
-
-class _IndexedWriter(BlobWriter):
-    """Streams into the wrapped storage's writer; publishing also indexes (see publish_staged)."""
-
-    def __init__(self, index: RedisIndex, inner: BlobWriter) -> None:
-        super().__init__(inner.digest)
-        self._index = index
-        self._inner = inner
-
-    async def write(self, data: bytes) -> None:
-        await self._inner.write(data)
-        self.committed_size = self._inner.committed_size
-
-    async def verify(self) -> None:
-        await self._inner.verify()
-        self._verified = True
-
-    async def _write(self, data: bytes) -> None:  # pragma: no cover - write() delegates
-        raise AssertionError("unreachable")
-
-    async def _publish(self) -> None:
-        await self._index.publish_staged([self._inner])
-
-    async def abort(self) -> None:
-        await self._inner.abort()

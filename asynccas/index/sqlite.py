@@ -23,7 +23,7 @@ import anyio
 
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, CasError
-from asynccas.index.base import StorageIndex
+from asynccas.index.base import IndexedWriter, StorageIndex
 from asynccas.sqlite import SqliteDatabase
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -171,7 +171,7 @@ class SqliteIndex(StorageIndex):
     # -- writes ------------------------------------------------------------------------------
 
     async def open_write(self, digest: Digest) -> BlobWriter:
-        return _IndexedWriter(self, await self.storage.open_write(digest))
+        return IndexedWriter(self, await self.storage.open_write(digest))
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
         await self.storage.release_staged(writers)
@@ -322,29 +322,3 @@ def _covering(rows: list[tuple[float, str, int]], wanted: int) -> list[tuple[flo
         if total >= wanted:
             return rows[: position + 1]
     return rows
-
-
-class _IndexedWriter(BlobWriter):
-    """Streams into the wrapped storage's writer; publishes and indexes in one transaction."""
-
-    def __init__(self, index: SqliteIndex, inner: BlobWriter) -> None:
-        super().__init__(inner.digest)
-        self._index = index
-        self._inner = inner
-
-    async def write(self, data: bytes) -> None:
-        await self._inner.write(data)
-        self.committed_size = self._inner.committed_size
-
-    async def verify(self) -> None:
-        await self._inner.verify()
-        self._verified = True
-
-    async def _write(self, data: bytes) -> None:  # pragma: no cover - write() delegates
-        raise AssertionError("unreachable")
-
-    async def _publish(self) -> None:
-        await self._index.publish_staged([self._inner])
-
-    async def abort(self) -> None:
-        await self._inner.abort()
