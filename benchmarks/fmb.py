@@ -13,7 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,7 +74,12 @@ def cpu_seconds(pid: int, *, children: bool = True) -> float:
 
 @contextmanager
 def asynccas_server(
-    work: Path, workers: int = 1, *, index: str = "redis", storage: str = "disk"
+    work: Path,
+    workers: int = 1,
+    *,
+    index: str = "redis",
+    storage: str = "disk",
+    extra: Sequence[str] = (),
 ) -> Iterator[Target]:
     """``asynccas serve`` in its own process: disk over a fresh redis-server or the SQLite
     default, or (``storage="memory"``) everything in RAM."""
@@ -86,7 +91,7 @@ def asynccas_server(
         "--data-dir", str(work / f"asynccas-{workers}-{index}"),
         "--index", redis.url if index == "redis" and storage == "disk" else "sqlite",
         "--storage", storage, "--max-size", "8G" if storage == "memory" else "0",
-        "--log-level", "WARNING", "--workers", str(workers), "--no-fsync",
+        "--log-level", "WARNING", "--workers", str(workers), "--no-fsync", *extra,
     ]  # fmt: skip
     try:
         with process(args, work / "asynccas.log", port) as child:

@@ -93,6 +93,10 @@ SERVERS: list[tuple[str, Callable[[Path], AbstractContextManager[Target]]]] = [
     ("asynccas (memory)", lambda w: asynccas_server(w / "mem", storage="memory")),
     ("asynccas (disk + SQLite index)", lambda w: asynccas_server(w / "sq", index="sqlite")),
     ("asynccas (disk + Redis index)", lambda w: asynccas_server(w / "rd", index="redis")),
+    (
+        "asynccas (disk + SQLite index, blobs <= 64 KiB in SQLite)",
+        lambda w: asynccas_server(w / "tier", index="sqlite", extra=["--small-blob-limit", "64K"]),
+    ),
 ]
 
 

@@ -18,6 +18,8 @@ from asynccas.server.app import CasServer
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.tiered import SizeDifferentiatedStorage
 from asynccas.testing_redis import RedisCluster, RedisServer
 
 # Speed is measured by benchmarks, never by unit tests: no per-example deadline, which
@@ -52,13 +54,23 @@ def make_storage(kind: str, root: Path) -> Storage:
         return SqliteIndex(DiskStorage(root / "data", fsync=False), root / "index.sqlite")
     if kind == "sqlite-memory":
         return SqliteIndex(MemoryStorage(64 * 1024 * 1024), root / "index.sqlite")
+    if kind == "sqlite-blobs":
+        return SqliteBlobStorage(root / "small.sqlite", max_blob_size=8 * 1024 * 1024)
+    if kind == "tiered":
+        return SizeDifferentiatedStorage(
+            SqliteBlobStorage(root / "small.sqlite"), DiskStorage(root / "data", fsync=False)
+        )
+    if kind == "sqlite-tiered":
+        return SqliteIndex(make_storage("tiered", root), root / "index.sqlite")
     raise ValueError(kind)
 
 
-STORAGE_KINDS = ["memory", "disk", "sqlite-disk", "sqlite-memory"]
+STORAGE_KINDS = [
+    "memory", "disk", "sqlite-disk", "sqlite-memory", "sqlite-blobs", "tiered", "sqlite-tiered",
+]  # fmt: skip
 
 
-@pytest.fixture(params=["sqlite-disk", "memory"])
+@pytest.fixture(params=["sqlite-disk", "memory", "sqlite-tiered"])
 def server_storage_kind(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
 

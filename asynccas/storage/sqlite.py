@@ -1,0 +1,143 @@
+"""Small blobs inline in one SQLite file: a batch of many small blobs is one transaction,
+not one file each. Meant as the small tier of ``SizeDifferentiatedStorage``."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+import anyio.to_thread
+
+from asynccas.digest import Digest
+from asynccas.errors import BlobNotFound, CasError, DigestMismatch, StorageFull
+from asynccas.sqlite import SqliteDatabase
+from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+"""
+
+
+class SqliteBlobStorage(Storage):
+    def __init__(self, path: str | Path, *, max_blob_size: int = 1024 * 1024) -> None:
+        self.path = Path(path)
+        self.max_blob_size = max_blob_size
+        self._db = SqliteDatabase(self.path, _SCHEMA)
+
+    async def start(self) -> None:
+        await self._db.open()
+
+    async def stop(self) -> None:
+        await self._db.close()
+
+    async def has_blob(self, digest: Digest) -> bool:
+        return not await self.missing_blobs([digest])
+
+    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        by_key = {d.key: d for d in digests}
+        keys = json.dumps(list(by_key))
+        rows = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT key FROM blobs WHERE key IN (SELECT value FROM json_each(?))", (keys,)
+            ).fetchall()
+        )
+        present = {key for (key,) in rows}
+        return [d for key, d in by_key.items() if key not in present]
+
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        data = (await self.bulk_read_blobs([digest])).get(digest)
+        if data is None:
+            raise BlobNotFound(digest)
+        end = len(data) if limit == 0 else min(len(data), offset + limit)
+        for start in range(offset, end, CHUNK_SIZE):
+            yield data[start : min(end, start + CHUNK_SIZE)]
+
+    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        by_key = {d.key: d for d in digests}
+        keys = json.dumps(list(by_key))
+        rows = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT key, data FROM blobs WHERE key IN (SELECT value FROM json_each(?))",
+                (keys,),
+            ).fetchall()
+        )
+        return {by_key[key]: bytes(data) for key, data in rows}
+
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        if digest.size_bytes > self.max_blob_size:
+            raise StorageFull(
+                f"blob {digest} is larger than this store's {self.max_blob_size} bytes"
+            )
+        return _SqliteWriter(self, digest)
+
+    async def stage_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        def verify_all() -> list[BlobWriter | CasError]:  # hashing in one thread hop
+            staged: list[BlobWriter | CasError] = []
+            for digest, data in blobs:
+                actual = Digest.of(data, digest.function)
+                if actual != digest:
+                    staged.append(DigestMismatch(f"data has digest {actual}, not {digest}"))
+                elif digest.size_bytes > self.max_blob_size:
+                    staged.append(StorageFull(f"blob {digest} is too large for this store"))
+                else:
+                    staged.append(_SqliteWriter(self, digest, data))
+            return staged
+
+        return await anyio.to_thread.run_sync(verify_all)
+
+    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
+        rows = [(w.digest.key, w.data) for w in writers if isinstance(w, _SqliteWriter)]
+        if rows:
+            await self._db.write(
+                lambda conn: conn.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", rows)
+            )
+
+    async def delete_blob(self, digest: Digest) -> bool:
+        return bool(await self.bulk_delete([digest]))
+
+    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+        unique = list(dict.fromkeys(digests))
+
+        def delete(conn: sqlite3.Connection) -> list[Digest]:
+            gone = []
+            for digest in unique:
+                if conn.execute("DELETE FROM blobs WHERE key = ?", (digest.key,)).rowcount:
+                    gone.append(digest)
+            return gone
+
+        return await self._db.write(delete)
+
+
+class _SqliteWriter(BlobWriter):
+    def __init__(
+        self, storage: SqliteBlobStorage, digest: Digest, data: bytes | None = None
+    ) -> None:
+        super().__init__(digest)
+        self._storage = storage
+        self._parts: list[bytes] = []
+        self.data = b""
+        if data is not None:  # staged: already verified
+            self.data = data
+            self.committed_size = len(data)
+            self._verified = True
+
+    async def _write(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self._parts.append(data)
+
+    async def _finish(self) -> None:
+        self.data = b"".join(self._parts)
+        self._parts = []
+
+    async def _publish(self) -> None:
+        await self._storage.publish_staged([self])
+
+    async def abort(self) -> None:
+        self._parts = []
