@@ -27,7 +27,7 @@ BENCHMARKS: dict[str, Callable[..., str]] = {
 def record(section: str) -> None:
     previous = RESULTS.read_text() if RESULTS.exists() else HEADER
     body = previous[len(HEADER) :] if previous.startswith(HEADER) else "\n" + previous
-    RESULTS.write_text(f"{HEADER}\n{section}\n{body.lstrip(chr(10))}")
+    RESULTS.write_text(f"{HEADER}\n{section.rstrip()}\n\n{body.lstrip(chr(10))}")
 
 
 def main() -> int:
