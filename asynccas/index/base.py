@@ -4,16 +4,52 @@ the blobs, plus the clean-up API of BuildGrid's indexes, made async."""
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 from asynccas.digest import Digest
+from asynccas.errors import BlobNotFound
 from asynccas.storage.base import BlobWriter, Storage
 
 
 class StorageIndex(Storage):
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+
+    # Reads go to the wrapped storage; the index only keeps recency and heals itself.
+
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        started = time.time()
+        try:
+            async for chunk in self.storage.get_blob(digest, offset, limit):
+                yield chunk
+        except BlobNotFound:
+            await self._forget([digest], started)
+            raise
+        await self._touch([digest])
+
+    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        unique = list(dict.fromkeys(digests))
+        started = time.time()
+        found = await self.storage.bulk_read_blobs(unique)
+        lost = [d for d in unique if d not in found]
+        if lost:
+            await self._forget(lost, started)
+        if found:
+            await self._touch(found)
+        return found
+
+    @abc.abstractmethod
+    async def _touch(self, digests: Iterable[Digest]) -> None:
+        """Record a use of these blobs (throttled: recency need not be exact to the second)."""
+
+    @abc.abstractmethod
+    async def _forget(self, digests: Iterable[Digest], used_before: float) -> None:
+        """Self-healing: drop entries of blobs the storage no longer has. Entries used since
+        ``used_before`` belong to a concurrent upload and must stay."""
 
     @abc.abstractmethod
     async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:

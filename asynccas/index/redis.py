@@ -23,14 +23,14 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
 import anyio
 
 from asynccas.digest import Digest
-from asynccas.errors import BackendUnavailable, BlobNotFound, CasError
+from asynccas.errors import BackendUnavailable, CasError
 from asynccas.index.base import IndexedWriter, StorageIndex
 from asynccas.redis_provider import Client, RedisProvider
 from asynccas.storage.base import BlobWriter, Storage
@@ -212,31 +212,6 @@ class RedisIndex(StorageIndex):
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
         await self.missing_blobs(digests)
-
-    # -- reads -------------------------------------------------------------------------------
-
-    async def get_blob(
-        self, digest: Digest, offset: int = 0, limit: int = 0
-    ) -> AsyncGenerator[bytes]:
-        started = time.time()
-        try:
-            async for chunk in self.storage.get_blob(digest, offset, limit):
-                yield chunk
-        except BlobNotFound:
-            await self._forget([digest], started)
-            raise
-        await self._touch([digest])
-
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
-        unique = list(dict.fromkeys(digests))
-        started = time.time()
-        found = await self.storage.bulk_read_blobs(unique)
-        lost = [d for d in unique if d not in found]
-        if lost:
-            await self._forget(lost, started)
-        if found:
-            await self._touch(found)
-        return found
 
     async def _forget(self, digests: Iterable[Digest], used_before: float) -> None:
         """Self-healing: de-index blobs the storage no longer has.

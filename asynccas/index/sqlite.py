@@ -13,7 +13,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Final
 import anyio
 
 from asynccas.digest import Digest
-from asynccas.errors import BlobNotFound, CasError
+from asynccas.errors import CasError
 from asynccas.index.base import IndexedWriter, StorageIndex
 from asynccas.sqlite import SqliteDatabase
 from asynccas.storage.base import BlobWriter, Storage
@@ -118,31 +118,6 @@ class SqliteIndex(StorageIndex):
 
         present = await self._db.run(query)
         return [d for key, d in by_key.items() if key not in present]
-
-    # -- reads -------------------------------------------------------------------------------
-
-    async def get_blob(
-        self, digest: Digest, offset: int = 0, limit: int = 0
-    ) -> AsyncGenerator[bytes]:
-        started = time.time()
-        try:
-            async for chunk in self.storage.get_blob(digest, offset, limit):
-                yield chunk
-        except BlobNotFound:
-            await self._forget([digest], started)
-            raise
-        await self._touch([digest])
-
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
-        unique = list(dict.fromkeys(digests))
-        started = time.time()
-        found = await self.storage.bulk_read_blobs(unique)
-        lost = [d for d in unique if d not in found]
-        if lost:
-            await self._forget(lost, started)
-        if found:
-            await self._touch(found)
-        return found
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
         keys = json.dumps([d.key for d in digests])
