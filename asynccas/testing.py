@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import anyio.lowlevel
 
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch
@@ -151,3 +153,54 @@ async def check_index(index: StorageIndex) -> None:
     assert freed == expected_total - largest.size_bytes, "delete_n_bytes freed the wrong amount"
     assert await index.get_total_size() == 0
     assert await index.missing_blobs([d for d, _ in blobs]) == [d for d, _ in blobs]
+
+
+async def check_index_concurrency(first: StorageIndex, second: StorageIndex) -> None:
+    """Two indexes over the same metadata and blobs (as two server processes would be):
+    concurrent writes, re-writes, deletes and evictions leave an exact total size and no
+    blob indexed but missing from storage."""
+    blobs = [blob(1000 + 37 * i, 5000 + i) for i in range(40)]
+    rng = random.Random(3)
+
+    async def churn(index: StorageIndex) -> None:
+        for _ in range(150):
+            digest, data = rng.choice(blobs)
+            action = rng.random()
+            if action < 0.5:
+                await index.commit_write(digest, _chunks(data))
+            elif action < 0.7:
+                await index.bulk_update_blobs([(digest, data), rng.choice(blobs)])
+            elif action < 0.9:
+                await index.delete_blob(digest)
+            else:
+                await index.delete_n_bytes(3000)
+
+    async with anyio.create_task_group() as tasks:
+        for index in (first, second, first, second):
+            tasks.start_soon(churn, index)
+    present = [d for d, _ in blobs if await first.has_blob(d)]
+    assert await first.get_total_size() == sum(d.size_bytes for d in present), "total drifted"
+    assert await second.get_total_size() == await first.get_total_size()
+    assert await first.storage.missing_blobs(present) == [], "indexed but missing"
+
+
+async def check_eviction_racing_uploads(writer: StorageIndex, evictor: StorageIndex) -> None:
+    """Re-uploads racing evictions (from another process) never leave a blob indexed but
+    missing, and the total size stays exact."""
+    blobs = [blob(4096, 6000 + i) for i in range(30)]
+
+    async def keep_uploading() -> None:
+        for _ in range(10):
+            await writer.bulk_update_blobs(blobs)
+
+    async def keep_evicting() -> None:
+        for _ in range(40):
+            await evictor.delete_n_bytes(10**9)
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(keep_uploading)
+        tasks.start_soon(keep_evicting)
+    indexed = [d for d, _ in blobs if await writer.has_blob(d)]
+    assert await writer.storage.missing_blobs(indexed) == [], "indexed but missing"
+    assert await writer.get_total_size() == sum(d.size_bytes for d in indexed), "total drifted"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +11,12 @@ import pytest
 
 from asynccas.index.redis import RedisIndex
 from asynccas.storage.disk import DiskStorage
-from asynccas.testing import blob, check_index
+from asynccas.testing import (
+    blob,
+    check_eviction_racing_uploads,
+    check_index,
+    check_index_concurrency,
+)
 from asynccas.testing_redis import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -56,58 +60,21 @@ async def test_conformance_cluster(redis_cluster: RedisCluster, tmp_path: Path) 
 async def test_total_size_exact_under_concurrent_churn(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    blobs = [blob(1000 + 37 * i, i) for i in range(40)]
     first = make_index(redis_server.url, tmp_path)
     second = RedisIndex(
         DiskStorage(tmp_path / "data", fsync=False), redis_server.url, prefix=first.prefix
     )
     async with first, second:
-        rng = random.Random(3)
-
-        async def churn(index: RedisIndex) -> None:
-            for _ in range(150):
-                digest, data = rng.choice(blobs)
-                action = rng.random()
-                if action < 0.5:
-                    await index.commit_write(digest, chunks(data))
-                elif action < 0.7:
-                    await index.bulk_update_blobs([(digest, data), rng.choice(blobs)])
-                elif action < 0.9:
-                    await index.delete_blob(digest)
-                else:
-                    await index.delete_n_bytes(3000)
-
-        async with anyio.create_task_group() as tasks:
-            for index in (first, second, first, second):
-                tasks.start_soon(churn, index)
-        present = [d for d, _ in blobs if await first.has_blob(d)]
-        assert await first.get_total_size() == sum(d.size_bytes for d in present)
-        assert await first.storage.missing_blobs(present) == [], "indexed but missing"
+        await check_index_concurrency(first, second)
 
 
 async def test_eviction_racing_reupload(redis_server: RedisServer, tmp_path: Path) -> None:
-    blobs = [blob(4096, 1000 + i) for i in range(30)]
     writer = make_index(redis_server.url, tmp_path)
     evictor = RedisIndex(
         DiskStorage(tmp_path / "data", fsync=False), redis_server.url, prefix=writer.prefix
     )
     async with writer, evictor:
-
-        async def keep_uploading() -> None:
-            for _ in range(10):
-                await writer.bulk_update_blobs(blobs)
-
-        async def keep_evicting() -> None:
-            for _ in range(40):
-                await evictor.delete_n_bytes(10**9)
-                await anyio.lowlevel.checkpoint()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(keep_uploading)
-            tasks.start_soon(keep_evicting)
-        indexed = [d for d, _ in blobs if await writer.has_blob(d)]
-        assert await writer.storage.missing_blobs(indexed) == []
-        assert await writer.get_total_size() == sum(d.size_bytes for d in indexed)
+        await check_eviction_racing_uploads(writer, evictor)
 
 
 async def test_lost_blob_is_reported_missing_and_deindexed(

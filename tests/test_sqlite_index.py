@@ -3,7 +3,6 @@ indexes (as two server processes would) sharing one data directory, and self-hea
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from asynccas.digest import Digest
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.storage.disk import DiskStorage
-from asynccas.testing import blob
+from asynccas.testing import blob, check_eviction_racing_uploads, check_index_concurrency
 
 pytestmark = pytest.mark.anyio
 
@@ -28,54 +27,14 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def test_total_size_is_exact_under_concurrent_churn(tmp_path: Path) -> None:
-    blobs = [blob(1000 + 37 * i, i) for i in range(40)]
     # Two indexes on one directory stand in for two worker processes.
     async with open_index(tmp_path) as first, open_index(tmp_path) as second:
-        rng = random.Random(7)
-
-        async def churn(index: SqliteIndex) -> None:
-            for _ in range(150):
-                digest, data = rng.choice(blobs)
-                action = rng.random()
-                if action < 0.5:
-                    await index.commit_write(digest, chunks(data))
-                elif action < 0.7:
-                    await index.bulk_update_blobs([(digest, data), rng.choice(blobs)])
-                elif action < 0.9:
-                    await index.delete_blob(digest)
-                else:
-                    await index.delete_n_bytes(3000)
-
-        async with anyio.create_task_group() as tasks:
-            for index in (first, second, first, second):
-                tasks.start_soon(churn, index)
-
-        present = [d for d, _ in blobs if await first.has_blob(d)]
-        assert await first.get_total_size() == sum(d.size_bytes for d in present)
-        assert await second.get_total_size() == await first.get_total_size()
-        # Indexed implies stored: nothing is indexed-but-missing after the races.
-        storage = first.storage
-        assert await storage.missing_blobs(present) == []
+        await check_index_concurrency(first, second)
 
 
 async def test_eviction_racing_reupload_never_loses_an_indexed_blob(tmp_path: Path) -> None:
-    blobs = [blob(4096, 1000 + i) for i in range(30)]
     async with open_index(tmp_path) as writer, open_index(tmp_path) as evictor:
-
-        async def keep_uploading() -> None:
-            for _ in range(10):
-                await writer.bulk_update_blobs(blobs)
-
-        async def keep_evicting() -> None:
-            for _ in range(40):
-                await evictor.delete_n_bytes(10**9)
-                await anyio.lowlevel.checkpoint()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(keep_uploading)
-            tasks.start_soon(keep_evicting)
-        indexed = [d for d, _ in blobs if await writer.has_blob(d)]
-        assert await writer.storage.missing_blobs(indexed) == []
+        await check_eviction_racing_uploads(writer, evictor)
 
 
 async def test_index_heals_when_storage_lost_a_blob(tmp_path: Path) -> None:

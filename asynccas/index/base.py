@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 from asynccas.digest import Digest
-from asynccas.errors import BlobNotFound
+from asynccas.errors import BlobNotFound, CasError
 from asynccas.storage.base import BlobWriter, Storage
 
 
@@ -41,6 +41,20 @@ class StorageIndex(Storage):
         if found:
             await self._touch(found)
         return found
+
+    # Writes stage and release through the wrapped storage; an index only changes how staged
+    # writers are published (publish_staged), which IndexedWriter routes through too.
+
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        return IndexedWriter(self, await self.storage.open_write(digest))
+
+    async def stage_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        return await self.storage.stage_blobs(blobs)
+
+    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
+        await self.storage.release_staged(writers)
 
     @abc.abstractmethod
     async def _touch(self, digests: Iterable[Digest]) -> None:

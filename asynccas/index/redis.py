@@ -30,8 +30,8 @@ from typing import Any, Final
 import anyio
 
 from asynccas.digest import Digest
-from asynccas.errors import BackendUnavailable, CasError
-from asynccas.index.base import IndexedWriter, StorageIndex
+from asynccas.errors import BackendUnavailable
+from asynccas.index.base import StorageIndex
 from asynccas.redis_provider import Client, RedisProvider
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -225,17 +225,6 @@ class RedisIndex(StorageIndex):
         await self._pipeline("de-index lost blobs", calls)
 
     # -- writes ------------------------------------------------------------------------------
-
-    async def open_write(self, digest: Digest) -> BlobWriter:
-        return IndexedWriter(self, await self.storage.open_write(digest))
-
-    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
-        await self.storage.release_staged(writers)
-
-    async def stage_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
-    ) -> list[BlobWriter | CasError]:
-        return await self.storage.stage_blobs(blobs)
 
     async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
         pending = list(writers)

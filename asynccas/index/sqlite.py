@@ -22,8 +22,7 @@ from typing import Final
 import anyio
 
 from asynccas.digest import Digest
-from asynccas.errors import CasError
-from asynccas.index.base import IndexedWriter, StorageIndex
+from asynccas.index.base import StorageIndex
 from asynccas.sqlite import SqliteDatabase
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -145,17 +144,6 @@ class SqliteIndex(StorageIndex):
 
     # -- writes ------------------------------------------------------------------------------
 
-    async def open_write(self, digest: Digest) -> BlobWriter:
-        return IndexedWriter(self, await self.storage.open_write(digest))
-
-    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
-        await self.storage.release_staged(writers)
-
-    async def stage_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
-    ) -> list[BlobWriter | CasError]:
-        return await self.storage.stage_blobs(blobs)
-
     async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
         if not writers:
             return
@@ -204,12 +192,6 @@ class SqliteIndex(StorageIndex):
     async def deletion_marker(self) -> int | None:
         row = await self._db.run(
             lambda conn: conn.execute("SELECT deletions FROM totals").fetchone()
-        )
-        return int(row[0])
-
-    async def get_blob_count(self) -> int:
-        row = await self._db.run(
-            lambda conn: conn.execute("SELECT blob_count FROM totals").fetchone()
         )
         return int(row[0])
 
