@@ -291,17 +291,27 @@ class _DiskWriter(BlobWriter):
         if self._temp_path is None:
             return
         final = self._storage.path_for(self.digest)
-        try:
+        # Other writers and evictors (in any process) race us on ``final``: retry until our
+        # data, or an intact copy of it, is in place.
+        while True:
             try:
                 os.link(self._temp_path, final)
+                return
             except FileNotFoundError:  # first blob of its shard
                 final.parent.mkdir(parents=True, exist_ok=True)
-                os.link(self._temp_path, final)
-        except FileExistsError:
-            # Another writer got there first; keep its copy unless it is damaged.
-            if final.stat().st_size != self.digest.size_bytes:
-                os.link(self._temp_path, final.with_name(f"{final.name}.{os.getpid()}"))
-                os.replace(final.with_name(f"{final.name}.{os.getpid()}"), final)
+                continue
+            except FileExistsError:
+                pass
+            try:
+                if final.stat().st_size == self.digest.size_bytes:
+                    return  # another writer got there first: keep its copy
+            except FileNotFoundError:
+                continue  # evicted between our link and our look: link again
+            # A damaged copy (e.g. truncated by a crash): replace it atomically.
+            side = final.with_name(f"{final.name}.{uuid.uuid4().hex}")
+            os.link(self._temp_path, side)
+            os.replace(side, final)
+            return
 
     async def abort(self) -> None:
         if self._temp_path is not None or self._handle is not None:
