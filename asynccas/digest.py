@@ -72,11 +72,7 @@ for _function in DigestFunction:
     _function.lower_name = _function.name.lower()
 _BY_PROTO: Final = {f.proto_value: f for f in DigestFunction}
 _BY_LENGTH: Final = {f.hex_length: f for f in DigestFunction}
-_HASH_PATTERN: Final = {f: re.compile(f"[0-9a-f]{{{f.hex_length}}}") for f in DigestFunction}
-# Many hashes joined by newlines, validated by one regex pass instead of one call each.
-_HASH_RUN_PATTERN: Final = {
-    f: re.compile(f"(?:[0-9a-f]{{{f.hex_length}}}\n)*") for f in DigestFunction
-}
+_HEX_DIGITS: Final = b"0123456789abcdef"
 
 
 _PROTO_NAMES: Final = {
@@ -120,7 +116,7 @@ class Digest(tuple[str, int, DigestFunction, str]):
 
     @classmethod
     def _trusted(cls, hash: str, size_bytes: int, function: DigestFunction) -> Digest:
-        """Build without checks: only for values already validated (``from_protos``)."""
+        """Build without checks: only for values already validated (``DigestBatch``)."""
         key = f"{function.lower_name}:{hash}:{size_bytes}"
         return tuple.__new__(cls, (hash, size_bytes, function, key))
 
@@ -182,37 +178,6 @@ class Digest(tuple[str, int, DigestFunction, str]):
         return cls(message.hash, message.size_bytes, function)
 
     @classmethod
-    def from_protos(
-        cls, messages: Sequence[re_pb2.Digest], function_value: int = 0
-    ) -> list[Digest]:
-        """``from_proto`` for many digests at once, which is what large requests need.
-
-        REAPI requires one digest function per request, so all hashes are checked in one
-        regex pass; anything unusual falls back to one-by-one validation and its errors.
-        """
-        if not messages:
-            return []
-        hashes = [m.hash for m in messages]
-        sizes = [m.size_bytes for m in messages]
-        function = (
-            DigestFunction.from_proto(function_value)
-            if function_value
-            else _BY_LENGTH.get(len(hashes[0]))
-        )
-        if function is not None and min(sizes) >= 0:
-            joined = "\n".join(hashes) + "\n"
-            # Exactly one newline per hash, each after exactly hex_length hex digits.
-            if len(joined) == len(hashes) * (function.hex_length + 1) and _HASH_RUN_PATTERN[
-                function
-            ].fullmatch(joined):
-                new, name = tuple.__new__, function.lower_name  # _trusted, inlined: hot
-                return [
-                    new(cls, (h, n, function, f"{name}:{h}:{n}"))
-                    for h, n in zip(hashes, sizes, strict=True)
-                ]
-        return [cls.from_proto(m, function_value) for m in messages]
-
-    @classmethod
     def parse(cls, text: str, function: DigestFunction | None = None) -> Digest:
         """Parse ``HASH/SIZE`` (the form used on command lines and in logs)."""
         hash_, sep, size = text.partition("/")
@@ -241,3 +206,119 @@ hash_of = hash  # the builtin, which the parameter named `hash` shadows inside m
 
 
 _EMPTY_HASHES: Final = {f: f.new_hasher().hexdigest() for f in DigestFunction}
+
+
+class DigestBatch:
+    """The digests of one request, of one digest function, held as columns.
+
+    Large requests (a FindMissingBlobs of thousands of digests) are validated in a few C-level
+    passes over all hashes at once, and a backend that can answer from the columns never has
+    ``Digest`` objects built: ``digests`` makes them only when first asked for.
+    """
+
+    __slots__ = ("_digests", "_hashes_text", "function", "hashes", "sizes")
+
+    def __init__(
+        self,
+        function: DigestFunction,
+        hashes: list[str],
+        sizes: list[int],
+        hashes_text: str | None = None,
+    ) -> None:
+        """Trusted: callers pass values already validated (``from_protos``, ``of``)."""
+        self.function = function
+        self.hashes = hashes
+        self.sizes = sizes
+        self._hashes_text = hashes_text
+        self._digests: list[Digest] | None = None
+
+    @classmethod
+    def of(cls, function: DigestFunction, digests: Sequence[Digest]) -> DigestBatch:
+        """A batch of digests already validated, all of ``function``."""
+        batch = cls(function, [d[0] for d in digests], [d[1] for d in digests])
+        batch._digests = list(digests)
+        return batch
+
+    @classmethod
+    def from_protos(cls, messages: Sequence[re_pb2.Digest], function_value: int = 0) -> DigestBatch:
+        """Validate a request's digests; an unset ``function_value`` is inferred from the hashes.
+
+        REAPI requires one digest function per request, so the common case is checked in bulk;
+        anything unusual goes one digest at a time, for the precise error message.
+        """
+        function = DigestFunction.from_proto(function_value) if function_value else None
+        if not messages:
+            return cls(function or DEFAULT_FUNCTION, [], [])
+        hashes = [m.hash for m in messages]
+        sizes = [m.size_bytes for m in messages]
+        function = function or _BY_LENGTH.get(len(hashes[0]))
+        if function is not None and min(sizes) >= 0:
+            text = "\n".join(hashes)
+            if _is_hash_column(text, len(hashes), function.hex_length):
+                return cls(function, hashes, sizes, text)
+        digests = [Digest.from_proto(m, function_value) for m in messages]  # raises the error
+        functions = {d.function for d in digests}
+        if len(functions) > 1:
+            names = " and ".join(sorted(f.lower_name for f in functions))
+            raise InvalidDigest(
+                f"a request's digests must all use one digest function, not {names}"
+            )
+        return cls.of(digests[0].function, digests)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def hashes_text(self) -> str:
+        """The hashes joined by newlines: one string for a backend to send on."""
+        if self._hashes_text is None:
+            self._hashes_text = "\n".join(self.hashes)
+        return self._hashes_text
+
+    @property
+    def digests(self) -> list[Digest]:
+        if self._digests is None:
+            new, function, name = tuple.__new__, self.function, self.function.lower_name
+            self._digests = [  # Digest._trusted, inlined: thousands per request
+                new(Digest, (h, n, function, f"{name}:{h}:{n}"))
+                for h, n in zip(self.hashes, self.sizes, strict=True)
+            ]
+        return self._digests
+
+    def unique(self) -> tuple[DigestBatch, list[int]] | None:
+        """None when no digest repeats; else the distinct digests and where each first appears."""
+        if len(set(self.hashes)) == len(self.hashes):  # the common case, checked in C
+            return None
+        first: dict[tuple[str, int], int] = {}
+        for position, pair in enumerate(zip(self.hashes, self.sizes, strict=True)):
+            first.setdefault(pair, position)
+        if len(first) == len(self.hashes):  # one hash with several sizes
+            return None
+        distinct = DigestBatch(self.function, [h for h, _ in first], [n for _, n in first])
+        return distinct, list(first.values())
+
+    def empty_positions(self) -> list[int]:
+        """Where the batch holds the empty blob, which REAPI says always exists."""
+        if 0 not in self.sizes:
+            return []
+        empty = _EMPTY_HASHES[self.function]
+        return [
+            i
+            for i, (h, n) in enumerate(zip(self.hashes, self.sizes, strict=True))
+            if n == 0 and h == empty
+        ]
+
+
+def _is_hash_column(text: str, count: int, width: int) -> bool:
+    """Whether ``text`` is ``count`` lower-case hex hashes of ``width``, newline-separated.
+
+    With the length right and a newline after every ``width`` characters, deleting the hex
+    digits must leave exactly those newlines: no character can be anything else.
+    """
+    if len(text) != count * (width + 1) - 1 or text[width :: width + 1] != "\n" * (count - 1):
+        return False
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return len(raw.translate(None, _HEX_DIGITS)) == count - 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import anyio
 import redis
 import redis.asyncio as redis_async
 import redis.exceptions
@@ -93,6 +94,34 @@ class RedisProvider:
             return primary
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {self.display_url}")
 
+    async def send_encoded(self, client: Client, commands: bytes, replies: int) -> list[Any]:
+        """Send commands already encoded in RESP, on one pooled connection, and read replies.
+
+        For hot paths only: redis-py encodes each argument in Python, which for a command of
+        thousands of members costs far more than building the RESP text in a few joins.
+        Not for a cluster, which must route each command by its key's slot.
+        """
+        if not isinstance(client, redis_async.Redis):
+            raise TypeError("send_encoded needs a single Redis server, not a cluster")
+        pool = client.connection_pool
+        for attempt in range(2):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_packed_command(commands)
+                return [await connection.read_response() for _ in range(replies)]
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                # A pooled connection may predate a Redis restart: retry once on a new one,
+                # as redis-py does. The hot-path commands are idempotent.
+                await _drop(connection)
+                if attempt:
+                    raise
+            except BaseException:
+                await _drop(connection)
+                raise
+            finally:
+                await pool.release(connection)
+        raise AssertionError("unreachable")
+
     @contextmanager
     def errors(self, action: str) -> Iterator[None]:
         """Translate redis-py errors into asynccas errors at this one boundary."""
@@ -106,6 +135,12 @@ class RedisProvider:
             raise BackendUnavailable(
                 f"Redis at {self.display_url} is unreachable while trying to {action}: {exc}"
             ) from exc
+
+
+async def _drop(connection: Any) -> None:
+    """Close a connection whose replies may be unread, so that no later user reads them."""
+    with anyio.CancelScope(shield=True):
+        await connection.disconnect()
 
 
 def _host_port(item: str) -> tuple[str, int]:

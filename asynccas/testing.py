@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import anyio.lowlevel
 
-from asynccas.digest import Digest, DigestFunction
+from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch
 from asynccas.index.base import StorageIndex
 from asynccas.storage.base import CHUNK_SIZE, Storage
@@ -55,6 +55,10 @@ async def check_storage(storage: Storage) -> None:
     await storage.commit_write(digest, _chunks(data))
     assert await storage.has_blob(digest), "committed blob not found"
     assert await storage.missing_blobs([digest, absent]) == [absent]
+    batch = DigestBatch.of(DigestFunction.SHA256, [absent, digest, absent, digest])
+    assert await storage.missing_mask(batch) == bytes([1, 0, 0, 0]), (
+        "missing_mask must flag each absent digest once, at its first position"
+    )
     chunks = await _read(storage, digest)
     assert b"".join(chunks) == data, "read back different bytes"
     assert all(len(c) <= CHUNK_SIZE for c in chunks), "a read chunk exceeded CHUNK_SIZE"

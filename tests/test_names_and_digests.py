@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asynccas.digest import MAX_SIZE, Digest, DigestFunction
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas.digest import MAX_SIZE, Digest, DigestBatch, DigestFunction
 from asynccas.errors import InvalidArgument, InvalidDigest, InvalidResourceName, UnsupportedFeature
 from asynccas.resource_names import (
     RESERVED_SEGMENTS,
@@ -77,6 +78,63 @@ def test_digest_rejects_anything_not_hex_of_the_right_length(hash_: str, size: i
 def test_hostile_hashes(hash_: str) -> None:
     with pytest.raises(InvalidDigest):
         Digest(hash_, 1)
+
+
+# Hashes that are almost right: the bulk validation must catch every one of them.
+near_hashes = st.one_of(
+    st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    st.text(alphabet="0123456789abcdefA\n \x00é", min_size=62, max_size=66),
+    st.text(alphabet="0123456789abcdef", min_size=40, max_size=40),
+)
+
+
+@given(
+    st.lists(st.tuples(near_hashes, st.integers(min_value=-2, max_value=MAX_SIZE)), max_size=8),
+    st.sampled_from([0, re_pb2.DigestFunction.SHA256, re_pb2.DigestFunction.SHA1]),
+)
+def test_batch_validation_agrees_with_one_by_one(
+    entries: list[tuple[str, int]], function_value: int
+) -> None:
+    messages = [re_pb2.Digest(hash=h, size_bytes=n) for h, n in entries]
+    try:
+        expected = [Digest.from_proto(m, function_value) for m in messages]
+    except (InvalidDigest, UnsupportedFeature):
+        expected = None
+    if expected is not None and len({d.function for d in expected}) > 1:
+        expected = None  # REAPI: one digest function per request
+    try:
+        batch = DigestBatch.from_protos(messages, function_value)
+    except (InvalidDigest, UnsupportedFeature):
+        assert expected is None, "bulk validation refused what one-by-one accepts"
+    else:
+        assert expected is not None, f"bulk validation accepted {entries!r}"
+        assert batch.digests == expected
+        assert [d.key for d in batch.digests] == [d.key for d in expected]
+        assert (batch.hashes, batch.sizes) == (
+            [d.hash for d in expected],
+            [d.size_bytes for d in expected],
+        )
+
+
+def test_batch_of_mixed_functions_names_them() -> None:
+    sha256, sha1 = Digest.of(b"a"), Digest.of(b"a", DigestFunction.SHA1)
+    with pytest.raises(InvalidDigest, match="one digest function, not sha1 and sha256"):
+        DigestBatch.from_protos([sha256.to_proto(), sha1.to_proto()])
+
+
+def test_batch_unique_and_empty_positions() -> None:
+    a, b, empty = Digest.of(b"a"), Digest.of(b"b"), Digest.empty()
+    same_hash_other_size = Digest(a.hash, a.size_bytes + 1)
+    batch = DigestBatch.from_protos(
+        [d.to_proto() for d in [a, b, a, empty, same_hash_other_size, b]]
+    )
+    unique = batch.unique()
+    assert unique is not None
+    distinct, first = unique
+    assert distinct.digests == [a, b, empty, same_hash_other_size]
+    assert first == [0, 1, 3, 4]
+    assert batch.empty_positions() == [3]
+    assert DigestBatch.from_protos([a.to_proto(), same_hash_other_size.to_proto()]).unique() is None
 
 
 @pytest.mark.parametrize("size", [-1, MAX_SIZE + 1, True, 1.0])

@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
+import redis.asyncio
 
 from asynccas.index.redis import RedisIndex
 from asynccas.storage.disk import DiskStorage
@@ -88,3 +89,37 @@ async def test_lost_blob_is_reported_missing_and_deindexed(
         assert await index.bulk_read_blobs([digest]) == {}
         assert not await index.has_blob(digest), "a lost blob must be de-indexed"
         assert await index.get_total_size() == 0
+
+
+async def test_recency_is_refreshed_at_most_once_per_touch_interval(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    digest, data = blob(300, 3)
+    async with make_index(redis_server.url, tmp_path, touch_interval=3600) as index:
+        await index.commit_write(digest, chunks(data))
+        raw = redis.asyncio.Redis.from_url(redis_server.url)
+        lru = f"{{{index.prefix}:0}}:lru"
+        added = await raw.zscore(lru, digest.key)
+        assert added is not None
+        assert await index.missing_blobs([digest]) == []
+        assert await raw.zscore(lru, digest.key) == added, "a fresh entry was rewritten"
+        stale = added - 7200
+        await raw.zadd(lru, {digest.key: stale})
+        assert await index.missing_blobs([digest]) == []
+        touched = await raw.zscore(lru, digest.key)
+        assert touched is not None
+        assert touched > stale, "a stale entry was not refreshed"
+        assert touched % 3600 == 0, "recency is kept to the touch interval"
+        await raw.aclose()
+
+
+async def test_processes_disagreeing_on_buckets_refuse_to_share_an_index(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    first = make_index(redis_server.url, tmp_path, buckets=4)
+    async with first:
+        other = RedisIndex(
+            DiskStorage(tmp_path / "data", fsync=False), redis_server.url, prefix=first.prefix
+        )
+        with pytest.raises(ValueError, match="has 4 buckets; this process was configured with 1"):
+            await other.start()

@@ -5,9 +5,13 @@ Layout: digests fall into ``buckets`` by hash. Each bucket is a sorted set (memb
 ``Digest.key``, which carries the size; score = last use, unix time), a byte counter,
 an eviction generation and an "eviction in progress" flag, all under one hash tag
 ``{prefix:N}`` so a bucket lives on one Redis Cluster slot and one Lua script can
-update it atomically. A request touching N digests sends one script per bucket in one
-non-transactional pipeline: O(1) round trips and at most ``buckets`` scripts, never
-one command per digest.
+update it atomically. A single server needs one bucket; a cluster gets 16 by default, to
+spread them over its masters.
+
+Checking N digests (FindMissingBlobs, and the recency refresh of reads) costs one round
+trip and two native commands per bucket: ZMSCORE for presence, ``ZADD XX GT`` for
+recency. Never one command per digest; and on a single server the RESP text is built in
+a few joins rather than by redis-py's per-argument encoder, which would dominate.
 
 Eviction never leaves a blob indexed but missing, without locks on the write path: a
 writer reads the bucket generation before publishing its file, and its ADD script
@@ -25,11 +29,12 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
+from itertools import chain, compress
 from typing import Any, Final
 
 import anyio
 
-from asynccas.digest import Digest
+from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable
 from asynccas.index.base import StorageIndex
 from asynccas.redis_provider import Client, RedisProvider
@@ -37,30 +42,7 @@ from asynccas.storage.base import BlobWriter, Storage
 
 logger = logging.getLogger(__name__)
 
-# Scripts stay small and per bucket: every key they touch shares the bucket's hash tag.
-# Members arrive newline-joined in one argument and presence returns as one string of
-# '0'/'1': per-argument encoding in the client would otherwise dominate the cost.
-_TOUCH: Final = """
-local members = {}
-for member in string.gmatch(ARGV[3], '[^\\n]+') do members[#members + 1] = member end
-local scores = redis.call('ZMSCORE', KEYS[1], unpack(members))
-local present, stale = {}, {}
-local stale_before = tonumber(ARGV[2])
-for i = 1, #members do
-  local score = scores[i]
-  if score then
-    present[i] = '1'
-    if tonumber(score) < stale_before then
-      stale[#stale + 1] = ARGV[1]
-      stale[#stale + 1] = members[i]
-    end
-  else
-    present[i] = '0'
-  end
-end
-if #stale > 0 then redis.call('ZADD', KEYS[1], 'XX', unpack(stale)) end
-return table.concat(present)
-"""
+# Scripts stay per bucket: every key they touch shares the bucket's hash tag.
 _ADD: Final = """
 if redis.call('EXISTS', KEYS[4]) == 1 or (redis.call('GET', KEYS[3]) or '0') ~= ARGV[1] then
   return -1
@@ -109,7 +91,6 @@ _RELEASE_LOCK: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_MAX_ARGS_PER_SCRIPT: Final = 2000  # Lua's unpack() has a stack limit around 8000
 _EVICTION_BATCH: Final = 256
 _EVICTION_FLAG_TTL_MS: Final = 60_000
 _PUBLISH_ATTEMPTS: Final = 40
@@ -122,11 +103,15 @@ class RedisIndex(StorageIndex):
         redis: RedisProvider | str,
         *,
         prefix: str = "asynccas",
-        buckets: int = 8,
+        buckets: int | None = None,
         touch_interval: float = 60.0,
     ) -> None:
         super().__init__(storage)
         self.provider = RedisProvider(redis) if isinstance(redis, str) else redis
+        if buckets is None:
+            # Buckets spread a cluster's keys over its masters; a single server gains nothing
+            # from them (an eviction batch spans every bucket anyway) and pays per digest.
+            buckets = 16 if self.provider.is_cluster else 1
         if not 1 <= buckets <= 256:
             raise ValueError(f"buckets must be between 1 and 256, not {buckets}")
         if not prefix.replace("-", "").replace("_", "").isalnum():
@@ -145,8 +130,18 @@ class RedisIndex(StorageIndex):
     async def start(self) -> None:
         await self.storage.start()
         self._client = self.provider.client()
+        # Every process sharing this index must bucket digests the same way: the first to
+        # start records its bucket count, and a process configured otherwise refuses to run.
+        layout = f"{{{self.prefix}}}:buckets"
         with self.provider.errors("connect"):
-            await self._client.ping()
+            await self._client.set(layout, self.buckets, nx=True)
+            recorded = int(await self._client.get(layout) or 0)
+        if recorded != self.buckets:
+            await self.stop()
+            raise ValueError(
+                f"the index {self.prefix!r} at {self.provider.display_url} has {recorded}"
+                f" buckets; this process was configured with {self.buckets}"
+            )
 
     async def stop(self) -> None:
         if self._client is not None:
@@ -194,21 +189,109 @@ class RedisIndex(StorageIndex):
         return not await self.missing_blobs([digest])
 
     async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        # Keyed by the key string: its hash is computed in C and cached, which matters
-        # at thousands of digests per request.
-        unique = {d[3]: d for d in digests}  # [3] is .key, without a property call
-        now = time.time()
-        calls, order = [], []
-        for bucket, members in self._group(unique.values()).items():
-            for start in range(0, len(members), _MAX_ARGS_PER_SCRIPT):
-                chunk = members[start : start + _MAX_ARGS_PER_SCRIPT]
-                args = [now, now - self.touch_interval, "\n".join([d[3] for d in chunk])]
-                calls.append((_TOUCH, self._keys(bucket)[:1], args))
-                order.append(chunk)
-        present: set[str] = set()
-        for chunk, flags in zip(order, await self._pipeline("check blobs", calls), strict=True):
-            present.update(d[3] for d, flag in zip(chunk, flags, strict=True) if flag == 49)  # "1"
-        return [d for key, d in unique.items() if key not in present]
+        by_function: dict[DigestFunction, list[Digest]] = defaultdict(list)
+        for digest in dict.fromkeys(digests):
+            by_function[digest[2]].append(digest)  # [2] is .function
+        missing: list[Digest] = []
+        for function, group in by_function.items():  # nearly always one
+            missing += compress(group, await self.missing_mask(DigestBatch.of(function, group)))
+        return missing
+
+    async def missing_mask(self, batch: DigestBatch) -> bytes:
+        """Per bucket, ZMSCORE for presence and ``ZADD XX GT`` for recency, in one round trip.
+
+        The recency score is the current time rounded down to ``touch_interval``: with GT, a
+        hit rewrites an entry at most once per interval, and every other hit is a no-op.
+        """
+        unique = batch.unique()
+        if unique is not None:  # repeated digests: answer once, at the first position
+            distinct, first_positions = unique
+            mask = bytearray(len(batch))
+            for position, flag in zip(
+                first_positions, await self.missing_mask(distinct), strict=True
+            ):
+                mask[position] = flag
+            return bytes(mask)
+        if not batch.hashes:
+            return b""
+        name, hashes, sizes = batch.function.lower_name, batch.hashes, batch.sizes
+        recency = repr(math.floor(time.time() / self.touch_interval) * self.touch_interval)
+        groups: list[tuple[int, list[int] | None]]
+        if self.buckets == 1:
+            groups = [(0, None)]
+        else:
+            by_bucket: dict[int, list[int]] = defaultdict(list)
+            bucket_of_prefix = self._bucket_of_prefix
+            for position, hash_ in enumerate(hashes):
+                by_bucket[bucket_of_prefix[hash_[:2]]].append(position)
+            groups = list(by_bucket.items())
+        if self.provider.is_cluster:
+            replies = await self._check_through_pipeline(name, hashes, sizes, recency, groups)
+        else:
+            replies = await self._check_encoded(name, hashes, sizes, recency, groups)
+        mask = bytearray(len(batch))
+        for (_, where), scores in zip(groups, replies, strict=True):
+            if where is None:
+                return bytes([score is None for score in scores])
+            for position, score in zip(where, scores, strict=True):
+                mask[position] = score is None
+        return bytes(mask)
+
+    async def _check_encoded(
+        self,
+        name: str,
+        hashes: list[str],
+        sizes: list[int],
+        recency: str,
+        groups: list[tuple[int, list[int] | None]],
+    ) -> list[list[Any]]:
+        """The commands as RESP text built in joins: this is the hot path of FindMissingBlobs."""
+        score = f"${len(recency)}\r\n{recency}\r\n"
+        width = len(name) + len(hashes[0]) + 2  # "name:hash:" plus the size's digits
+        text = []
+        for bucket, where in groups:
+            if where is None:
+                pairs = zip(hashes, map(str, sizes), strict=True)
+            else:
+                pairs = zip([hashes[i] for i in where], [str(sizes[i]) for i in where], strict=True)
+            members = [f"${width + len(n)}\r\n{name}:{h}:{n}\r\n" for h, n in pairs]
+            key = self._keys(bucket)[0]
+            key = f"${len(key)}\r\n{key}\r\n"
+            text += [
+                f"*{len(members) + 2}\r\n$7\r\nZMSCORE\r\n{key}", *members,
+                f"*{2 * len(members) + 4}\r\n$4\r\nZADD\r\n{key}$2\r\nXX\r\n$2\r\nGT\r\n",
+                score, score.join(members),
+            ]  # fmt: skip
+        with self.provider.errors("check blobs"):
+            replies = await self.provider.send_encoded(
+                self.client, "".join(text).encode(), 2 * len(groups)
+            )
+        return replies[::2]  # the ZMSCORE replies; ZADD's count of changes is not needed
+
+    async def _check_through_pipeline(
+        self,
+        name: str,
+        hashes: list[str],
+        sizes: list[int],
+        recency: str,
+        groups: list[tuple[int, list[int] | None]],
+    ) -> list[list[Any]]:
+        """The same commands through redis-py's cluster pipeline, which routes them by slot."""
+        calls = []
+        for bucket, where in groups:
+            positions = range(len(hashes)) if where is None else where
+            members = [f"{name}:{hashes[i]}:{sizes[i]}" for i in positions]
+            key = self._keys(bucket)[0]
+            calls.append(("ZMSCORE", key, *members))
+            calls.append(
+                ("ZADD", key, "XX", "GT", *chain.from_iterable((recency, m) for m in members))
+            )
+        with self.provider.errors("check blobs"):
+            pipe = self.client.pipeline(transaction=False)
+            for call in calls:
+                pipe.execute_command(*call)
+            replies = list(await pipe.execute())
+        return replies[::2]
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
         await self.missing_blobs(digests)

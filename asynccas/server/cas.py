@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from itertools import compress
 from typing import Final
 
 from google.protobuf.message import DecodeError
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.digest import Digest
+from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import (
     BatchTooLarge,
     BlobNotFound,
@@ -53,17 +54,19 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     ) -> re_pb2.FindMissingBlobsResponse:
         validate_instance_name(request.instance_name)
         # No per-digest status exists in the response, so one bad digest fails the request.
-        digests = Digest.from_protos(request.blob_digests, request.digest_function)
-        missing = await self.storage.missing_blobs(
-            [d for d in digests if d.size_bytes or not d.is_empty]
-        )
-        if not missing:
+        batch = DigestBatch.from_protos(request.blob_digests, request.digest_function)
+        mask = await self.storage.missing_mask(batch)
+        empty = batch.empty_positions()
+        if empty:
+            editable = bytearray(mask)
+            for position in empty:
+                editable[position] = 0  # REAPI: the empty blob always exists
+            mask = bytes(editable)
+        if not any(mask):
             return re_pb2.FindMissingBlobsResponse()
         # Answer with the request's own messages: cheaper than building new ones.
-        position = {d[3]: i for i, d in enumerate(digests)}  # [3] is .key; this loop is hot
-        sent = request.blob_digests
         return re_pb2.FindMissingBlobsResponse(
-            missing_blob_digests=[sent[position[d[3]]] for d in missing]
+            missing_blob_digests=list(compress(request.blob_digests, mask))
         )
 
     def _check_batch_size(self, total: int, verb: str) -> None:

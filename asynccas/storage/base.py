@@ -17,7 +17,7 @@ from typing import Final, Self
 
 import anyio
 
-from asynccas.digest import Digest
+from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, CasError, DigestMismatch
 
 CHUNK_SIZE: Final = 1024 * 1024
@@ -117,6 +117,22 @@ class Storage(abc.ABC):
     async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         """The given digests that are absent, each once, in first-seen order."""
         return [d for d in dict.fromkeys(digests) if not await self.has_blob(d)]
+
+    async def missing_mask(self, batch: DigestBatch) -> bytes:
+        """``missing_blobs`` for a request's batch, as one byte per digest in batch order.
+
+        1 where the digest is absent (at its first position only, when repeated), 0 elsewhere.
+        A mask lets large requests be answered without building a ``Digest`` per entry; backends
+        that can work on the columns directly override this.
+        """
+        digests = batch.digests
+        missing = set(await self.missing_blobs(digests))
+        mask = bytearray(len(digests))
+        for position, digest in enumerate(digests):
+            if digest in missing:
+                mask[position] = 1
+                missing.discard(digest)
+        return bytes(mask)
 
     @abc.abstractmethod
     def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncGenerator[bytes]:
