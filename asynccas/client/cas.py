@@ -44,6 +44,7 @@ from asynccas.client.merkle import build_tree, digest_of_file
 from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch, InvalidArgument
 from asynccas.resource_names import format_read_name, format_write_name
+from asynccas.transport import TRANSPORT_OPTIONS
 
 T = TypeVar("T")
 
@@ -121,6 +122,7 @@ class CasClient:
         options = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            *TRANSPORT_OPTIONS,
         ]
         channel = (
             grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)

@@ -17,6 +17,7 @@ from asynccas.server.capabilities import CapabilitiesService
 from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.base import CHUNK_SIZE, Storage
+from asynccas.transport import TRANSPORT_OPTIONS
 
 DEFAULT_MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
 
@@ -47,6 +48,7 @@ class CasServer:
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
+                *TRANSPORT_OPTIONS,
             ]
         )
         re_grpc.add_CapabilitiesServicer_to_server(

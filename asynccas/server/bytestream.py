@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Final
+from typing import Any, Final
 
 import anyio
 
@@ -18,6 +19,12 @@ from asynccas.storage.base import Storage
 
 HALF_CLOSE_GRACE: Final = 0.1
 """Seconds to wait before parking an upload whose stream ended without finish_write."""
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    """Cancel a read-ahead that is no longer wanted, and consume whatever it ends with."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _reject_compression(resource: BlobResource) -> None:
@@ -83,12 +90,20 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                         f"write_offset {request.write_offset} should be"
                         f" {upload.writer.committed_size}, the bytes received so far"
                     )
-                await upload.writer.write(request.data)
                 if request.finish_write:
+                    await upload.writer.write(request.data)
                     await upload.writer.commit()
                     finished = True
                     return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
-                request = await anext(request_iterator, None)
+                # Receive the next message while this chunk is hashed and written in a
+                # worker thread: the two overlap instead of taking turns.
+                upcoming = asyncio.ensure_future(anext(request_iterator, None))
+                try:
+                    await upload.writer.write(request.data)
+                except BaseException:
+                    _discard(upcoming)
+                    raise
+                request = await upcoming
             # The stream ended without finish_write. A client that cancelled looks the
             # same at this point: gRPC cancels this handler only a moment later. Wait
             # that moment, so a cancelled upload is discarded (below), not parked.
