@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-fsync",
         action="store_true",
-        help="skip fsync before publishing disk blobs (faster; a crash may lose recent blobs)",
+        help="skip fsync of blobs and SQLite databases (faster; a power loss may lose recent"
+        " blobs, and `asynccas reindex` may be needed)",
     )
     serve.add_argument(
         "--no-ac-check",
@@ -148,7 +149,9 @@ def _data_dir(args: argparse.Namespace) -> Path:
 def _build_index(args: argparse.Namespace, storage: Storage) -> tuple[StorageIndex, str]:
     data_dir = _data_dir(args)
     if args.index == "sqlite":
-        return SqliteIndex(storage, data_dir / "index.sqlite"), f"index {data_dir / 'index.sqlite'}"
+        fsync = not getattr(args, "no_fsync", False)  # reindex has no such option
+        index = SqliteIndex(storage, data_dir / "index.sqlite", fsync=fsync)
+        return index, f"index {data_dir / 'index.sqlite'}"
     if args.index.startswith(("redis://", "rediss://", "redis+cluster://", "redis+sentinel://")):
         provider = RedisProvider(args.index)
         return RedisIndex(storage, provider), f"index {provider.display_url}"
@@ -168,7 +171,9 @@ def _build(
     blobs: Storage = DiskStorage(data_dir, fsync=not args.no_fsync)
     if args.small_blob_limit:
         small = SqliteBlobStorage(
-            data_dir / "small-blobs.sqlite", max_blob_size=args.small_blob_limit
+            data_dir / "small-blobs.sqlite",
+            max_blob_size=args.small_blob_limit,
+            fsync=not args.no_fsync,
         )
         blobs = SizeDifferentiatedStorage(small, blobs, limit=args.small_blob_limit)
     index, index_where = _build_index(args, blobs)

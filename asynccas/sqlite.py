@@ -33,8 +33,11 @@ def sqlite_errors(path: Path) -> Iterator[None]:
 
 
 class SqliteDatabase:
-    def __init__(self, path: str | Path, schema: str, *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, schema: str, *, busy_timeout: float = 30.0, fsync: bool = True
+    ) -> None:
         self.path = Path(path)
+        self._fsync = fsync
         self._schema = schema
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
@@ -50,7 +53,9 @@ class SqliteDatabase:
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+        # NORMAL: durable at checkpoints, and WAL keeps it consistent. Without fsync (asked for
+        # speed, as for disk blobs), a power loss may cost recent writes; `reindex` rebuilds.
+        conn.execute(f"PRAGMA synchronous={'NORMAL' if self._fsync else 'OFF'}")
         try:
             # One transaction, so concurrent processes creating the schema do not collide.
             conn.executescript(f"BEGIN IMMEDIATE;\n{self._schema}\nCOMMIT;")

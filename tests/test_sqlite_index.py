@@ -91,3 +91,12 @@ async def test_an_index_from_before_deletion_markers_is_migrated(tmp_path: Path)
         await index.delete_blob(digest)
         assert await index.deletion_marker() == (before or 0) + 1
         assert await index.get_total_size() == 0
+
+
+@pytest.mark.parametrize(("fsync", "synchronous"), [(True, 1), (False, 0)])
+async def test_no_fsync_reaches_sqlite(tmp_path: Path, fsync: bool, synchronous: int) -> None:
+    # `serve --no-fsync` trades durability for speed in the databases too, not only for files.
+    index = SqliteIndex(DiskStorage(tmp_path / "data"), tmp_path / "index.sqlite", fsync=fsync)
+    async with index:
+        mode = await index._db.run(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+        assert mode == synchronous  # 1 is NORMAL, 0 is OFF

@@ -72,13 +72,20 @@ _EVICTION_BATCH: Final = 256
 
 
 class SqliteIndex(StorageIndex):
-    def __init__(self, storage: Storage, path: str | Path, *, touch_interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        path: str | Path,
+        *,
+        touch_interval: float = 60.0,
+        fsync: bool = True,
+    ) -> None:
         super().__init__(storage)
         self.path = Path(path)
         # Refreshing recency on every hit would turn every FindMissingBlobs into a
         # write; LRU order only needs it to within this many seconds.
         self.touch_interval = touch_interval
-        self._db = SqliteDatabase(self.path, _SCHEMA)
+        self._db = SqliteDatabase(self.path, _SCHEMA, fsync=fsync)
 
     async def start(self) -> None:
         await self.storage.start()

@@ -22,10 +22,12 @@ CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITH
 
 
 class SqliteBlobStorage(Storage):
-    def __init__(self, path: str | Path, *, max_blob_size: int = 1024 * 1024) -> None:
+    def __init__(
+        self, path: str | Path, *, max_blob_size: int = 1024 * 1024, fsync: bool = True
+    ) -> None:
         self.path = Path(path)
         self.max_blob_size = max_blob_size
-        self._db = SqliteDatabase(self.path, _SCHEMA)
+        self._db = SqliteDatabase(self.path, _SCHEMA, fsync=fsync)
 
     async def start(self) -> None:
         await self._db.open()
