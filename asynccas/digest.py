@@ -254,7 +254,7 @@ class DigestBatch:
         function = function or _BY_LENGTH.get(len(hashes[0]))
         if function is not None and min(sizes) >= 0:
             text = "\n".join(hashes)
-            if _is_hash_column(text, len(hashes), function.hex_length):
+            if is_hash_column(text, len(hashes), function.hex_length):
                 return cls(function, hashes, sizes, text)
         digests = [Digest.from_proto(m, function_value) for m in messages]  # raises the error
         functions = {d.function for d in digests}
@@ -309,7 +309,7 @@ class DigestBatch:
         ]
 
 
-def _is_hash_column(text: str, count: int, width: int) -> bool:
+def is_hash_column(text: str, count: int, width: int) -> bool:
     """Whether ``text`` is ``count`` lower-case hex hashes of ``width``, newline-separated.
 
     With the length right and a newline after every ``width`` characters, deleting the hex

@@ -58,12 +58,9 @@ class CasServer:
             ),
             self._server,
         )
-        re_grpc.add_ContentAddressableStorageServicer_to_server(
-            ContentAddressableStorageService(
-                storage, max_batch_total_size_bytes=max_batch_total_size_bytes
-            ),
-            self._server,
-        )
+        ContentAddressableStorageService(
+            storage, max_batch_total_size_bytes=max_batch_total_size_bytes
+        ).add_to_server(self._server)
         bs_grpc.add_ByteStreamServicer_to_server(
             ByteStreamService(storage, self.uploads), self._server
         )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from itertools import compress
-from typing import Final
+from typing import Any, Final
 
-from google.protobuf.message import DecodeError
+import grpc
+from google.protobuf.message import DecodeError, Message
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -22,8 +23,10 @@ from asynccas.errors import (
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
 from asynccas.server.tree_cache import CachedTree, TreeCache
+from asynccas.server.wire import FindMissingBlobsWire
 from asynccas.storage.base import Storage
 
+_SERVICE: Final = "build.bazel.remote.execution.v2.ContentAddressableStorage"
 DEFAULT_TREE_PAGE_SIZE: Final = 1000
 MAX_TREE_PAGE_SIZE: Final = 10_000
 _TREE_READ_BATCH: Final = 1000
@@ -52,9 +55,36 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     async def FindMissingBlobs(
         self, request: re_pb2.FindMissingBlobsRequest, context: Context
     ) -> re_pb2.FindMissingBlobsResponse:
+        return await self._find_missing_blobs(request)
+
+    @unary_rpc
+    async def find_missing_blobs_wire(self, body: bytes, context: Context) -> bytes:
+        """FindMissingBlobs as the server registers it: wire bytes in and out (see ``wire``)."""
+        request = FindMissingBlobsWire.parse(body)
+        if request is None:  # not in the shape the wire reader takes: the protobuf path
+            try:
+                message = re_pb2.FindMissingBlobsRequest.FromString(body)
+            except DecodeError as exc:
+                raise InvalidArgument(f"FindMissingBlobsRequest is malformed: {exc}") from None
+            return (await self._find_missing_blobs(message)).SerializeToString()
+        validate_instance_name(request.instance_name)
+        return request.answer(await self._missing_mask(request.batch))
+
+    async def _find_missing_blobs(
+        self, request: re_pb2.FindMissingBlobsRequest
+    ) -> re_pb2.FindMissingBlobsResponse:
         validate_instance_name(request.instance_name)
         # No per-digest status exists in the response, so one bad digest fails the request.
         batch = DigestBatch.from_protos(request.blob_digests, request.digest_function)
+        mask = await self._missing_mask(batch)
+        if not any(mask):
+            return re_pb2.FindMissingBlobsResponse()
+        # Answer with the request's own messages: cheaper than building new ones.
+        return re_pb2.FindMissingBlobsResponse(
+            missing_blob_digests=list(compress(request.blob_digests, mask))
+        )
+
+    async def _missing_mask(self, batch: DigestBatch) -> bytes:
         mask = await self.storage.missing_mask(batch)
         empty = batch.empty_positions()
         if empty:
@@ -62,12 +92,39 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
             for position in empty:
                 editable[position] = 0  # REAPI: the empty blob always exists
             mask = bytes(editable)
-        if not any(mask):
-            return re_pb2.FindMissingBlobsResponse()
-        # Answer with the request's own messages: cheaper than building new ones.
-        return re_pb2.FindMissingBlobsResponse(
-            missing_blob_digests=list(compress(request.blob_digests, mask))
-        )
+        return mask
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the service as grpc's generated code would, except that FindMissingBlobs
+        takes and returns wire bytes."""
+
+        def method(
+            handler: Any, request: type[Message], response: type[Message]
+        ) -> grpc.RpcMethodHandler[Any, Any]:
+            return grpc.unary_unary_rpc_method_handler(
+                handler,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+
+        handlers = {
+            "FindMissingBlobs": grpc.unary_unary_rpc_method_handler(self.find_missing_blobs_wire),
+            "BatchUpdateBlobs": method(
+                self.BatchUpdateBlobs,
+                re_pb2.BatchUpdateBlobsRequest,
+                re_pb2.BatchUpdateBlobsResponse,
+            ),
+            "BatchReadBlobs": method(
+                self.BatchReadBlobs, re_pb2.BatchReadBlobsRequest, re_pb2.BatchReadBlobsResponse
+            ),
+            "GetTree": grpc.unary_stream_rpc_method_handler(
+                self.GetTree,
+                request_deserializer=re_pb2.GetTreeRequest.FromString,
+                response_serializer=re_pb2.GetTreeResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        server.add_registered_method_handlers(_SERVICE, handlers)
 
     def _check_batch_size(self, total: int, verb: str) -> None:
         limit = self.max_batch_total_size_bytes

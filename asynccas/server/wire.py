@@ -1,0 +1,125 @@
+"""FindMissingBlobs read and answered as wire bytes, without building protobuf messages.
+
+A build asks FindMissingBlobs about thousands of digests before every step, so this is the
+server's hottest request, and message objects (one per digest, in and out) were most of its
+cost. Every serializer in use (upb, protobuf-java, Go, prost, C++) writes a request's fields in
+field-number order with a fixed shape per digest, so a request is read here with a handful of
+C-level passes over its bytes, and the answer reuses the request's own digest entries:
+``FindMissingBlobsResponse.missing_blob_digests`` has the same field number (2) as
+``FindMissingBlobsRequest.blob_digests``.
+
+Anything else (other field orders, unknown fields, other digest functions, malformed bytes)
+returns ``None`` and takes the ordinary protobuf path, which also words the errors.
+What this module accepts, it reads exactly as protobuf would: a property test compares them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import compress
+from operator import itemgetter
+from typing import Final, cast
+
+from asynccas.digest import DigestBatch, DigestFunction, is_hash_column
+
+# One entry of field 2: its tag, its length, then a Digest of a SHA-256 hash (field 1: 64
+# characters) and a size (field 2: a varint of at most 5 bytes, so below 32 GiB; absent when 0).
+# One alternative per varint length ties the entry's length byte to what follows it.
+# The bytes are decoded as Latin-1, so each character is one byte. No groups: findall then
+# returns plain strings, which unlike tuples cost the garbage collector nothing.
+_ENTRY: Final = re.compile(
+    "\x12(?:"
+    "\x42\x0a\x40.{64}|"
+    "\x44\x0a\x40.{64}\x10[\x00-\x7f]|"
+    "\x45\x0a\x40.{64}\x10[\x80-\xff][\x00-\x7f]|"
+    "\x46\x0a\x40.{64}\x10[\x80-\xff]{2}[\x00-\x7f]|"
+    "\x47\x0a\x40.{64}\x10[\x80-\xff]{3}[\x00-\x7f]|"
+    "\x48\x0a\x40.{64}\x10[\x80-\xff]{4}[\x00-\x7f])",
+    re.DOTALL,
+)
+_HASH: Final = itemgetter(slice(4, 68))
+_VARINT: Final = itemgetter(slice(69, None))
+# Field 3, digest_function, last: absent, UNKNOWN or SHA256.
+_SHA256_TRAILERS: Final = ("\x18\x00", "\x18\x01")
+_MAX_CACHED_SIZES: Final = 1 << 16
+
+_sizes: dict[str, int] = {"": 0}  # varint text -> value; builds reuse few thousand sizes
+
+
+@dataclass(frozen=True, slots=True)
+class FindMissingBlobsWire:
+    instance_name: str
+    batch: DigestBatch
+    entries: list[str]
+    """Each digest's field-2 entry, as Latin-1 text, in request order."""
+
+    @classmethod
+    def parse(cls, body: bytes) -> FindMissingBlobsWire | None:
+        """The request in ``body``, or ``None`` when it is not in the shape read here."""
+        text = body.decode("latin-1")
+        start, instance_name = _instance_name(text)
+        if instance_name is None:
+            return None
+        end = len(text) - 2 if text.endswith(_SHA256_TRAILERS) else len(text)
+        if end < start:  # the "trailer" lies inside the instance name
+            return None
+        region = text[start:end]
+        entries = _ENTRY.findall(region)
+        if not entries:
+            if region:
+                return None
+            return cls(instance_name, DigestBatch(DigestFunction.SHA256, [], []), [])
+        # The matches must tile the region: nothing skipped between them.
+        if sum(map(len, entries)) != len(region):
+            return None
+        varints = list(map(_VARINT, entries))
+        hashes = list(map(_HASH, entries))
+        hashes_text = "\n".join(hashes)
+        if not is_hash_column(hashes_text, len(hashes), 64):
+            return None
+        sizes = list(map(_sizes.get, varints))  # C-level; a miss decodes them all
+        if None in sizes:
+            sizes = [_size(varint) for varint in varints]
+        batch = DigestBatch(DigestFunction.SHA256, hashes, cast("list[int]", sizes), hashes_text)
+        return cls(instance_name, batch, entries)
+
+    def answer(self, missing_mask: bytes) -> bytes:
+        """FindMissingBlobsResponse naming the digests flagged in ``missing_mask``."""
+        return "".join(compress(self.entries, missing_mask)).encode("latin-1")
+
+
+def _instance_name(text: str) -> tuple[int, str | None]:
+    """Where field 1 (instance_name) ends, and its value; ``None`` if it is malformed."""
+    if not text.startswith("\x0a"):
+        return 0, ""
+    length, position = _varint(text, 1)
+    if length is None or position + length > len(text):
+        return 0, None
+    try:
+        name = text[position : position + length].encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return 0, None
+    return position + length, name
+
+
+def _varint(text: str, position: int) -> tuple[int | None, int]:
+    value = shift = 0
+    for offset in range(position, min(position + 5, len(text))):
+        byte = ord(text[offset])
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, offset + 1
+        shift += 7
+    return None, position
+
+
+def _size(varint: str) -> int:
+    size = _sizes.get(varint)
+    if size is None:
+        size = 0
+        for shift, character in enumerate(varint):
+            size |= (ord(character) & 0x7F) << (7 * shift)
+        if len(_sizes) < _MAX_CACHED_SIZES:
+            _sizes[varint] = size
+    return size

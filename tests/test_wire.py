@@ -1,0 +1,107 @@
+"""The wire-level FindMissingBlobs reader agrees with protobuf on everything it accepts."""
+
+from __future__ import annotations
+
+from itertools import compress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas.server.wire import FindMissingBlobsWire
+
+HEX = "0123456789abcdef"
+hashes = st.one_of(
+    st.text(HEX, min_size=64, max_size=64),
+    st.text(HEX + "ABCDEF/.\n", min_size=0, max_size=130),
+)
+sizes = st.one_of(
+    st.integers(0, 300),
+    st.integers(0, 2**35 + 5),
+    st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from([0, 127, 128, 16383, 16384, 2**35 - 1, 2**35]),
+)
+digests = st.builds(re_pb2.Digest, hash=hashes, size_bytes=sizes)
+requests = st.builds(
+    re_pb2.FindMissingBlobsRequest,
+    instance_name=st.one_of(st.just(""), st.text(max_size=200)),
+    blob_digests=st.lists(digests, max_size=40),
+    digest_function=st.sampled_from([0, 0, 1, 2, 9]),
+)
+
+
+def canonical(request: re_pb2.FindMissingBlobsRequest) -> bool:
+    """Whether the wire reader must take this request rather than defer to protobuf."""
+    return request.digest_function in (0, 1) and all(
+        len(d.hash) == 64 and set(d.hash) <= set(HEX) and 0 <= d.size_bytes < 2**35
+        for d in request.blob_digests
+    )
+
+
+def check_agrees(body: bytes) -> FindMissingBlobsWire | None:
+    parsed = FindMissingBlobsWire.parse(body)
+    if parsed is None:
+        return None
+    # Whatever the reader accepts, protobuf reads the same way.
+    message = re_pb2.FindMissingBlobsRequest.FromString(body)
+    assert parsed.instance_name == message.instance_name
+    assert message.digest_function in (0, re_pb2.DigestFunction.SHA256)
+    assert parsed.batch.hashes == [d.hash for d in message.blob_digests]
+    assert parsed.batch.sizes == [d.size_bytes for d in message.blob_digests]
+    mask = bytes(i % 3 == 0 for i in range(len(message.blob_digests)))
+    expected = re_pb2.FindMissingBlobsResponse(
+        missing_blob_digests=list(compress(message.blob_digests, mask))
+    )
+    assert re_pb2.FindMissingBlobsResponse.FromString(parsed.answer(mask)) == expected
+    return parsed
+
+
+@settings(max_examples=400)
+@given(requests)
+def test_canonical_requests_are_read_exactly(request: re_pb2.FindMissingBlobsRequest) -> None:
+    body = request.SerializeToString()
+    parsed = check_agrees(body)
+    assert (parsed is not None) == canonical(request)
+
+
+@settings(max_examples=600)
+@given(requests, st.data())
+def test_damaged_requests_are_never_misread(
+    request: re_pb2.FindMissingBlobsRequest, data: st.DataObject
+) -> None:
+    body = bytearray(request.SerializeToString())
+    for _ in range(data.draw(st.integers(1, 3))):
+        kind = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        position = data.draw(st.integers(0, len(body)))
+        if kind == "flip" and position < len(body):
+            body[position] = data.draw(st.integers(0, 255))
+        elif kind == "insert":
+            body[position:position] = data.draw(st.binary(min_size=1, max_size=4))
+        elif kind == "delete":
+            del body[position : position + data.draw(st.integers(1, 3))]
+        else:
+            del body[position:]
+    try:
+        re_pb2.FindMissingBlobsRequest.FromString(bytes(body))
+    except Exception:
+        # protobuf rejects it, so the reader must too (the server then answers INVALID_ARGUMENT)
+        assert FindMissingBlobsWire.parse(bytes(body)) is None
+        return
+    check_agrees(bytes(body))
+
+
+def test_other_field_orders_and_unknown_fields_defer_to_protobuf() -> None:
+    digest = re_pb2.Digest(hash="a" * 64, size_bytes=5)
+    entry = b"\x12" + bytes([len(digest.SerializeToString())]) + digest.SerializeToString()
+    function_first = b"\x18\x01" + entry
+    unknown_field = entry + b"\x20\x07"
+    name_last = entry + b"\x0a\x01x"
+    for body in (function_first, unknown_field, name_last):
+        assert FindMissingBlobsWire.parse(body) is None
+        assert len(re_pb2.FindMissingBlobsRequest.FromString(body).blob_digests) == 1
+    assert FindMissingBlobsWire.parse(entry + b"\x18\x01") is not None
+    # An instance name ending in the bytes of a digest_function field is still a name.
+    named = b"\x0a\x02\x18\x01"
+    assert FindMissingBlobsWire.parse(named) is None
+    assert re_pb2.FindMissingBlobsRequest.FromString(named).instance_name == "\x18\x01"
+    assert FindMissingBlobsWire.parse(b"\x0a\x01\x18\x01") is None  # corrupt
