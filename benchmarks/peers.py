@@ -5,7 +5,6 @@ dependencies), serving CAS, ByteStream and ActionCache over a Redis index."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -72,24 +71,38 @@ def ensure_buildgrid() -> Path:
     return bgd
 
 
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
+def wait_for_port(port: int, timeout: float = 60.0, *, listeners: int = 1) -> None:
+    """Wait until ``listeners`` sockets listen on ``port``: with ``serve --workers N`` each
+    worker binds its own (SO_REUSEPORT), and a connection made before the last one binds
+    can only go to those already listening."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on port {port}") from None
-            time.sleep(0.1)
+    while listening_sockets(port) < listeners:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{listening_sockets(port)} of {listeners} listeners are up on port {port}"
+            )
+        time.sleep(0.1)
+
+
+def listening_sockets(port: int) -> int:
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)  # the header
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port  # LISTEN
+    return count
 
 
 @contextmanager
-def process(args: list[str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], log: Path, port: int, *, listeners: int = 1
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_for_port(port)
+            wait_for_port(port, listeners=listeners)
             yield child
         finally:
             child.send_signal(signal.SIGINT)
