@@ -97,6 +97,21 @@ _EVICTION_FLAG_TTL_MS: Final = 60_000
 _PUBLISH_ATTEMPTS: Final = 40
 
 
+_SIZE_TEXTS: dict[int, str] = {}
+_MAX_SIZE_TEXTS: Final = 1 << 16
+
+
+def _size_texts(sizes: list[int]) -> list[str]:
+    """``str`` of each size: a dictionary look-up is cheaper than formatting an integer, and
+    the blobs of a build share a few thousand sizes."""
+    texts = list(map(_SIZE_TEXTS.get, sizes))
+    if None not in texts:
+        return texts  # type: ignore[return-value]
+    if len(_SIZE_TEXTS) > _MAX_SIZE_TEXTS:
+        _SIZE_TEXTS.clear()
+    return [_SIZE_TEXTS.setdefault(size, str(size)) for size in sizes]
+
+
 class _TouchedThisInterval:
     """The index members this process has raised to the current recency score.
 
@@ -290,12 +305,10 @@ class RedisIndex(StorageIndex):
         replies = 0
         for bucket, where in groups:
             if where is None:
-                group_hashes, group_sizes = hashes, list(map(str, sizes))
+                group_hashes, group_sizes = hashes, _size_texts(sizes)
             else:
-                group_hashes, group_sizes = (
-                    [hashes[i] for i in where],
-                    [str(sizes[i]) for i in where],
-                )
+                group_hashes = [hashes[i] for i in where]
+                group_sizes = _size_texts([sizes[i] for i in where])
             members = list(
                 map(
                     "".join,
