@@ -16,6 +16,7 @@ import anyio
 import grpc
 
 from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas.allocator import keep_freed_memory
 from asynccas.bench.cli import add_bench_commands, run_bench
 from asynccas.client.commands import add_cas_commands, run_cas_command
 from asynccas.errors import CasError
@@ -219,6 +220,7 @@ async def reindex(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every command streams blobs
     if args.command == "cas":
         return _run_cas(args)
     if args.command == "bench":

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from asynccas.allocator import keep_freed_memory
 from asynccas.bench.scenarios import SCENARIOS, Recorder, Scenario, Settings
 from asynccas.bench.stats import OpStats
 from asynccas.client.cas import CasClient
@@ -112,6 +113,7 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
 
 
 def _worker_entry(config: RunConfig, index: int, ready: Any, done: Any, results: Any) -> None:
+    keep_freed_memory()  # a spawned process starts with malloc's defaults again
     ops = anyio.run(_worker, config, index, ready, done, backend_options={"use_uvloop": True})
     results.put(ops)
 
