@@ -27,7 +27,7 @@ from asynccas.index.sqlite import SqliteIndex
 from asynccas.redis_provider import RedisProvider
 from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Storage
-from asynccas.storage.disk import DiskStorage
+from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.sqlite import SqliteBlobStorage
 from asynccas.storage.tiered import SizeDifferentiatedStorage
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="keep disk blobs up to this size (e.g. 64K) inline in DATA_DIR/small-blobs.sqlite"
         " instead of one file each: much faster for small batches (default: off)",
+    )
+    serve.add_argument(
+        "--direct-io-above",
+        type=parse_size,
+        default=DEFAULT_DIRECT_IO_ABOVE,
+        help="write disk blobs larger than this around the page cache with O_DIRECT, so that"
+        " streaming them neither evicts hot small blobs nor pays for fresh cache pages;"
+        " 0 turns it off (default 16M)",
     )
     serve.add_argument(
         "--no-fsync",
@@ -169,7 +177,9 @@ def _build(
         where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
         return MemoryStorage(budget), MemoryActionCache(), where, None
     data_dir = _data_dir(args)
-    blobs: Storage = DiskStorage(data_dir, fsync=not args.no_fsync)
+    blobs: Storage = DiskStorage(
+        data_dir, fsync=not args.no_fsync, direct_io_above=args.direct_io_above
+    )
     if args.small_blob_limit:
         small = SqliteBlobStorage(
             data_dir / "small-blobs.sqlite",

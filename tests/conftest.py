@@ -50,6 +50,8 @@ def make_storage(kind: str, root: Path) -> Storage:
         return MemoryStorage(64 * 1024 * 1024)
     if kind == "disk":
         return DiskStorage(root / "data", fsync=False)
+    if kind == "disk-direct":  # every streamed blob written with O_DIRECT, and fsynced
+        return DiskStorage(root / "data", fsync=True, direct_io_above=1)
     if kind == "sqlite-disk":
         return SqliteIndex(DiskStorage(root / "data", fsync=False), root / "index.sqlite")
     if kind == "sqlite-memory":
@@ -66,7 +68,7 @@ def make_storage(kind: str, root: Path) -> Storage:
 
 
 STORAGE_KINDS = [
-    "memory", "disk", "sqlite-disk", "sqlite-memory", "sqlite-blobs", "tiered", "sqlite-tiered",
+    "memory", "disk", "disk-direct", "sqlite-disk", "sqlite-memory", "sqlite-blobs", "tiered", "sqlite-tiered",
 ]  # fmt: skip
 
 

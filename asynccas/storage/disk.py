@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, ParamSpec, TypeVar
+from typing import Final, ParamSpec, Protocol, TypeVar
 
 import aiofiles
 import aiofiles.os
@@ -25,8 +25,10 @@ import anyio.to_thread
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
+from asynccas.storage.direct_io import open_direct
 
 _READ_BATCH = 256  # files read per thread hop by bulk_read_blobs
+DEFAULT_DIRECT_IO_ABOVE: Final = 16 * 1024 * 1024
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -56,9 +58,18 @@ async def _in_thread(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) ->
 
 
 class DiskStorage(Storage):
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        direct_io_above: int = DEFAULT_DIRECT_IO_ABOVE,
+    ) -> None:
+        """``direct_io_above``: blobs larger than this many bytes are written around the page
+        cache (see ``direct_io``); 0 writes every blob through it."""
         self.root = Path(root)
         self.fsync = fsync
+        self.direct_io_above = direct_io_above
         self._cas = self.root / "cas"
         self._tmp = self.root / "tmp"
 
@@ -154,12 +165,17 @@ class DiskStorage(Storage):
         return found
 
     async def open_write(self, digest: Digest) -> BlobWriter:
+        direct = 0 < self.direct_io_above < digest.size_bytes
         with _disk_errors("create a temporary file"):
-            handle = await _in_thread(self._new_temp)
+            handle = await _in_thread(self._new_temp, direct)
         return _DiskWriter(self, digest, handle)
 
-    def _new_temp(self) -> IO[bytes]:
+    def _new_temp(self, direct: bool = False) -> _BlobFile:
         path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
+        if direct:
+            handle = open_direct(str(path))
+            if handle is not None:
+                return handle
         return open(path, "xb")
 
     async def stage_blobs(
@@ -262,11 +278,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+class _BlobFile(Protocol):
+    """What a blob writer needs of its temporary file: a binary file or a ``DirectFile``."""
+
+    @property
+    def name(self) -> str: ...
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class _DiskWriter(BlobWriter):
-    def __init__(self, storage: DiskStorage, digest: Digest, handle: IO[bytes]) -> None:
+    def __init__(self, storage: DiskStorage, digest: Digest, handle: _BlobFile) -> None:
         super().__init__(digest)
         self._storage = storage
-        self._handle: IO[bytes] | None = handle
+        self._handle: _BlobFile | None = handle
         self._temp_path: Path | None = Path(handle.name)
 
     async def _write(self, data: bytes) -> None:
