@@ -43,6 +43,7 @@ from asynccas.client.caches import INLINE_LIMIT, ClientCaches
 from asynccas.client.merkle import build_tree, digest_of_file
 from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch, InvalidArgument
+from asynccas.hashing import OverlappedHasher
 from asynccas.resource_names import format_read_name, format_write_name
 from asynccas.transport import TRANSPORT_OPTIONS
 
@@ -416,7 +417,7 @@ class CasClient:
 
     async def read_blob(self, digest: Digest) -> AsyncIterator[bytes]:
         """Stream a blob through ByteStream, resuming after transient errors; verified at the end."""
-        hasher = digest.function.new_hasher()
+        hasher = OverlappedHasher(digest.function.new_hasher())
         received = 0
         attempt = 0
         while True:
@@ -425,7 +426,7 @@ class CasClient:
             )
             try:
                 async for response in self._bytestream.Read(request, timeout=self.timeout):
-                    hasher.update(response.data)
+                    await hasher.update(response.data)
                     received += len(response.data)
                     yield response.data
                 break
@@ -436,7 +437,7 @@ class CasClient:
                 if exc.code() not in TRANSIENT or attempt == self.max_attempts:
                     raise
                 await anyio.sleep(self._delay(attempt))
-        if received != digest.size_bytes or hasher.hexdigest() != digest.hash:
+        if received != digest.size_bytes or await hasher.hexdigest() != digest.hash:
             raise DigestMismatch(f"server sent {received} bytes that do not match {digest}")
 
     # -- files -------------------------------------------------------------------------------
