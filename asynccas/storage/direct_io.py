@@ -18,10 +18,13 @@ import errno
 import fcntl
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
 ALIGNMENT: Final = 4096  # a multiple of every common logical block size
 BUFFER_SIZE: Final = 4 * 1024 * 1024
+# Device writes run here, each file's one at a time, beside the thread that hashes.
+_WRITERS: Final = ThreadPoolExecutor(max_workers=4, thread_name_prefix="asynccas-direct-io")
 
 
 def open_direct(path: str) -> DirectFile | None:
@@ -38,41 +41,53 @@ def open_direct(path: str) -> DirectFile | None:
 
 
 class DirectFile:
-    """The subset of a binary file object that blob writers use: write, flush, fileno, close."""
+    """The subset of a binary file object that blob writers use: write, flush, fileno, close.
+
+    Two buffers take turns: while one is written to the device in a background thread, the
+    caller fills the other, so hashing the next chunk does not wait for the disk.
+    """
 
     def __init__(self, name: str, fd: int) -> None:
         self.name = name
         self._fd = fd
-        self._buffer = mmap.mmap(-1, BUFFER_SIZE)  # anonymous mappings are page-aligned
-        self._view = memoryview(self._buffer)
+        # Anonymous mappings are page-aligned, as O_DIRECT needs.
+        self._buffers = [mmap.mmap(-1, BUFFER_SIZE), mmap.mmap(-1, BUFFER_SIZE)]
+        self._views = [memoryview(buffer) for buffer in self._buffers]
+        self._current = 0
         self._filled = 0
+        self._in_flight: Future[None] | None = None
         self._direct = True
 
     def write(self, data: bytes | memoryview) -> int:
         source = memoryview(data)
         taken = 0
         while taken < len(source):
-            room = BUFFER_SIZE - self._filled
-            piece = source[taken : taken + room]
-            self._view[self._filled : self._filled + len(piece)] = piece
+            view = self._views[self._current]
+            piece = source[taken : taken + BUFFER_SIZE - self._filled]
+            view[self._filled : self._filled + len(piece)] = piece
             self._filled += len(piece)
             taken += len(piece)
             if self._filled == BUFFER_SIZE:
-                self._drain(BUFFER_SIZE)
+                self._wait()
+                self._in_flight = _WRITERS.submit(self._write_all, view)
+                self._current ^= 1
+                self._filled = 0
         return len(source)
 
-    def _drain(self, length: int) -> None:
-        """Write the buffer's first ``length`` bytes and keep any rest at its start."""
+    def _wait(self) -> None:
+        """Let the background write finish (raising its error, if any)."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def _write_all(self, data: memoryview) -> None:
         written = 0
-        while written < length:
-            if self._direct and (length - written) % ALIGNMENT:
+        while written < len(data):
+            if self._direct and (len(data) - written) % ALIGNMENT:
                 self._buffered()  # only an unaligned tail may go through the page cache
-            written += os.write(self._fd, self._view[written:length])
+            written += os.write(self._fd, data[written:])
             if written % ALIGNMENT:
                 self._buffered()  # a short write left the offset unaligned
-        rest = self._filled - length
-        self._view[:rest] = self._view[length : self._filled]
-        self._filled = rest
 
     def _buffered(self) -> None:
         if self._direct:
@@ -81,11 +96,13 @@ class DirectFile:
             self._direct = False
 
     def flush(self) -> None:
-        aligned = self._filled - self._filled % ALIGNMENT
-        if aligned:
-            self._drain(aligned)
+        self._wait()
         if self._filled:
-            self._drain(self._filled)
+            view = self._views[self._current]
+            aligned = self._filled - self._filled % ALIGNMENT
+            self._write_all(view[:aligned])  # keeps O_DIRECT for the aligned part
+            self._write_all(view[aligned : self._filled])
+            self._filled = 0
 
     def fileno(self) -> int:
         return self._fd
@@ -96,7 +113,11 @@ class DirectFile:
         try:
             self.flush()
         finally:
-            os.close(self._fd)
-            self._fd = -1
-            self._view.release()
-            self._buffer.close()
+            try:
+                self._wait()  # never unmap a buffer a background write still reads
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+                for view, buffer in zip(self._views, self._buffers, strict=True):
+                    view.release()
+                    buffer.close()
