@@ -20,7 +20,8 @@ from typing import Final
 _M_TRIM_THRESHOLD: Final = -1
 _M_MMAP_THRESHOLD: Final = -3
 MMAP_THRESHOLD: Final = 32 * 1024 * 1024  # glibc's maximum on 64-bit systems
-TRIM_THRESHOLD: Final = 64 * 1024 * 1024
+# Peak RSS writing then reading a 4 GiB blob: 145 MiB with 64 MiB here, 105 MiB with 8 MiB.
+TRIM_THRESHOLD: Final = 8 * 1024 * 1024
 
 
 def keep_freed_memory() -> bool:
