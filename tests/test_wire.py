@@ -1,4 +1,5 @@
-"""The wire-level FindMissingBlobs reader agrees with protobuf on everything it accepts."""
+"""The wire-level readers (the server's FindMissingBlobs, the client's ReadResponse) agree
+with protobuf on everything they accept."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
+from asynccas.client.cas import _read_response_data
 from asynccas.server.wire import FindMissingBlobsWire
 
 HEX = "0123456789abcdef"
@@ -105,3 +108,17 @@ def test_other_field_orders_and_unknown_fields_defer_to_protobuf() -> None:
     assert FindMissingBlobsWire.parse(named) is None
     assert re_pb2.FindMissingBlobsRequest.FromString(named).instance_name == "\x18\x01"
     assert FindMissingBlobsWire.parse(b"\x0a\x01\x18\x01") is None  # corrupt
+
+
+@given(st.binary(max_size=300), st.binary(max_size=6))
+def test_read_responses_are_read_off_the_wire_as_protobuf_reads_them(
+    data: bytes, trailing: bytes
+) -> None:
+    message = bs_pb2.ReadResponse(data=data).SerializeToString()
+    assert _read_response_data(message) == data
+    assert _read_response_data(message + b"\x08\x01") == data  # then an unknown field
+    try:
+        expected = bs_pb2.ReadResponse.FromString(message + trailing).data
+    except Exception:  # not a message at all: protobuf's error is the client's too
+        return
+    assert _read_response_data(message + trailing) == expected
