@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.server.errors import Context
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.memory import MemoryStorage
+from asynccas.testing_redis import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -126,3 +128,14 @@ async def test_corrupted_reads_are_reported(tmp_path: Path) -> None:
         assert json.loads(report.read_text())["ops"]["ByteStream.Read"]["corruptions"] == 5
     finally:
         await server.stop(None)
+
+
+async def test_a_client_that_cannot_prepare_fails_fast_and_says_so() -> None:
+    """Nothing listens on the endpoint: the client processes die before the barrier."""
+    started = time.monotonic()
+    result = await anyio.to_thread.run_sync(
+        lambda: bench(f"127.0.0.1:{free_port()}", "--scenario", "batch-read", "--requests", "3")
+    )
+    assert result.returncode == 2
+    assert "died while preparing" in result.stderr
+    assert time.monotonic() - started < 60, "it waited for a process that had died"

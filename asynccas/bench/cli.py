@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from asynccas.bench.report import summary, to_html
-from asynccas.bench.runner import RunConfig, RunResult, run
+from asynccas.bench.runner import BenchmarkFailed, RunConfig, RunResult, run
 from asynccas.bench.scenarios import SCENARIOS, Settings
 
 
@@ -70,7 +70,11 @@ def run_bench(args: argparse.Namespace) -> int:
         settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix),
         server_pid=args.server_pid,
     )  # fmt: skip
-    result = run(config)
+    try:
+        result = run(config)
+    except BenchmarkFailed as exc:
+        print(f"asynccas bench: {exc}", file=sys.stderr)
+        return 2
     print(summary(result))
     if args.json:
         args.json.write_text(json.dumps(result.to_json()))

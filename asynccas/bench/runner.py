@@ -54,6 +54,10 @@ class RunResult:
         return cls(data["config"], data["seconds"], ops, data["client_cpu"], data["server_cpu"])
 
 
+class BenchmarkFailed(Exception):
+    """A client process could not prepare or run its load (the cause is on its stderr)."""
+
+
 def _cpu_of(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -74,7 +78,14 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for worker in workers:
         worker.start()
-    ready.wait(timeout=600)  # every process has its payloads and connection: start together
+    # Every process has its payloads and connection: start together. A process that died
+    # while preparing (its error is on stderr) would otherwise leave the others waiting.
+    while ready.n_waiting < config.processes:
+        if not all(worker.is_alive() for worker in workers):
+            ready.abort()
+            raise BenchmarkFailed("a benchmark process died while preparing; see its output above")
+        time.sleep(0.05)
+    ready.wait(timeout=60)
     server_before = None if config.server_pid is None else _cpu_of(config.server_pid)
     started = time.perf_counter()
     collected: list[dict[str, OpStats]] = []
@@ -83,7 +94,7 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
             collected.append(results.get(timeout=0.5))
         except Exception:  # queue.Empty: show progress while waiting
             if not any(w.is_alive() for w in workers) and results.empty():
-                raise RuntimeError("a benchmark process died; see its output above") from None
+                raise BenchmarkFailed("a benchmark process died; see its output above") from None
         if progress and sys.stderr.isatty():
             elapsed = time.perf_counter() - started
             sys.stderr.write(f"\r{config.scenario}: {done.value} ops, {elapsed:.0f} s")
