@@ -87,12 +87,24 @@ class RedisProvider:
             if not path:
                 raise ValueError(f"{self.display_url}: a sentinel URL needs /service_name")
             db = int(path[1]) if len(path) > 1 else 0
-            sentinel = Sentinel(hosts, password=password, db=db, **self._options())  # type: ignore[no-untyped-call]
+            # The sentinels' own connections get the options too: by default redis-py passes
+            # them only socket_* ones, and its driver-info lookup then blocks the event loop.
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, sentinel_kwargs=self._options(), password=password, db=db, **self._options()
+            )
             primary: redis_async.Redis = sentinel.master_for(
                 path[0], max_connections=self.max_connections
             )
             return primary
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} in {self.display_url}")
+
+    async def close(self, client: Client) -> None:
+        """Close ``client``'s connections, and for a Sentinel-managed primary, the sentinels'."""
+        await client.aclose()
+        pool = getattr(client, "connection_pool", None)
+        manager = getattr(pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
 
     async def send_encoded(self, client: Client, commands: bytes, replies: int) -> list[Any]:
         """Send commands already encoded in RESP, on one pooled connection, and read replies.

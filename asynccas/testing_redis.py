@@ -56,16 +56,19 @@ class RedisServer:
         port: int | None = None,
         persistent: bool = False,
         cluster: bool = False,
+        password: str | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port(with_bus_port=cluster)
         self.persistent = persistent
         self.cluster = cluster
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -82,11 +85,13 @@ class RedisServer:
         ]  # fmt: skip
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
-                if redis.Redis(port=self.port, socket_timeout=1).ping():
+                if redis.Redis(port=self.port, password=self.password, socket_timeout=1).ping():
                     return
             except redis.exceptions.RedisError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
@@ -111,7 +116,7 @@ class RedisServer:
 
     def command_counts(self) -> dict[str, int]:
         """Calls per command since start, from INFO commandstats."""
-        stats = redis.Redis(port=self.port).info("commandstats")
+        stats = redis.Redis(port=self.port, password=self.password).info("commandstats")
         return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
@@ -156,3 +161,55 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinel:
+    """A primary redis-server watched by one redis-server in sentinel mode."""
+
+    SERVICE = "asynccas"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.primary = RedisServer(directory / "primary")
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.SERVICE}/0"
+
+    def start(self) -> None:
+        self.primary.start()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "sentinel.conf"  # sentinel rewrites it: one per process
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\n"
+            f"dir {self.directory}\nlogfile {self.directory / 'sentinel.log'}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} 1\n"
+        )
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                answer = redis.Redis(port=self.port, socket_timeout=1).execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "get-master-addr-by-name", self.SERVICE
+                )
+                if answer:
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"redis sentinel on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+        self.primary.stop()

@@ -1,4 +1,5 @@
-"""RedisIndex against real redis-server processes: one server, and a 3-master cluster."""
+"""RedisIndex against real redis-server processes: one server (with and without a password),
+a 3-master cluster, and a primary found through Sentinel."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
+from asynccas.errors import BackendUnavailable
 from asynccas.index.redis import RedisIndex
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import (
@@ -18,7 +20,7 @@ from asynccas.testing import (
     check_index,
     check_index_concurrency,
 )
-from asynccas.testing_redis import RedisCluster, RedisServer
+from asynccas.testing_redis import RedisCluster, RedisSentinel, RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +41,36 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
 async def test_conformance_single_server(redis_server: RedisServer, tmp_path: Path) -> None:
     async with make_index(redis_server.url, tmp_path) as index:
         await check_index(index)
+
+
+async def test_conformance_with_a_password(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", password="s3cret")
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        async with make_index(server.url, tmp_path) as index:
+            await check_index(index)
+        wrong = server.url.replace("s3cret", "wrong")
+        with pytest.raises(BackendUnavailable) as caught:
+            async with make_index(wrong, tmp_path / "other") as index:
+                await index.missing_blobs([blob(10, 1)[0]])
+        assert "s3cret" not in str(caught.value), "a password in an error message"
+        assert "wrong" not in str(caught.value), "a password in an error message"
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+
+
+async def test_conformance_through_sentinel(tmp_path: Path) -> None:
+    sentinel = RedisSentinel(tmp_path / "sentinel")
+    await anyio.to_thread.run_sync(sentinel.start)
+    try:
+        async with make_index(sentinel.url, tmp_path) as index:
+            await check_index(index)
+            # The data really lives on the primary the sentinel names.
+            raw = redis.asyncio.Redis(port=sentinel.primary.port)
+            assert await raw.exists(f"{{{index.prefix}}}:buckets")
+            await raw.aclose()
+    finally:
+        await anyio.to_thread.run_sync(sentinel.stop)
 
 
 async def test_conformance_cluster(redis_cluster: RedisCluster, tmp_path: Path) -> None:

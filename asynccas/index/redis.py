@@ -193,7 +193,7 @@ class RedisIndex(StorageIndex):
         if self._client is not None:
             client, self._client = self._client, None
             with anyio.CancelScope(shield=True):
-                await client.aclose()
+                await self.provider.close(client)
         await self.storage.stop()
 
     @property
