@@ -30,6 +30,7 @@ def test_direct_file_writes_exactly_the_bytes_given(tmp_path: Path, size: int, c
         handle.write(data[start : start + chunk])
     handle.flush()
     os.fsync(handle.fileno())
+    assert path.read_bytes() == data, "flush must write everything, for the fsync after it"
     handle.close()
     handle.close()  # idempotent, as the writers' error paths rely on
     assert path.read_bytes() == data
