@@ -26,14 +26,18 @@ test: install protos-check lint pytest
 pytest: install redis-server
 	$(BIN)/pytest $(ARGS)
 
-## The Redis tests start their own redis-server processes; make sure the binary exists.
+## The Redis tests start their own redis-server processes (one over TLS, with a certificate
+## made by openssl); make sure both binaries exist.
 redis-server:
-	@command -v redis-server >/dev/null || { \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "The tests need redis-server: install the Debian/Ubuntu package redis-server" \
-	         "(or your system's Redis >= 6.2) and run make test again." >&2; exit 1; \
+	    echo "The tests need:$$missing. Install the Debian/Ubuntu packages of that name" \
+	         "(Redis >= 6.2 built with TLS) and run make test again." >&2; exit 1; \
 	  fi; }
 
 lint: install

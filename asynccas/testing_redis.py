@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -57,24 +58,46 @@ class RedisServer:
         persistent: bool = False,
         cluster: bool = False,
         password: str | None = None,
+        tls: bool = False,
     ) -> None:
         self.directory = directory
         self.port = port or free_port(with_bus_port=cluster)
         self.persistent = persistent
         self.cluster = cluster
         self.password = password
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def certificate(self) -> Path:
+        """With ``tls``: the server's self-signed certificate, which clients must trust."""
+        return self.directory / "cert.pem"
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.certificate}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _make_certificate(self) -> list[str]:
+        key = self.directory / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-keyout", str(key), "-out", str(self.certificate),
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                str(self.certificate), "--tls-key-file", str(key), "--tls-ca-cert-file",
+                str(self.certificate), "--tls-auth-clients", "no"]  # fmt: skip
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        listen = self._make_certificate() if self.tls else ["--port", str(self.port)]
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
+            *listen,
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--save", "",
@@ -91,12 +114,22 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if redis.Redis(port=self.port, password=self.password, socket_timeout=1).ping():
+                if self._connect().ping():
                     return
             except redis.exceptions.RedisError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                 time.sleep(0.05)
+
+    def _connect(self) -> redis.Redis:
+        tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(self.certificate)}
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=1,
+            **(tls if self.tls else {}),
+        )
 
     def kill(self) -> None:
         if self.process is not None:
@@ -116,7 +149,7 @@ class RedisServer:
 
     def command_counts(self) -> dict[str, int]:
         """Calls per command since start, from INFO commandstats."""
-        stats = redis.Redis(port=self.port, password=self.password).info("commandstats")
+        stats = self._connect().info("commandstats")
         return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 

@@ -1,5 +1,5 @@
-"""RedisIndex against real redis-server processes: one server (with and without a password),
-a 3-master cluster, and a primary found through Sentinel."""
+"""RedisIndex against real redis-server processes: one server (plain, with a password, over
+TLS), a 3-master cluster, and a primary found through Sentinel."""
 
 from __future__ import annotations
 
@@ -55,6 +55,21 @@ async def test_conformance_with_a_password(tmp_path: Path) -> None:
                 await index.missing_blobs([blob(10, 1)[0]])
         assert "s3cret" not in str(caught.value), "a password in an error message"
         assert "wrong" not in str(caught.value), "a password in an error message"
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+
+
+async def test_conformance_over_tls(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", tls=True)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        async with make_index(server.url, tmp_path) as index:
+            await check_index(index)
+        # The certificate is verified: without the CA that signed it, no connection.
+        untrusted = server.url.split("?", 1)[0]
+        with pytest.raises(BackendUnavailable, match="certificate verify failed"):
+            async with make_index(untrusted, tmp_path / "other") as index:
+                await index.missing_blobs([blob(10, 1)[0]])
     finally:
         await anyio.to_thread.run_sync(server.stop)
 
