@@ -1,5 +1,6 @@
 """FindMissingBlobs of 1,000 digests (half present) through the server, asynccas + Redis index
-versus BuildGrid 0.4.4 + its Redis index, in the same run on the same machine.
+versus BuildGrid 0.4.4 + its Redis index, in the same run on the same machine, with one and
+with two server processes on each side.
 
 Both servers run as separate processes over their own fresh redis-server. The client keeps
 ``concurrency`` requests in flight for ``duration`` seconds per server and reports p50/p99
@@ -151,9 +152,9 @@ async def measure(
         roles = {"server": target.server_pid, "redis": target.redis_pid, "client": os.getpid()}
 
         def cpu_now() -> dict[str, float]:
-            return {
-                role: cpu_seconds(pid, children=role != "client") for role, pid in roles.items()
-            }
+            cpu = {role: cpu_seconds(pid, children=role != "client") for role, pid in roles.items()}
+            cpu["server"] += sum(cpu_seconds(pid) for pid in target.other_server_pids)
+            return cpu
 
         cpu_before = cpu_now()
         started = time.perf_counter()
@@ -181,28 +182,35 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({model}), {memory_kib / 2**20:.0f} GiB RAM"
 
 
+PROCESSES = (1, 2)  # server processes per side: one per core of the 2-core machines
+
+
 def run(*, digests: int = 1000, concurrency: int = 8, duration: float = 15.0) -> str:
     """Run the benchmark and return a Markdown section for RESULTS.md."""
     results = []
     with tempfile.TemporaryDirectory(prefix="asynccas-bench-") as scratch:
         work = Path(scratch)
         load = partial(measure, digests=digests, concurrency=concurrency, duration=duration)
-        with buildgrid_server(work) as target:
-            results.append(anyio.run(partial(load, "BuildGrid 0.4.4 + Redis index", target)))
-        for workers in (1, 2):
+        for processes in PROCESSES:
+            with buildgrid_server(work, processes) as target:
+                name = f"BuildGrid 0.4.4 + Redis index, {_count(processes, 'process')}"
+                results.append(anyio.run(partial(load, name, target)))
+        for workers in PROCESSES:
             with asynccas_server(work, workers) as target:
-                name = f"asynccas + Redis index, {workers} worker{'s' if workers > 1 else ''}"
+                name = f"asynccas + Redis index, {_count(workers, 'worker')}"
                 results.append(
                     anyio.run(partial(load, name, target), backend_options={"use_uvloop": True})
                 )
-    buildgrid = results[0]
+    buildgrid = dict(zip(PROCESSES, results[: len(PROCESSES)], strict=True))
+    ours = dict(zip(PROCESSES, results[len(PROCESSES) :], strict=True))
     lines = [
         f"### FindMissingBlobs, {digests} digests (half present), concurrency {concurrency}",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine()}",
         "- command: `make bench` (`python -m benchmarks fmb`)",
-        f"- each server in its own process with its own redis-server; {duration:.0f} s per server",
+        f"- each server with its own redis-server; {duration:.0f} s per server; with two"
+        " processes, BuildGrid's share one port (SO_REUSEPORT) as asynccas's workers do",
         "",
         "- CPU columns: cores busy on average during the run (1.00 = one core saturated)",
         "",
@@ -216,8 +224,16 @@ def run(*, digests: int = 1000, concurrency: int = 8, duration: float = 15.0) ->
             f" {r.cpu['server']:.2f} | {r.cpu['redis']:.2f} | {r.cpu['client']:.2f} |"
         )
     lines += [""]
-    for ours in results[1:]:
-        ratio = ours.digests_per_second / buildgrid.digests_per_second
-        lines.append(f"- **{ours.name} / BuildGrid digests/s: {ratio:.1f}x** (target: 20x)")
+    for count in PROCESSES:  # like for like: as many server processes on each side
+        ratio = ours[count].digests_per_second / buildgrid[count].digests_per_second
+        lines.append(
+            f"- **{ours[count].name} / BuildGrid, {_count(count, 'process')}:"
+            f" {ratio:.1f}x** (target: 20x)"
+        )
     lines.append("")
     return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    plural = "es" if noun.endswith("s") else "s"
+    return f"{number} {noun}{plural if number > 1 else ''}"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,23 +118,43 @@ class Target:
     address: str
     server_pid: int
     redis_pid: int
+    other_server_pids: tuple[int, ...] = ()
+    """Further server processes on the same address that are not children of ``server_pid``."""
 
 
 @contextmanager
-def buildgrid_server(work: Path) -> Iterator[Target]:
+def buildgrid_server(work: Path, processes: int = 1) -> Iterator[Target]:
+    """BuildGrid over its own redis-server; ``processes`` > 1 starts that many on one port
+    (gRPC sets SO_REUSEPORT), sharing the Redis index and the disk store."""
     bgd = ensure_buildgrid()
-    redis = RedisServer(work / "redis-buildgrid")
+    redis = RedisServer(work / f"redis-buildgrid-{processes}")
     redis.start()
     port = free_port()
-    config = work / "buildgrid.yml"
+    config = work / f"buildgrid-{processes}.yml"
     config.write_text(
-        BUILDGRID_CONFIG.format(port=port, redis_port=redis.port, data=work / "buildgrid")
+        BUILDGRID_CONFIG.format(
+            port=port, redis_port=redis.port, data=work / f"buildgrid-{processes}"
+        )
     )
     try:
-        with process(
-            [str(bgd), "server", "start", str(config)], work / "buildgrid.log", port
-        ) as child:
+        with ExitStack() as stack:
+            children = [
+                stack.enter_context(
+                    process(
+                        [str(bgd), "server", "start", str(config)],
+                        work / f"buildgrid-{processes}-{index}.log",
+                        port,
+                        listeners=index + 1,
+                    )
+                )
+                for index in range(processes)
+            ]
             assert redis.process is not None
-            yield Target(f"127.0.0.1:{port}", child.pid, redis.process.pid)
+            yield Target(
+                f"127.0.0.1:{port}",
+                children[0].pid,
+                redis.process.pid,
+                tuple(child.pid for child in children[1:]),
+            )
     finally:
         redis.stop()
