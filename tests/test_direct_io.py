@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import random
 from pathlib import Path
@@ -49,6 +50,27 @@ def test_file_systems_without_o_direct_fall_back(
 
     monkeypatch.setattr(os, "open", refusing_open)
     assert open_direct(str(tmp_path / "blob")) is None
+
+
+def test_file_systems_refusing_o_direct_at_write_time_fall_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside the real test above: EINVAL from a direct write (some FUSE file systems)."""
+    real_write = os.write
+
+    def refusing_write(fd: int, data: bytes) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    data = random.Random(5).randbytes(2 * BUFFER_SIZE + 99)
+    handle = open_direct(str(tmp_path / "blob"))
+    assert handle is not None
+    monkeypatch.setattr(os, "write", refusing_write)
+    handle.write(data)
+    handle.close()
+    monkeypatch.undo()
+    assert (tmp_path / "blob").read_bytes() == data
 
 
 async def test_disk_storage_streams_large_blobs_around_the_page_cache(tmp_path: Path) -> None:

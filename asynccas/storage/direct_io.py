@@ -85,7 +85,14 @@ class DirectFile:
         while written < len(data):
             if self._direct and (len(data) - written) % ALIGNMENT:
                 self._buffered()  # only an unaligned tail may go through the page cache
-            written += os.write(self._fd, data[written:])
+            try:
+                written += os.write(self._fd, data[written:])
+            except OSError as exc:
+                # Some file systems accept O_DIRECT at open and refuse it at write time.
+                if not (self._direct and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered()
+                continue
             if written % ALIGNMENT:
                 self._buffered()  # a short write left the offset unaligned
 
