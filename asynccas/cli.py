@@ -36,6 +36,7 @@ logger = logging.getLogger("asynccas")
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 _MEMORY_DEFAULT_BYTES = 1 << 30
+SMALL_BLOBS_FILE = "small-blobs.sqlite"
 
 
 def parse_size(text: str) -> int:
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--small-blob-limit",
         type=parse_size,
         default=0,
-        help="keep disk blobs up to this size (e.g. 64K) inline in DATA_DIR/small-blobs.sqlite"
+        help=f"keep disk blobs up to this size (e.g. 64K) inline in DATA_DIR/{SMALL_BLOBS_FILE}"
         " instead of one file each: much faster for small batches (default: off)",
     )
     serve.add_argument(
@@ -132,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reindex.add_argument("--data-dir", type=Path, default=None)
     _add_index_argument(reindex)
+    reindex.add_argument(
+        "--small-blob-limit",
+        type=parse_size,
+        default=0,
+        help="the --small-blob-limit the servers use, if any: their small blobs live in"
+        f" DATA_DIR/{SMALL_BLOBS_FILE}, not in files",
+    )
     reindex.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -177,16 +185,7 @@ def _build(
         where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
         return MemoryStorage(budget), MemoryActionCache(), where, None
     data_dir = _data_dir(args)
-    blobs: Storage = DiskStorage(
-        data_dir, fsync=not args.no_fsync, direct_io_above=args.direct_io_above
-    )
-    if args.small_blob_limit:
-        small = SqliteBlobStorage(
-            data_dir / "small-blobs.sqlite",
-            max_blob_size=args.small_blob_limit,
-            fsync=not args.no_fsync,
-        )
-        blobs = SizeDifferentiatedStorage(small, blobs, limit=args.small_blob_limit)
+    blobs = _disk_blobs(args, data_dir)
     index, index_where = _build_index(args, blobs)
     budget = f"budget {_human(args.max_size)}" if args.max_size else "no size limit"
     where = (
@@ -220,12 +219,33 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 async def reindex(args: argparse.Namespace) -> None:
-    storage = DiskStorage(_data_dir(args))
+    data_dir = _data_dir(args)
+    small_blobs = data_dir / SMALL_BLOBS_FILE
+    if not args.small_blob_limit and await anyio.Path(small_blobs).exists():
+        # Without the tier, its blobs would look gone, and reindex would drop them all.
+        raise CasError(
+            f"{small_blobs} holds blobs of the small-blob tier: pass the --small-blob-limit"
+            " that the servers use"
+        )
+    storage = _disk_blobs(args, data_dir)
     index, where = _build_index(args, storage)
     async with index:
         listed, dropped = await index.reindex(storage.list_blobs())
     logger.info("reindexed %s into %s: %d blobs indexed, %d stale entries dropped",
-                storage.root / "cas", where, listed, dropped)  # fmt: skip
+                data_dir, where, listed, dropped)  # fmt: skip
+
+
+def _disk_blobs(args: argparse.Namespace, data_dir: Path) -> Storage:
+    """The blob storage of a data directory: files, plus the small-blob tier if configured."""
+    fsync = not getattr(args, "no_fsync", False)  # reindex has no such option
+    direct_io_above = getattr(args, "direct_io_above", DEFAULT_DIRECT_IO_ABOVE)
+    blobs: Storage = DiskStorage(data_dir, fsync=fsync, direct_io_above=direct_io_above)
+    if args.small_blob_limit:
+        small = SqliteBlobStorage(
+            data_dir / SMALL_BLOBS_FILE, max_blob_size=args.small_blob_limit, fsync=fsync
+        )
+        blobs = SizeDifferentiatedStorage(small, blobs, limit=args.small_blob_limit)
+    return blobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         anyio.run(command, args, backend_options={"use_uvloop": True})
     except (OSError, CasError) as exc:
-        logger.error("cannot serve: %s", exc)
+        logger.error("cannot %s: %s", args.command, exc)
         return 1
     finally:
         for worker in extra_workers:

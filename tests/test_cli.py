@@ -246,6 +246,46 @@ def test_reindex_sqlite_drops_stale_entries(env: dict[str, str], tmp_path: Path)
     assert "2 blobs indexed, 1 stale entries dropped" in result.stderr
 
 
+def test_reindex_keeps_blobs_of_the_small_blob_tier(env: dict[str, str], tmp_path: Path) -> None:
+    """Blobs kept in small-blobs.sqlite are not files: reindex must list and check them too."""
+    data_dir = tmp_path / "d"
+    serve = ["--address", "127.0.0.1:0", "--data-dir", str(data_dir), "--small-blob-limit", "4K"]
+    process, target, _ = start(serve, env)
+    small, large = blob(1000, 1), blob(10_000, 2)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            re_grpc.ContentAddressableStorageStub(channel).BatchUpdateBlobs(
+                re_pb2.BatchUpdateBlobsRequest(
+                    requests=[
+                        re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                        for d, data in (small, large)
+                    ]
+                )
+            )
+    finally:
+        stop(process, signal.SIGTERM)
+    reindex = [sys.executable, "-m", "asynccas.cli", "reindex", "--data-dir", str(data_dir)]
+    refused = subprocess.run(reindex, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "--small-blob-limit" in refused.stderr, "without it, small blobs would be dropped"
+    result = subprocess.run(
+        [*reindex, "--small-blob-limit", "4K"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 blobs indexed, 0 stale entries dropped" in result.stderr
+    process, target, _ = start(serve, env)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            missing = re_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+                re_pb2.FindMissingBlobsRequest(
+                    blob_digests=[small[0].to_proto(), large[0].to_proto()]
+                )
+            )
+            assert list(missing.missing_blob_digests) == []
+    finally:
+        stop(process, signal.SIGTERM)
+
+
 def test_workers_share_the_port_and_stop_together(env: dict[str, str], tmp_path: Path) -> None:
     from asynccas.testing_redis import free_port
 

@@ -24,6 +24,22 @@ async def test_storage_conformance(kind: str, tmp_path: Path) -> None:
             await check_storage(storage)
 
 
+@pytest.mark.parametrize("kind", ["disk", "sqlite-blobs", "tiered"])
+async def test_stores_that_can_list_their_blobs_list_them_all(kind: str, tmp_path: Path) -> None:
+    """What ``asynccas reindex`` rebuilds an index from: every blob, whichever tier holds it."""
+    blobs = [blob(size, seed) for seed, size in enumerate([10, 1000, 70_000, 300_000])]
+    async with make_storage(kind, tmp_path) as storage:
+        assert await storage.bulk_update_blobs(blobs) == [None] * len(blobs)
+        listed = [digest async for digest, _ in storage.list_blobs()]
+    assert sorted(listed) == sorted(d for d, _ in blobs)
+
+
+async def test_stores_that_cannot_list_say_so() -> None:
+    with pytest.raises(NotImplementedError):
+        async for _ in MemoryStorage().list_blobs():
+            pass
+
+
 async def test_disk_leaves_no_temp_files(tmp_path: Path) -> None:
     async with make_storage("sqlite-disk", tmp_path) as storage:
         await check_storage(storage)

@@ -224,6 +224,14 @@ class Storage(abc.ABC):
         """Remove many blobs; returns those that were there and are now gone."""
         return [d for d in dict.fromkeys(digests) if await self.delete_blob(d)]
 
+    async def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
+        """Every stored blob with a time it was last written or used, for rebuilding an index.
+
+        Not every backend can list its blobs; those raise NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list its blobs")
+        yield  # pragma: no cover  (makes this an async generator)
+
     async def deletion_marker(self) -> int | None:
         """A number that changes whenever any blob is deleted or evicted (by any process
         sharing this storage), or None if the storage cannot tell.

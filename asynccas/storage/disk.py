@@ -12,7 +12,7 @@ import errno
 import functools
 import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, ParamSpec, Protocol, TypeVar
@@ -241,7 +241,7 @@ class DiskStorage(Storage):
         with _disk_errors("delete blobs"):
             return await _in_thread(lambda: [d for d in unique if self._delete_sync(d)])
 
-    async def list_blobs(self) -> AsyncIterator[tuple[Digest, float]]:
+    async def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
         """Every stored blob with its modification time, for rebuilding an index."""
         for function in DigestFunction:
             base = self._cas / function.lower_name

@@ -3,8 +3,10 @@ not one file each. Meant as the small tier of ``SizeDifferentiatedStorage``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import time
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from pathlib import Path
 from typing import Final
@@ -48,6 +50,23 @@ class SqliteBlobStorage(Storage):
         )
         present = {key for (key,) in rows}
         return [d for key, d in by_key.items() if key not in present]
+
+    async def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
+        """Every stored blob, in pages of keys. Rows keep no access time, so each is listed as
+        used now: an index rebuilt from them will not evict them first."""
+        now = time.time()
+        after = ""
+        while True:
+            keys = await self._db.run(functools.partial(_keys_after, after=after))
+            if not keys:
+                return
+            for (key,) in keys:
+                try:
+                    digest = Digest.from_key(key)
+                except (CasError, ValueError):
+                    continue  # not a key this storage wrote
+                yield digest, now
+            after = keys[-1][0]
 
     async def get_blob(
         self, digest: Digest, offset: int = 0, limit: int = 0
@@ -115,6 +134,12 @@ class SqliteBlobStorage(Storage):
             return gone
 
         return await self._db.write(delete)
+
+
+def _keys_after(conn: sqlite3.Connection, after: str) -> list[tuple[str]]:
+    return conn.execute(
+        "SELECT key FROM blobs WHERE key > ? ORDER BY key LIMIT 1000", (after,)
+    ).fetchall()
 
 
 class _SqliteWriter(BlobWriter):

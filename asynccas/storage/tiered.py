@@ -97,6 +97,12 @@ class SizeDifferentiatedStorage(Storage):
         gone = await self.small.bulk_delete(small) if small else []
         return gone + (await self.large.bulk_delete(large) if large else [])
 
+    async def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
+        async for listed in self.small.list_blobs():
+            yield listed
+        async for listed in self.large.list_blobs():
+            yield listed
+
     async def deletion_marker(self) -> int | None:
         small, large = await self.small.deletion_marker(), await self.large.deletion_marker()
         return None if small is None or large is None else small * 1_000_003 + large
