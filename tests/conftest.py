@@ -4,6 +4,7 @@ blocking calls on the event loop turned into failures; servers listen on 127.0.0
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,14 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 from hypothesis import settings
 
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.server.app import CasServer
+from asynccas.server.bytestream import ByteStreamService
+from asynccas.server.capabilities import CapabilitiesService
+from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
@@ -118,3 +124,25 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@asynccontextmanager
+async def serve_with_bytestream(
+    storage: Storage, bytestream: ByteStreamService
+) -> AsyncIterator[int]:
+    """Capabilities, CAS and a given (fault-injecting) ByteStream on a loopback port, yielded."""
+    server = grpc.aio.server()
+    re_grpc.add_CapabilitiesServicer_to_server(
+        CapabilitiesService(max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True),
+        server,
+    )
+    ContentAddressableStorageService(storage, max_batch_total_size_bytes=1 << 20).add_to_server(
+        server
+    )
+    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)

@@ -10,22 +10,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import grpc
 import pytest
 
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
-from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.action_cache import MemoryActionCache
 from asynccas.bench.scenarios import SCENARIOS
 from asynccas.server.app import CasServer
 from asynccas.server.bytestream import ByteStreamService
-from asynccas.server.capabilities import CapabilitiesService
-from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.server.errors import Context
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.memory import MemoryStorage
 from asynccas.testing_redis import free_port
+from tests.conftest import serve_with_bytestream
 
 pytestmark = pytest.mark.anyio
 
@@ -91,20 +87,8 @@ class CorruptingByteStream(ByteStreamService):
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})])
 async def test_corrupted_reads_are_reported(tmp_path: Path) -> None:
     storage = MemoryStorage()
-    server = grpc.aio.server()
-    re_grpc.add_CapabilitiesServicer_to_server(
-        CapabilitiesService(max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True),
-        server,
-    )
-    re_grpc.add_ContentAddressableStorageServicer_to_server(
-        ContentAddressableStorageService(storage, max_batch_total_size_bytes=1 << 20), server
-    )
-    bs_grpc.add_ByteStreamServicer_to_server(
-        CorruptingByteStream(storage, UploadSessions(storage)), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    corrupting = CorruptingByteStream(storage, UploadSessions(storage))
+    async with serve_with_bytestream(storage, corrupting) as port:
         report = tmp_path / "run.json"
         result = await anyio.to_thread.run_sync(
             lambda: bench(
@@ -126,8 +110,6 @@ async def test_corrupted_reads_are_reported(tmp_path: Path) -> None:
         assert result.returncode == 1
         assert "CORRUPTION" in result.stderr
         assert json.loads(report.read_text())["ops"]["ByteStream.Read"]["corruptions"] == 5
-    finally:
-        await server.stop(None)
 
 
 async def test_a_client_that_cannot_prepare_fails_fast_and_says_so() -> None:

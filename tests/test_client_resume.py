@@ -10,17 +10,14 @@ import anyio
 import grpc
 import pytest
 
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
-from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.client import CasClient
 from asynccas.digest import Digest
 from asynccas.server.bytestream import ByteStreamService
-from asynccas.server.capabilities import CapabilitiesService
-from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.server.errors import Context
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.memory import MemoryStorage
+from tests.conftest import serve_with_bytestream
 
 pytestmark = pytest.mark.anyio
 
@@ -59,18 +56,7 @@ class DroppingByteStream(ByteStreamService):
 async def test_upload_resumes_where_the_server_stopped(tmp_path: Path) -> None:
     storage = MemoryStorage()
     bytestream = DroppingByteStream(storage, UploadSessions(storage), cut_after=2 * 1024 * 1024)
-    server = grpc.aio.server()
-    re_grpc.add_CapabilitiesServicer_to_server(
-        CapabilitiesService(max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True),
-        server,
-    )
-    re_grpc.add_ContentAddressableStorageServicer_to_server(
-        ContentAddressableStorageService(storage, max_batch_total_size_bytes=1 << 20), server
-    )
-    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with serve_with_bytestream(storage, bytestream) as port:
         source = tmp_path / "big.bin"
         data = os.urandom(6 * 1024 * 1024)
         await anyio.Path(source).write_bytes(data)
@@ -81,5 +67,3 @@ async def test_upload_resumes_where_the_server_stopped(tmp_path: Path) -> None:
         assert len(bytestream.first_offsets) == 2
         assert bytestream.first_offsets[0] == 0
         assert bytestream.first_offsets[1] >= 2 * 1024 * 1024, "the retry resumed, not restarted"
-    finally:
-        await server.stop(None)
