@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from asynccas.errors import StorageFull
 from asynccas.index.base import StorageIndex
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.sqlite import SqliteBlobStorage
 from asynccas.testing import blob, check_index, check_storage
 from tests.conftest import STORAGE_KINDS, make_storage
 
@@ -53,3 +55,23 @@ async def test_batch_reports_storage_full_per_blob() -> None:
         assert isinstance(results[0], StorageFull)
         assert results[1] is None
         assert await storage.has_blob(small[0])
+
+
+async def test_sqlite_blob_store_of_an_earlier_release_keeps_its_blobs(tmp_path: Path) -> None:
+    """Stores written before the rowid table (WITHOUT ROWID, ~1.0) are moved over on start."""
+    path = tmp_path / "small.sqlite"
+    kept = [blob(size, seed) for seed, size in enumerate([1, 4096, 60_000])]
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE blobs (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID")
+        conn.executemany("INSERT INTO blobs VALUES (?, ?)", [(d.key, data) for d, data in kept])
+    conn.close()
+    async with SqliteBlobStorage(path) as storage:
+        assert await storage.bulk_read_blobs(d for d, _ in kept) == dict(kept)
+        added = blob(5000, 9)
+        assert await storage.bulk_update_blobs([added]) == [None]
+    async with SqliteBlobStorage(path) as storage:  # the second start finds nothing to move
+        assert await storage.bulk_read_blobs([added[0], kept[0][0]]) == dict([added, kept[0]])
+    with sqlite3.connect(path) as conn:
+        tables = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
+    conn.close()
+    assert [(name, "WITHOUT ROWID" in sql) for name, sql in tables] == [("blobs", False)]
