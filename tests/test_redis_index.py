@@ -11,6 +11,7 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
+from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
 from asynccas.index.redis import RedisIndex
 from asynccas.storage.disk import DiskStorage
@@ -179,3 +180,34 @@ async def test_processes_disagreeing_on_buckets_refuse_to_share_an_index(
         )
         with pytest.raises(ValueError, match="has 4 buckets; this process was configured with 1"):
             await other.start()
+
+
+async def test_members_of_every_size_width_are_checked_and_touched(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The RESP text of a check is cached per size: each digit count must give the right
+    lengths, and a check where only some digests are untouched must touch exactly those."""
+    sizes = [1, 9, 10, 99, 100, 12_345, 10**9, 10**12 + 7, 2**62]
+    digests = [Digest.from_key(f"sha256:{i:064x}:{size}") for i, size in enumerate(sizes)]
+    first, later = digests[::2], digests[1::2]
+    async with make_index(redis_server.url, tmp_path, touch_interval=3600) as index:
+        raw = redis.asyncio.Redis.from_url(redis_server.url)
+        lru = f"{{{index.prefix}:0}}:lru"
+        stale = 3600.0  # an entry last used in 1970: any touch raises it
+        await raw.zadd(lru, {d.key: stale for d in first})
+        assert await index.missing_blobs(digests) == later
+        assert [await raw.zscore(lru, d.key) for d in first] != [stale] * len(first)
+        # Now some of the batch was touched in this interval and some was not. (The ones it
+        # reported missing count as touched too: uploading them will score them afresh.)
+        later = [
+            Digest.from_key(f"sha256:{i + 100:064x}:{d.size_bytes}") for i, d in enumerate(later)
+        ]
+        digests = [*first, *later]
+        await raw.zadd(lru, {d.key: stale for d in digests})
+        assert await index.missing_blobs(digests) == []
+        scores = [await raw.zscore(lru, d.key) for d in digests]
+        assert [score == stale for score in scores[len(first) :]] == [False] * len(later)
+        assert [score == stale for score in scores[: len(first)]] == [True] * len(first), (
+            "entries this process had already touched in the interval were rewritten"
+        )
+        await raw.aclose()

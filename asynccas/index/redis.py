@@ -29,8 +29,8 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
-from itertools import chain, compress, filterfalse, repeat
-from operator import is_
+from itertools import chain, compress, repeat
+from operator import is_, not_
 from typing import Any, Final
 
 import anyio
@@ -97,48 +97,78 @@ _EVICTION_FLAG_TTL_MS: Final = 60_000
 _PUBLISH_ATTEMPTS: Final = 40
 
 
-_SIZE_TEXTS: dict[int, str] = {}
-_MAX_SIZE_TEXTS: Final = 1 << 16
+class _MemberTexts:
+    """The RESP text around each index member ``<function>:<hash>:<size>``, by size.
+
+    A member is sent as ``$<length>\r\n<function>:<hash>:<size>\r\n``: the text before the
+    hash (its "head") and after it (its "tail") depend only on the size, and the blobs of a
+    build share a few thousand sizes. So a command's members are a join of cached heads, the
+    request's own hash strings and cached tails, with no string built per digest.
+    """
+
+    def __init__(self, function_name: str, hash_length: int, limit: int = 1 << 16) -> None:
+        self._prefix = f"{function_name}:"
+        self._fixed_length = len(function_name) + hash_length + 2  # the two colons
+        self._limit = limit
+        self._heads: dict[int, str] = {}
+        self._tails: dict[int, str] = {}
+
+    def around(self, sizes: list[int]) -> tuple[list[str], list[str]]:
+        """Each size's head and tail."""
+        try:
+            heads = list(map(self._heads.__getitem__, sizes))
+        except KeyError:  # a size not seen yet (a look-up that raises is cheaper than `None in`)
+            if len(self._heads) + len(sizes) > self._limit:
+                self._heads.clear()
+                self._tails.clear()
+            for size in sizes:
+                if size not in self._heads:
+                    text = str(size)
+                    self._heads[size] = f"${self._fixed_length + len(text)}\r\n{self._prefix}"
+                    self._tails[size] = f":{text}\r\n"
+            heads = list(map(self._heads.__getitem__, sizes))
+        return heads, list(map(self._tails.__getitem__, sizes))
 
 
-def _size_texts(sizes: list[int]) -> list[str]:
-    """``str`` of each size: a dictionary look-up is cheaper than formatting an integer, and
-    the blobs of a build share a few thousand sizes."""
-    texts = list(map(_SIZE_TEXTS.get, sizes))
-    if None not in texts:
-        return texts  # type: ignore[return-value]
-    if len(_SIZE_TEXTS) > _MAX_SIZE_TEXTS:
-        _SIZE_TEXTS.clear()
-    return [_SIZE_TEXTS.setdefault(size, str(size)) for size in sizes]
+def _interleave(command: str, *columns: list[str]) -> list[str]:
+    """``command`` then the columns' items, a row at a time: slice assignments, in C."""
+    pieces = [command] * (len(columns) * len(columns[0]) + 1)
+    for offset, column in enumerate(columns, start=1):
+        pieces[offset :: len(columns)] = column
+    return pieces
 
 
 class _TouchedThisInterval:
-    """The index members this process has raised to the current recency score.
+    """The hashes whose index members this process has raised to the current recency score.
 
     Their score in Redis is at least that recency until they are deleted (``ZADD GT`` never
     lowers it, and a re-upload writes the present time), so touching them again before the
-    interval ends would change nothing. Bounded: when full it forgets, which only costs
-    touches that Redis would have ignored.
+    interval ends would change nothing. Keyed by hash alone: uploads are verified, so an
+    indexed hash has one size. Bounded: when full it forgets, which only costs touches that
+    Redis would have ignored.
     """
 
     def __init__(self, limit: int = 1 << 17) -> None:
         self._limit = limit
         self._recency = ""
-        self._members: set[str] = set()
+        self._hashes: set[str] = set()
 
-    def not_yet(self, recency: str, members: list[str]) -> list[str]:
-        """The ``members`` not yet touched at ``recency``."""
-        if recency != self._recency or not self._members:
-            return members
-        return list(filterfalse(self._members.__contains__, members))
+    def untouched(self, recency: str, hashes: list[str]) -> list[int] | None:
+        """Positions of the ``hashes`` not yet touched at ``recency``; ``None`` for all."""
+        if recency != self._recency or not self._hashes:
+            return None
+        touched = list(map(self._hashes.__contains__, hashes))
+        if all(touched):
+            return []
+        return list(compress(range(len(hashes)), map(not_, touched)))
 
-    def add(self, recency: str, members: list[str]) -> None:
+    def add(self, recency: str, hashes: list[str]) -> None:
         if recency != self._recency:
-            self._members.clear()
+            self._hashes.clear()
             self._recency = recency
-        if len(self._members) + len(members) > self._limit:
-            self._members.clear()
-        self._members.update(members)
+        if len(self._hashes) + len(hashes) > self._limit:
+            self._hashes.clear()
+        self._hashes.update(hashes)
 
 
 class RedisIndex(StorageIndex):
@@ -167,6 +197,7 @@ class RedisIndex(StorageIndex):
         # only needs it to within this many seconds.
         self.touch_interval = touch_interval
         self._touched = _TouchedThisInterval()
+        self._member_texts: dict[tuple[str, int], _MemberTexts] = {}
         self._client: Client | None = None
         # Bucket by the first byte of the hash; a table look-up beats parsing hex per digest.
         self._bucket_of_prefix = {f"{b:02x}": b % buckets for b in range(256)}
@@ -295,45 +326,42 @@ class RedisIndex(StorageIndex):
     ) -> list[list[Any]]:
         """The commands as RESP text built in joins: this is the hot path of FindMissingBlobs."""
         score = f"${len(recency)}\r\n{recency}\r\n"
-        width = len(name) + len(hashes[0]) + 2  # "name:hash:" plus the size's digits
-        # Each member's head ("$<length>\r\n<name>:") by the digit count of its size, so that
-        # the members are built by C-level map and join, with no Python code per digest.
-        heads = [f"${width + digits}\r\n{name}:" for digits in range(20)]
-        text = []
+        shape = (name, len(hashes[0]))
+        member_texts = self._member_texts.get(shape)
+        if member_texts is None:
+            member_texts = self._member_texts.setdefault(shape, _MemberTexts(*shape))
+        text: list[str] = []
         touching: list[str] = []
         presence_replies: list[int] = []  # where each ZMSCORE's reply will be
         replies = 0
         for bucket, where in groups:
             if where is None:
-                group_hashes, group_sizes = hashes, _size_texts(sizes)
+                group_hashes, group_sizes = hashes, sizes
             else:
                 group_hashes = [hashes[i] for i in where]
-                group_sizes = _size_texts([sizes[i] for i in where])
-            members = list(
-                map(
-                    "".join,
-                    zip(
-                        map(heads.__getitem__, map(len, group_sizes)),
-                        group_hashes,
-                        repeat(":"),
-                        group_sizes,
-                        repeat("\r\n"),
-                    ),
-                )
-            )
+                group_sizes = [sizes[i] for i in where]
+            heads, tails = member_texts.around(group_sizes)
             key = self._keys(bucket)[0]
             key = f"${len(key)}\r\n{key}\r\n"
-            text += [f"*{len(members) + 2}\r\n$7\r\nZMSCORE\r\n{key}", *members]
+            text += _interleave(
+                f"*{len(group_hashes) + 2}\r\n$7\r\nZMSCORE\r\n{key}", heads, group_hashes, tails
+            )
             presence_replies.append(replies)
             replies += 1
-            stale = self._touched.not_yet(recency, members)
+            untouched = self._touched.untouched(recency, group_hashes)
+            if untouched is None:
+                stale = group_hashes
+            else:
+                stale = [group_hashes[i] for i in untouched]
+                heads = [heads[i] for i in untouched]
+                tails = [tails[i] for i in untouched]
             if stale:
                 touching += stale
                 replies += 1
-                text += [
+                text += _interleave(
                     f"*{2 * len(stale) + 4}\r\n$4\r\nZADD\r\n{key}$2\r\nXX\r\n$2\r\nGT\r\n",
-                    score, score.join(stale),
-                ]  # fmt: skip
+                    [score] * len(stale), heads, stale, tails,
+                )  # fmt: skip
         with self.provider.errors("check blobs"):
             answers = await self.provider.send_encoded(self.client, "".join(text).encode(), replies)
         self._touched.add(recency, touching)
@@ -357,9 +385,10 @@ class RedisIndex(StorageIndex):
             key = self._keys(bucket)[0]
             presence_replies.append(len(calls))
             calls.append(("ZMSCORE", key, *members))
-            stale = self._touched.not_yet(recency, members)
+            untouched = self._touched.untouched(recency, [hashes[i] for i in positions])
+            stale = members if untouched is None else [members[i] for i in untouched]
             if stale:
-                touching += stale
+                touching += (hashes[i] for i in positions)
                 calls.append(
                     ("ZADD", key, "XX", "GT", *chain.from_iterable((recency, m) for m in stale))
                 )
