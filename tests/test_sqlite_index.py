@@ -3,6 +3,7 @@ indexes (as two server processes would) sharing one data directory, and self-hea
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import anyio.lowlevel
 import pytest
 
 from asynccas.digest import Digest
+from asynccas.errors import BackendUnavailable
 from asynccas.index.sqlite import SqliteIndex
+from asynccas.sqlite import SqliteDatabase
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob, check_eviction_racing_uploads, check_index_concurrency
 
@@ -100,3 +103,37 @@ async def test_no_fsync_reaches_sqlite(tmp_path: Path, fsync: bool, synchronous:
     async with index:
         mode = await index._db.run(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
         assert mode == synchronous  # 1 is NORMAL, 0 is OFF
+
+
+@pytest.mark.parametrize("how", ["write", "transaction"])
+async def test_a_failed_commit_does_not_leave_a_transaction_open(tmp_path: Path, how: str) -> None:
+    """A COMMIT can fail (here: a deferred foreign key); the next write must still work."""
+    schema = """
+    CREATE TABLE IF NOT EXISTS parents (id INTEGER PRIMARY KEY);
+    CREATE TABLE IF NOT EXISTS children (
+        parent INTEGER REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED
+    );
+    """
+    database = SqliteDatabase(tmp_path / "db.sqlite", schema)
+    await database.open()
+    try:
+        await database.run(lambda conn: conn.execute("PRAGMA foreign_keys = ON"))
+
+        def orphan(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO children VALUES (7)")
+
+        async def write_orphan() -> None:
+            if how == "write":
+                await database.write(orphan)
+            else:
+                async with database.transaction() as sql:
+                    await sql(orphan)
+
+        with pytest.raises(BackendUnavailable, match="FOREIGN KEY"):
+            await write_orphan()
+        await database.write(lambda conn: conn.execute("INSERT INTO parents VALUES (7)"))
+        await database.write(orphan)
+        rows = await database.run(lambda conn: conn.execute("SELECT * FROM children").fetchall())
+        assert rows == [(7,)]
+    finally:
+        await database.close()
