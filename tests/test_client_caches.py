@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import anyio
@@ -116,3 +117,41 @@ async def test_metadata_cache_keeps_action_results_and_directories_apart(tmp_pat
         }
     finally:
         await reopened.close()
+
+
+async def test_caches_of_an_earlier_release_keep_their_entries(tmp_path: Path) -> None:
+    """Blob and message tables made WITHOUT ROWID (before rowid tables) are moved on open."""
+    (small, data), directory = blob(3000, 1), re_pb2.Directory()
+    directory.files.add(name="a", digest=small.to_proto())
+    encoded = directory.SerializeToString()
+    listed = Digest.of(encoded)
+    with sqlite3.connect(tmp_path / "blobs.sqlite") as conn:
+        conn.execute(
+            "CREATE TABLE blobs (key TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL, inline BLOB,"
+            " accessed_at REAL NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute("CREATE INDEX blobs_by_access ON blobs (accessed_at)")
+        conn.execute("INSERT INTO blobs VALUES (?, ?, ?, 1.0)", (small.key, len(data), data))
+    conn.close()
+    with sqlite3.connect(tmp_path / "metadata.sqlite") as conn:
+        conn.execute(
+            "CREATE TABLE messages (key TEXT NOT NULL, type TEXT NOT NULL, data BLOB NOT NULL,"
+            " PRIMARY KEY (key, type)) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO messages VALUES (?, ?, ?)",
+            (listed.key, re_pb2.Directory.DESCRIPTOR.full_name, encoded),
+        )
+    conn.close()
+    caches = ClientCaches(tmp_path)
+    await caches.open()
+    try:
+        assert await caches.blobs.get_many([small]) == {small: data}
+        assert await caches.metadata.get_directories([listed]) == {listed: directory}
+    finally:
+        await caches.close()
+    with sqlite3.connect(tmp_path / "blobs.sqlite") as conn:
+        schema = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
+    conn.close()
+    assert set(schema) == {"blobs", "blobs_by_access"}
+    assert "WITHOUT ROWID" not in schema["blobs"]

@@ -28,27 +28,27 @@ from google.protobuf.message import Message
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.digest import Digest
-from asynccas.sqlite import SqliteDatabase
+from asynccas.sqlite import SqliteDatabase, move_rows_off_without_rowid
 
 INLINE_LIMIT: Final = 64 * 1024
 
-_BLOB_SCHEMA: Final = """
+# Rowid tables, as they hold blobs: see move_rows_off_without_rowid.
+_BLOB_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS blobs (
-    key TEXT PRIMARY KEY,       -- Digest.key
+    key TEXT NOT NULL UNIQUE,   -- Digest.key
     size_bytes INTEGER NOT NULL,
-    inline BLOB,                -- the content when small; NULL when it lives in a file
+    inline BLOB,                -- the content when small, else NULL: it lives in a file
     accessed_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (accessed_at);
-"""
+)"""
+_BLOB_INDEX: Final = "CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (accessed_at)"
+_BLOB_SCHEMA: Final = f"{_BLOB_TABLE};\n{_BLOB_INDEX}"
 _METADATA_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS messages (
     key TEXT NOT NULL,          -- Digest.key of the encoded message
     type TEXT NOT NULL,         -- the message's full name, e.g. build.bazel.remote.execution.v2.Directory
     data BLOB NOT NULL,
-    PRIMARY KEY (key, type)
-) WITHOUT ROWID;
-"""
+    UNIQUE (key, type)
+)"""
 M = TypeVar("M", bound=Message)
 _TREE_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS edges (
@@ -74,6 +74,14 @@ class BlobCache:
 
     async def open(self) -> None:
         await self._db.open()
+        await self._db.write(
+            partial(
+                move_rows_off_without_rowid,
+                table="blobs",
+                statements=[_BLOB_TABLE, _BLOB_INDEX],
+                columns="key, size_bytes, inline, accessed_at",
+            )
+        )
 
     async def close(self) -> None:
         await self._db.close()
@@ -236,6 +244,14 @@ class MetadataCache:
 
     async def open(self) -> None:
         await self._db.open()
+        await self._db.write(
+            partial(
+                move_rows_off_without_rowid,
+                table="messages",
+                statements=[_METADATA_SCHEMA],
+                columns="key, type, data",
+            )
+        )
 
     async def close(self) -> None:
         await self._db.close()
