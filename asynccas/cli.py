@@ -29,7 +29,7 @@ from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.memory import MemoryStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.sqlite import SqliteBlobStorage, recorded_max_blob_size
 from asynccas.storage.tiered import SizeDifferentiatedStorage
 
 logger = logging.getLogger("asynccas")
@@ -37,6 +37,8 @@ logger = logging.getLogger("asynccas")
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 _MEMORY_DEFAULT_BYTES = 1 << 30
 SMALL_BLOBS_FILE = "small-blobs.sqlite"
+# Bazel's blobs are mostly 1-64 KiB; up to here, one SQLite row beats one file each.
+DEFAULT_SMALL_BLOB_LIMIT = 64 * 1024
 
 
 def parse_size(text: str) -> int:
@@ -93,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--small-blob-limit",
         type=parse_size,
-        default=0,
-        help=f"keep disk blobs up to this size (e.g. 64K) inline in DATA_DIR/{SMALL_BLOBS_FILE}"
-        " instead of one file each: much faster for small batches (default: off)",
+        default=None,
+        help=f"keep disk blobs up to this size inline in DATA_DIR/{SMALL_BLOBS_FILE} instead of"
+        " one file each, which is much faster for small blobs; 0 for one file per blob."
+        " Set once, when a data directory is new: later starts read it from the directory"
+        f" (default: {_human(DEFAULT_SMALL_BLOB_LIMIT)} for a new data directory; an existing"
+        " one keeps its layout)",
     )
     serve.add_argument(
         "--direct-io-above",
@@ -136,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument(
         "--small-blob-limit",
         type=parse_size,
-        default=0,
-        help="the --small-blob-limit the servers use, if any: their small blobs live in"
-        f" DATA_DIR/{SMALL_BLOBS_FILE}, not in files",
+        default=None,
+        help="only for a data directory made before asynccas recorded it: the"
+        f" --small-blob-limit its servers use (their small blobs live in {SMALL_BLOBS_FILE})",
     )
     reindex.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -175,7 +180,7 @@ def _build_index(args: argparse.Namespace, storage: Storage) -> tuple[StorageInd
     raise CasError(f"--index {args.index!r} is neither 'sqlite' nor a redis URL")
 
 
-def _build(
+async def _build(
     args: argparse.Namespace,
 ) -> tuple[Storage, ActionCacheStore, str, EvictionPolicy | None]:
     if args.storage == "memory":
@@ -185,11 +190,17 @@ def _build(
         where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
         return MemoryStorage(budget), MemoryActionCache(), where, None
     data_dir = _data_dir(args)
-    blobs = _disk_blobs(args, data_dir)
+    small_blob_limit = await _small_blob_limit(args, data_dir)
+    blobs = _disk_blobs(args, data_dir, small_blob_limit)
     index, index_where = _build_index(args, blobs)
     budget = f"budget {_human(args.max_size)}" if args.max_size else "no size limit"
+    tier = (
+        f", those up to {_human(small_blob_limit)} in {data_dir / SMALL_BLOBS_FILE}"
+        if small_blob_limit
+        else ""
+    )
     where = (
-        f"blobs on disk in {data_dir / 'cas'} ({budget}), {index_where},"
+        f"blobs on disk in {data_dir / 'cas'}{tier} ({budget}), {index_where},"
         f" action cache {data_dir / 'action-cache.sqlite'}"
     )
     eviction = EvictionPolicy(args.max_size) if args.max_size and not args.extra_worker else None
@@ -197,7 +208,7 @@ def _build(
 
 
 async def serve(args: argparse.Namespace) -> None:
-    storage, action_cache, where, eviction = _build(args)
+    storage, action_cache, where, eviction = await _build(args)
     server = CasServer(
         storage,
         action_cache,
@@ -220,14 +231,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 async def reindex(args: argparse.Namespace) -> None:
     data_dir = _data_dir(args)
-    small_blobs = data_dir / SMALL_BLOBS_FILE
-    if not args.small_blob_limit and await anyio.Path(small_blobs).exists():
-        # Without the tier, its blobs would look gone, and reindex would drop them all.
-        raise CasError(
-            f"{small_blobs} holds blobs of the small-blob tier: pass the --small-blob-limit"
-            " that the servers use"
-        )
-    storage = _disk_blobs(args, data_dir)
+    storage = _disk_blobs(args, data_dir, await _small_blob_limit(args, data_dir))
     index, where = _build_index(args, storage)
     async with index:
         listed, dropped = await index.reindex(storage.list_blobs())
@@ -235,16 +239,64 @@ async def reindex(args: argparse.Namespace) -> None:
                 data_dir, where, listed, dropped)  # fmt: skip
 
 
-def _disk_blobs(args: argparse.Namespace, data_dir: Path) -> Storage:
-    """The blob storage of a data directory: files, plus the small-blob tier if configured."""
+async def _small_blob_limit(args: argparse.Namespace, data_dir: Path) -> int:
+    """The small-blob tier's limit in ``data_dir`` (0: one file per blob), as recorded there.
+
+    A blob's tier follows from its size and this limit, so the limit is fixed for the life of
+    a data directory: another one would hide blobs already stored.
+    """
+    asked: int | None = args.small_blob_limit
+    tier = data_dir / SMALL_BLOBS_FILE
+    if await anyio.Path(tier).exists():
+        recorded = await anyio.to_thread.run_sync(recorded_max_blob_size, tier)
+        if recorded is None:  # made before the limit was recorded: the caller must say
+            if not asked:
+                raise CasError(
+                    f"{tier} holds blobs of the small-blob tier: pass the --small-blob-limit"
+                    " that the servers use (once; it is recorded from then on)"
+                )
+            return asked
+        if asked is not None and asked != recorded:
+            raise CasError(
+                f"{data_dir} keeps blobs of up to {_human(recorded)} in {SMALL_BLOBS_FILE};"
+                f" --small-blob-limit {_human(asked)} would hide some of them: leave it out"
+            )
+        return recorded
+    holds_files = await anyio.to_thread.run_sync(_holds_blob_files, data_dir)
+    if asked is None:  # new directories get the tier; existing ones keep one file per blob
+        return 0 if holds_files else DEFAULT_SMALL_BLOB_LIMIT
+    if asked and holds_files:
+        raise CasError(
+            f"{data_dir} already keeps its blobs one file each; the small-blob tier can only be"
+            " chosen for a new data directory (the files of small blobs would be hidden)"
+        )
+    return asked
+
+
+def _holds_blob_files(data_dir: Path) -> bool:
+    """Whether the disk store in ``data_dir`` has stored any blob (CAS/<function>/<xx>/...)."""
+    try:
+        with os.scandir(data_dir / "cas") as entries:
+            functions = [entry.path for entry in entries if entry.is_dir()]
+    except FileNotFoundError:
+        return False
+    for function in functions:
+        with os.scandir(function) as prefixes:
+            if next(prefixes, None) is not None:
+                return True
+    return False
+
+
+def _disk_blobs(args: argparse.Namespace, data_dir: Path, small_blob_limit: int) -> Storage:
+    """The blob storage of a data directory: files, plus the small-blob tier if it has one."""
     fsync = not getattr(args, "no_fsync", False)  # reindex has no such option
     direct_io_above = getattr(args, "direct_io_above", DEFAULT_DIRECT_IO_ABOVE)
     blobs: Storage = DiskStorage(data_dir, fsync=fsync, direct_io_above=direct_io_above)
-    if args.small_blob_limit:
+    if small_blob_limit:
         small = SqliteBlobStorage(
-            data_dir / SMALL_BLOBS_FILE, max_blob_size=args.small_blob_limit, fsync=fsync
+            data_dir / SMALL_BLOBS_FILE, max_blob_size=small_blob_limit, fsync=fsync
         )
-        blobs = SizeDifferentiatedStorage(small, blobs, limit=args.small_blob_limit)
+        blobs = SizeDifferentiatedStorage(small, blobs, limit=small_blob_limit)
     return blobs
 
 

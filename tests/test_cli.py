@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -15,8 +18,11 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.cli import parse_size
+from asynccas.cli import DEFAULT_SMALL_BLOB_LIMIT, _small_blob_limit, parse_size
 from asynccas.digest import Digest
+from asynccas.errors import CasError
+from asynccas.storage.disk import DiskStorage
+from asynccas.storage.sqlite import SqliteBlobStorage
 from asynccas.testing import blob
 from asynccas.testing_redis import RedisServer
 
@@ -60,12 +66,22 @@ def test_default_serve_uses_xdg_cache_and_stops_gracefully(
         data_dir = tmp_path / "xdg" / "asynccas"
         assert str(data_dir / "cas") in where
         assert "index.sqlite" in where
-        digest, data = blob(1000, 1)
+        # A new data directory keeps blobs up to 64 KiB in SQLite, larger ones as files.
+        assert f"those up to 64.0 KiB in {data_dir / 'small-blobs.sqlite'}" in where
+        (small, small_data), (large, large_data) = blob(1000, 1), blob(70_000, 2)
         with grpc.insecure_channel(target) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)
-            request = re_pb2.BatchUpdateBlobsRequest.Request(digest=digest.to_proto(), data=data)
-            cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[request]))
-        assert (data_dir / "cas" / "sha256" / digest.hash[:2] / digest.hash).read_bytes() == data
+            requests = [
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                for d, data in ((small, small_data), (large, large_data))
+            ]
+            cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=requests))
+        files = data_dir / "cas" / "sha256"
+        assert (files / large.hash[:2] / large.hash).read_bytes() == large_data
+        assert not (files / small.hash[:2] / small.hash).exists()
+        with closing(sqlite3.connect(data_dir / "small-blobs.sqlite")) as conn:
+            rows = conn.execute("SELECT data FROM blobs WHERE key = ?", (small.key,)).fetchall()
+        assert rows == [(small_data,)]
     finally:
         output = stop(process, signum)
     assert "shutting down" in output
@@ -182,8 +198,10 @@ def test_serve_with_redis_index_and_reindex(
     url = f"{redis_server.url}"
     blobs = [blob(3000 + i, i) for i in range(5)]
     process, target, where = start(
-        ["--address", "127.0.0.1:0", "--data-dir", str(data_dir), "--index", url], env
-    )
+        ["--address", "127.0.0.1:0", "--data-dir", str(data_dir), "--index", url,
+         "--small-blob-limit", "0"],  # one file per blob; later runs keep to it unasked
+        env,
+    )  # fmt: skip
     try:
         assert f"index redis://127.0.0.1:{redis_server.port}/0" in where
         with grpc.insecure_channel(target) as channel:
@@ -223,7 +241,9 @@ def test_serve_with_redis_index_and_reindex(
 
 def test_reindex_sqlite_drops_stale_entries(env: dict[str, str], tmp_path: Path) -> None:
     data_dir = tmp_path / "d"
-    process, target, _ = start(["--address", "127.0.0.1:0", "--data-dir", str(data_dir)], env)
+    process, target, _ = start(
+        ["--address", "127.0.0.1:0", "--data-dir", str(data_dir), "--small-blob-limit", "0"], env
+    )
     blobs = [blob(1000 + i, i) for i in range(3)]
     try:
         with grpc.insecure_channel(target) as channel:
@@ -265,16 +285,18 @@ def test_reindex_keeps_blobs_of_the_small_blob_tier(env: dict[str, str], tmp_pat
     finally:
         stop(process, signal.SIGTERM)
     reindex = [sys.executable, "-m", "asynccas.cli", "reindex", "--data-dir", str(data_dir)]
-    refused = subprocess.run(reindex, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1
-    assert "--small-blob-limit" in refused.stderr, "without it, small blobs would be dropped"
-    result = subprocess.run(
-        [*reindex, "--small-blob-limit", "4K"], env=env, capture_output=True, text=True, timeout=60
+    refused = subprocess.run(
+        [*reindex, "--small-blob-limit", "8K"], env=env, capture_output=True, text=True, timeout=60
     )
+    assert refused.returncode == 1
+    assert "keeps blobs of up to 4.0 KiB" in refused.stderr, "8K would hide blobs"
+    # The limit is recorded in the data directory: reindex finds it unasked.
+    result = subprocess.run(reindex, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "2 blobs indexed, 0 stale entries dropped" in result.stderr
-    process, target, _ = start(serve, env)
+    process, target, where = start(serve[:4], env)
     try:
+        assert "those up to 4.0 KiB" in where
         with grpc.insecure_channel(target) as channel:
             missing = re_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
                 re_pb2.FindMissingBlobsRequest(
@@ -284,6 +306,46 @@ def test_reindex_keeps_blobs_of_the_small_blob_tier(env: dict[str, str], tmp_pat
             assert list(missing.missing_blob_digests) == []
     finally:
         stop(process, signal.SIGTERM)
+
+
+@pytest.mark.anyio
+async def test_small_blob_limit_is_fixed_for_the_life_of_a_data_directory(
+    tmp_path: Path,
+) -> None:
+    async def limit(data_dir: Path, asked: int | None) -> int:
+        return await _small_blob_limit(argparse.Namespace(small_blob_limit=asked), data_dir)
+
+    new = tmp_path / "new"
+    assert await limit(new, None) == DEFAULT_SMALL_BLOB_LIMIT
+    assert await limit(new, 0) == 0
+    assert await limit(new, 4096) == 4096
+
+    files = tmp_path / "files"  # one file per blob, as before the tier was the default
+    async with DiskStorage(files, fsync=False) as disk:
+        assert await disk.bulk_update_blobs([blob(100, 1)]) == [None]
+    assert await limit(files, None) == 0
+    with pytest.raises(CasError, match="only be chosen for a new data directory"):
+        await limit(files, 4096)
+
+    tiered = tmp_path / "tiered"
+    async with SqliteBlobStorage(tiered / "small-blobs.sqlite", max_blob_size=4096):
+        pass
+    assert await limit(tiered, None) == 4096
+    assert await limit(tiered, 4096) == 4096
+    for other in (0, 8192):
+        with pytest.raises(CasError, match="would hide some of them"):
+            await limit(tiered, other)
+
+    earlier = tmp_path / "earlier"  # a tier made by a release that did not record its limit
+    earlier.mkdir()
+    with closing(sqlite3.connect(earlier / "small-blobs.sqlite")) as conn:
+        conn.execute("CREATE TABLE blobs (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID")
+    with pytest.raises(CasError, match="pass the --small-blob-limit"):
+        await limit(earlier, None)
+    assert await limit(earlier, 4096) == 4096
+    async with SqliteBlobStorage(earlier / "small-blobs.sqlite", max_blob_size=4096):
+        pass  # the first start records it
+    assert await limit(earlier, None) == 4096
 
 
 def test_workers_share_the_port_and_stop_together(env: dict[str, str], tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 """Small blobs inline in one SQLite file: a batch of many small blobs is one transaction,
-not one file each. Meant as the small tier of ``SizeDifferentiatedStorage``."""
+not one file each. Meant as the small tier of ``SizeDifferentiatedStorage``.
+
+The store records the ``max_blob_size`` it was created with and refuses to open with another:
+a tiered store routes blobs by that size, so a different one would hide blobs already stored.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +23,29 @@ from asynccas.sqlite import SqliteDatabase, move_rows_off_without_rowid
 from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
 
 # A rowid table: see move_rows_off_without_rowid for why not WITHOUT ROWID.
-_SCHEMA: Final = "CREATE TABLE IF NOT EXISTS blobs (key TEXT NOT NULL UNIQUE, data BLOB NOT NULL)"
-_MIGRATE: Final = functools.partial(
-    move_rows_off_without_rowid, table="blobs", statements=[_SCHEMA], columns="key, data"
+_BLOBS: Final = "CREATE TABLE IF NOT EXISTS blobs (key TEXT NOT NULL UNIQUE, data BLOB NOT NULL)"
+_SETTINGS: Final = (
+    "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 )
+_MIGRATE: Final = functools.partial(
+    move_rows_off_without_rowid, table="blobs", statements=[_BLOBS], columns="key, data"
+)
+
+
+def recorded_max_blob_size(path: str | Path) -> int | None:
+    """The ``max_blob_size`` a store at ``path`` was created with; ``None`` if there is no
+    store there, or it was made before stores recorded it. Blocking: call it in a thread."""
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return None  # no such file
+    try:
+        row = conn.execute("SELECT value FROM settings WHERE name = 'max_blob_size'").fetchone()
+    except sqlite3.OperationalError:
+        return None  # no settings table: made by an earlier release
+    finally:
+        conn.close()
+    return None if row is None else int(row[0])
 
 
 class SqliteBlobStorage(Storage):
@@ -31,11 +54,29 @@ class SqliteBlobStorage(Storage):
     ) -> None:
         self.path = Path(path)
         self.max_blob_size = max_blob_size
-        self._db = SqliteDatabase(self.path, _SCHEMA, fsync=fsync)
+        self._db = SqliteDatabase(self.path, f"{_BLOBS};\n{_SETTINGS}", fsync=fsync)
 
     async def start(self) -> None:
         await self._db.open()
         await self._db.write(_MIGRATE)
+        recorded = await self._db.write(self._record_max_blob_size)
+        if recorded != self.max_blob_size:
+            await self._db.close()
+            raise CasError(
+                f"{self.path} keeps blobs of up to {recorded} bytes; opening it for"
+                f" {self.max_blob_size} would hide some of them"
+            )
+
+    def _record_max_blob_size(self, conn: sqlite3.Connection) -> int:
+        """Record this store's limit if it has none yet (new, or from an earlier release, which
+        trusted the caller as this does once); return the recorded one."""
+        conn.execute(
+            "INSERT OR IGNORE INTO settings VALUES ('max_blob_size', ?)", (self.max_blob_size,)
+        )
+        (recorded,) = conn.execute(
+            "SELECT value FROM settings WHERE name = 'max_blob_size'"
+        ).fetchone()
+        return int(recorded)
 
     async def stop(self) -> None:
         await self._db.close()
