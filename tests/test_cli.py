@@ -110,6 +110,7 @@ def test_max_size_evicts_least_recently_used(
     try:
         assert "budget 100.0 KiB" in where
         blobs = [blob(20_000, i) for i in range(10)]  # 200 kB, twice the budget
+        minute = int(time.time() // 60)
         with grpc.insecure_channel(target) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)
             for digest, data in blobs:
@@ -124,8 +125,11 @@ def test_max_size_evicts_least_recently_used(
                 if len(missing) >= 6 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-        # Down to the low watermark (90 KiB): the oldest blobs went, the newest stayed.
-        assert [m.hash for m in missing] == [d.hash for d, _ in blobs[: len(missing)]]
+        # Down to the low watermark (90 KiB): the oldest blobs went, the newest stayed. Unless
+        # a minute began meanwhile: then the polls' recency refresh (kept to the minute) gave
+        # every remaining blob the same score, and which of them went first is arbitrary.
+        if int(time.time() // 60) == minute:
+            assert [m.hash for m in missing] == [d.hash for d, _ in blobs[: len(missing)]]
         assert len(missing) == 6
     finally:
         stop(process, signal.SIGTERM)
