@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -37,13 +37,12 @@ class DigestFunction(enum.Enum):
 
     lower_name: str
     """The spelling used in resource names and storage paths, e.g. ``sha256``."""
+    new_hasher: Callable[[], _Hash]
+    """A fresh hash object (hashlib's own constructor: ``hashlib.new`` costs more per blob)."""
 
     def __init__(self, proto_value: int, hex_length: int) -> None:
         self.proto_value = proto_value
         self.hex_length = hex_length
-
-    def new_hasher(self) -> _Hash:
-        return hashlib.new(self.lower_name)
 
     @classmethod
     def from_proto(cls, value: int) -> DigestFunction:
@@ -70,6 +69,7 @@ class DigestFunction(enum.Enum):
 
 for _function in DigestFunction:
     _function.lower_name = _function.name.lower()
+    _function.new_hasher = getattr(hashlib, _function.lower_name)
 _BY_PROTO: Final = {f.proto_value: f for f in DigestFunction}
 _BY_LENGTH: Final = {f.hex_length: f for f in DigestFunction}
 _HEX_DIGITS: Final = b"0123456789abcdef"

@@ -1,5 +1,6 @@
 """The wire-level readers (the server's FindMissingBlobs, the client's ReadResponse) agree
-with protobuf on everything they accept."""
+with protobuf on everything they accept, and the wire-level writer (the server's
+BatchReadBlobsResponse) writes what protobuf writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from hypothesis import strategies as st
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas.client.cas import _read_response_data
-from asynccas.server.wire import FindMissingBlobsWire
+from asynccas.digest import Digest
+from asynccas.errors import BatchTooLarge, BlobNotFound, InvalidDigest
+from asynccas.server.cas import batch_read_response
+from asynccas.server.wire import FindMissingBlobsWire, ReadResult, encode_batch_read_response
 
 HEX = "0123456789abcdef"
 hashes = st.one_of(
@@ -122,3 +126,29 @@ def test_read_responses_are_read_off_the_wire_as_protobuf_reads_them(
     except Exception:  # not a message at all: protobuf's error is the client's too
         return
     assert _read_response_data(message + trailing) == expected
+
+
+NOT_FOUND = BlobNotFound(Digest.of(b"gone"))
+errors = st.sampled_from(
+    [
+        None,
+        InvalidDigest("hash 'xyz' is not 64 lower-case hex characters"),
+        BatchTooLarge("ünïcode in a message, and a long one " * 10),
+    ]
+)
+read_results = st.lists(
+    st.tuples(
+        digests,
+        st.one_of(st.none(), st.binary(max_size=300), st.binary(min_size=200, max_size=20_000)),
+        errors,
+    ).map(lambda r: (r[0], r[1], r[2] if r[1] is not None else r[2] or NOT_FOUND)),
+    max_size=30,
+)
+
+
+@settings(max_examples=300)
+@given(read_results)
+def test_batch_read_responses_are_encoded_as_protobuf_encodes_them(
+    results: list[ReadResult],
+) -> None:
+    assert encode_batch_read_response(results) == (batch_read_response(results).SerializeToString())

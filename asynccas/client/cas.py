@@ -238,12 +238,14 @@ class CasClient:
         )
         found = {}
         for digest, result in zip(wanted, response.responses, strict=True):
-            if result.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
-                raise BlobNotFound(digest)
-            if result.status.code != grpc.StatusCode.OK.value[0]:
-                raise InvalidArgument(f"server failed to read {digest}: {result.status.message}")
-            _verify(digest, result.data)
-            found[digest] = result.data
+            status = result.status
+            if status.code:
+                if status.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                    raise BlobNotFound(digest)
+                raise InvalidArgument(f"server failed to read {digest}: {status.message}")
+            data = result.data  # each access copies the bytes out of the message
+            _verify(digest, data)
+            found[digest] = data
         return found
 
     async def write_stream(
@@ -665,8 +667,10 @@ def _code(value: int) -> grpc.StatusCode:
 
 
 def _verify(digest: Digest, data: bytes) -> None:
-    actual = Digest.of(data, digest.function)
-    if actual != digest:
+    hasher = digest.function.new_hasher()
+    hasher.update(data)
+    if len(data) != digest.size_bytes or hasher.hexdigest() != digest.hash:
+        actual = Digest.of(data, digest.function)
         raise DigestMismatch(f"got data with digest {actual}, expected {digest}")
 
 

@@ -1,6 +1,6 @@
-"""FindMissingBlobs read and answered as wire bytes, without building protobuf messages.
+"""The hottest RPCs read and answered as wire bytes, without building protobuf messages.
 
-A build asks FindMissingBlobs about thousands of digests before every step, so this is the
+FindMissingBlobs, both ways. A build asks FindMissingBlobs about thousands of digests before every step, so this is the
 server's hottest request, and message objects (one per digest, in and out) were most of its
 cost. Protobuf serializers write known fields in field-number order, as the encoding guide
 asks (upb does, and so does protobuf-java: all of Bazel 4.2.3's requests took this path), which
@@ -12,17 +12,25 @@ passes over its bytes, and the answer reuses the request's own digest entries:
 Anything else (other field orders, unknown fields, other digest functions, malformed bytes)
 returns ``None`` and takes the ordinary protobuf path, which also words the errors.
 What this module accepts, it reads exactly as protobuf would: a property test compares them.
+
+BatchReadBlobs, its response only: one join of each blob's data and a few header bytes, where a
+message per blob cost more than reading the blobs. A property test checks that the bytes are
+those protobuf would write.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
-from typing import Final, cast
+from typing import Final, TypeAlias, cast
 
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.digest import DigestBatch, DigestFunction, is_hash_column
+from asynccas.errors import CasError
+from asynccas.server.errors import rpc_status
 
 # One entry of field 2: its tag, its length, then a Digest of a SHA-256 hash (field 1: 64
 # characters) and a size (field 2: a varint of at most 5 bytes, so below 32 GiB; absent when 0).
@@ -124,3 +132,48 @@ def _size(varint: str) -> int:
         if len(_sizes) < _MAX_CACHED_SIZES:
             _sizes[varint] = size
     return size
+
+
+ReadResult: TypeAlias = tuple[re_pb2.Digest, bytes | None, CasError | None]
+"""A digest of a BatchReadBlobs request with its data, or the error in its place."""
+_OK_STATUS: Final = b"\x1a\x00"  # Response.status (field 3): an empty google.rpc.Status, code 0
+
+
+def encode_batch_read_response(results: Iterable[ReadResult]) -> bytes:
+    """A BatchReadBlobsResponse, byte for byte what protobuf would write, built by one join:
+    each blob's data is copied once, into the answer, and no message is made per blob.
+    """
+    pieces: list[bytes] = []
+    for message, data, error in results:
+        digest = message.SerializeToString()
+        # Response: digest (field 1), data (field 2), status (field 3).
+        if data is not None and error is None:
+            status = _OK_STATUS
+            data_head = b"\x12" + _encode_varint(len(data)) if data else b""
+        else:
+            encoded_status = rpc_status(error).SerializeToString()
+            status = b"\x1a" + _encode_varint(len(encoded_status)) + encoded_status
+            data, data_head = b"", b""
+        digest_head = b"\x0a" + _encode_varint(len(digest))
+        length = len(digest_head) + len(digest) + len(data_head) + len(data) + len(status)
+        # BatchReadBlobsResponse.responses is field 1.
+        pieces += (b"\x0a", _encode_varint(length), digest_head, digest, data_head, data, status)
+    return b"".join(pieces)
+
+
+def _encode_varint(value: int) -> bytes:
+    encoded = _VARINTS.get(value)
+    if encoded is None:
+        digits = bytearray()
+        rest = value
+        while rest >= 0x80:
+            digits.append(rest & 0x7F | 0x80)
+            rest >>= 7
+        digits.append(rest)
+        encoded = bytes(digits)
+        if len(_VARINTS) < _MAX_CACHED_SIZES:  # lengths repeat: blob sizes, digest lengths
+            _VARINTS[value] = encoded
+    return encoded
+
+
+_VARINTS: dict[int, bytes] = {value: bytes([value]) for value in range(0x80)}
