@@ -14,8 +14,14 @@ from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas.client.cas import _read_response_data
 from asynccas.digest import Digest
 from asynccas.errors import BatchTooLarge, BlobNotFound, InvalidDigest
-from asynccas.server.cas import batch_read_response
-from asynccas.server.wire import FindMissingBlobsWire, ReadResult, encode_batch_read_response
+from asynccas.server.cas import batch_read_response, batch_update_response
+from asynccas.server.wire import (
+    FindMissingBlobsWire,
+    ReadResult,
+    UpdateResult,
+    encode_batch_read_response,
+    encode_batch_update_response,
+)
 
 HEX = "0123456789abcdef"
 hashes = st.one_of(
@@ -132,6 +138,7 @@ NOT_FOUND = BlobNotFound(Digest.of(b"gone"))
 errors = st.sampled_from(
     [
         None,
+        NOT_FOUND,
         InvalidDigest("hash 'xyz' is not 64 lower-case hex characters"),
         BatchTooLarge("ünïcode in a message, and a long one " * 10),
     ]
@@ -152,3 +159,13 @@ def test_batch_read_responses_are_encoded_as_protobuf_encodes_them(
     results: list[ReadResult],
 ) -> None:
     assert encode_batch_read_response(results) == (batch_read_response(results).SerializeToString())
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(digests, errors), max_size=30))
+def test_batch_update_responses_are_encoded_as_protobuf_encodes_them(
+    results: list[UpdateResult],
+) -> None:
+    assert encode_batch_update_response(results) == (
+        batch_update_response(results).SerializeToString()
+    )

@@ -23,7 +23,13 @@ from asynccas.errors import (
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
 from asynccas.server.tree_cache import CachedTree, TreeCache
-from asynccas.server.wire import FindMissingBlobsWire, ReadResult, encode_batch_read_response
+from asynccas.server.wire import (
+    FindMissingBlobsWire,
+    ReadResult,
+    UpdateResult,
+    encode_batch_read_response,
+    encode_batch_update_response,
+)
 from asynccas.storage.base import Storage
 
 _SERVICE: Final = "build.bazel.remote.execution.v2.ContentAddressableStorage"
@@ -37,6 +43,17 @@ async def read_small_blobs(storage: Storage, digests: Sequence[Digest]) -> dict[
     found = await storage.bulk_read_blobs([d for d in digests if not d.is_empty])
     found.update((d, b"") for d in digests if d.is_empty)
     return found
+
+
+def batch_update_response(results: Iterable[UpdateResult]) -> re_pb2.BatchUpdateBlobsResponse:
+    """The response message for ``results``; the server sends ``encode_batch_update_response``,
+    the same bytes built without it."""
+    return re_pb2.BatchUpdateBlobsResponse(
+        responses=[
+            re_pb2.BatchUpdateBlobsResponse.Response(digest=message, status=rpc_status(error))
+            for message, error in results
+        ]
+    )
 
 
 def batch_read_response(results: Iterable[ReadResult]) -> re_pb2.BatchReadBlobsResponse:
@@ -109,28 +126,19 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the service as grpc's generated code would, except that FindMissingBlobs
-        takes and returns wire bytes and BatchReadBlobs returns them."""
+        takes and returns wire bytes, and the batch RPCs return them."""
 
-        def method(
-            handler: Any, request: type[Message], response: type[Message]
-        ) -> grpc.RpcMethodHandler[Any, Any]:
+        def bytes_out(handler: Any, request: type[Message]) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
-                handler,
-                request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString,
+                handler, request_deserializer=request.FromString
             )
 
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "FindMissingBlobs": grpc.unary_unary_rpc_method_handler(self.find_missing_blobs_wire),
-            "BatchUpdateBlobs": method(
-                self.BatchUpdateBlobs,
-                re_pb2.BatchUpdateBlobsRequest,
-                re_pb2.BatchUpdateBlobsResponse,
+            "BatchUpdateBlobs": bytes_out(
+                self.batch_update_blobs_wire, re_pb2.BatchUpdateBlobsRequest
             ),
-            "BatchReadBlobs": grpc.unary_unary_rpc_method_handler(
-                self.batch_read_blobs_wire,
-                request_deserializer=re_pb2.BatchReadBlobsRequest.FromString,
-            ),
+            "BatchReadBlobs": bytes_out(self.batch_read_blobs_wire, re_pb2.BatchReadBlobsRequest),
             "GetTree": grpc.unary_stream_rpc_method_handler(
                 self.GetTree,
                 request_deserializer=re_pb2.GetTreeRequest.FromString,
@@ -152,14 +160,36 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     async def BatchUpdateBlobs(
         self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
     ) -> re_pb2.BatchUpdateBlobsResponse:
+        return batch_update_response(await self._update_batch(request))
+
+    @unary_rpc
+    async def batch_update_blobs_wire(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
+    ) -> bytes:
+        """BatchUpdateBlobs as the server registers it: the response encoded here (``wire``)."""
+        return encode_batch_update_response(await self._update_batch(request))
+
+    async def _update_batch(self, request: re_pb2.BatchUpdateBlobsRequest) -> list[UpdateResult]:
+        """Store the request's blobs; each one's digest with its error, or None if stored."""
         validate_instance_name(request.instance_name)
-        self._check_batch_size(sum(len(r.data) for r in request.requests), "upload")
+        entries = list(request.requests)
+        messages = [entry.digest for entry in entries]
+        datas = [entry.data for entry in entries]  # each access copies the bytes out
+        self._check_batch_size(sum(map(len, datas)), "upload")
+        parsed: list[Digest] | None
+        try:  # the common case: every digest valid, checked in bulk
+            parsed = DigestBatch.from_protos(messages, request.digest_function).digests
+        except CasError:
+            parsed = None
         results: list[CasError | None] = []
         to_store: list[tuple[Digest, bytes]] = []
         stored_at: list[int] = []
-        for position, entry in enumerate(request.requests):
+        for position, (entry, data) in enumerate(zip(entries, datas, strict=True)):
             try:
-                digest = Digest.from_proto(entry.digest, request.digest_function)
+                if parsed is not None:
+                    digest = parsed[position]
+                else:
+                    digest = Digest.from_proto(entry.digest, request.digest_function)
                 if entry.compressor != re_pb2.Compressor.IDENTITY:
                     name = re_pb2.Compressor.Value.Name(entry.compressor).lower()
                     raise UnsupportedFeature(f"compressor {name} is not supported by this server")
@@ -167,21 +197,16 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                 results.append(exc)
                 continue
             if digest.is_empty:  # always present; only check the data agrees
-                results.append(DigestMismatch("empty digest with data") if entry.data else None)
+                results.append(DigestMismatch("empty digest with data") if data else None)
                 continue
             results.append(None)
-            to_store.append((digest, entry.data))
+            to_store.append((digest, data))
             stored_at.append(position)
         for position, error in zip(
             stored_at, await self.storage.bulk_update_blobs(to_store), strict=True
         ):
             results[position] = error
-        return re_pb2.BatchUpdateBlobsResponse(
-            responses=[
-                re_pb2.BatchUpdateBlobsResponse.Response(digest=entry.digest, status=rpc_status(e))
-                for entry, e in zip(request.requests, results, strict=True)
-            ]
-        )
+        return list(zip(messages, results, strict=True))
 
     @unary_rpc
     async def BatchReadBlobs(

@@ -13,9 +13,9 @@ Anything else (other field orders, unknown fields, other digest functions, malfo
 returns ``None`` and takes the ordinary protobuf path, which also words the errors.
 What this module accepts, it reads exactly as protobuf would: a property test compares them.
 
-BatchReadBlobs, its response only: one join of each blob's data and a few header bytes, where a
-message per blob cost more than reading the blobs. A property test checks that the bytes are
-those protobuf would write.
+The batch RPCs, their responses only: BatchReadBlobs's is one join of each blob's data and a
+few header bytes, where a message per blob cost more than reading the blobs. Property tests
+check that the bytes are those protobuf would write.
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def _size(varint: str) -> int:
 
 ReadResult: TypeAlias = tuple[re_pb2.Digest, bytes | None, CasError | None]
 """A digest of a BatchReadBlobs request with its data, or the error in its place."""
+UpdateResult: TypeAlias = tuple[re_pb2.Digest, CasError | None]
+"""A digest of a BatchUpdateBlobs request with its error, or None: stored."""
 _OK_STATUS: Final = b"\x1a\x00"  # Response.status (field 3): an empty google.rpc.Status, code 0
 
 
@@ -158,6 +160,24 @@ def encode_batch_read_response(results: Iterable[ReadResult]) -> bytes:
         length = len(digest_head) + len(digest) + len(data_head) + len(data) + len(status)
         # BatchReadBlobsResponse.responses is field 1.
         pieces += (b"\x0a", _encode_varint(length), digest_head, digest, data_head, data, status)
+    return b"".join(pieces)
+
+
+def encode_batch_update_response(results: Iterable[UpdateResult]) -> bytes:
+    """A BatchUpdateBlobsResponse, byte for byte what protobuf would write."""
+    pieces: list[bytes] = []
+    for message, error in results:
+        digest = message.SerializeToString()
+        # Response: digest (field 1), status (field 2).
+        if error is None:
+            status = b"\x12\x00"
+        else:
+            encoded_status = rpc_status(error).SerializeToString()
+            status = b"\x12" + _encode_varint(len(encoded_status)) + encoded_status
+        digest_head = b"\x0a" + _encode_varint(len(digest))
+        length = len(digest_head) + len(digest) + len(status)
+        # BatchUpdateBlobsResponse.responses is field 1.
+        pieces += (b"\x0a", _encode_varint(length), digest_head, digest, status)
     return b"".join(pieces)
 
 
