@@ -137,3 +137,37 @@ async def test_a_failed_commit_does_not_leave_a_transaction_open(tmp_path: Path,
         assert rows == [(7,)]
     finally:
         await database.close()
+
+
+async def test_recency_is_refreshed_once_per_window_by_each_process(tmp_path: Path) -> None:
+    """A use raises accessed_at to the start of the touch window; what this process raised in
+    this window it leaves alone (reads of hot blobs then write nothing), another process not."""
+    digest, data = blob(300, 3)
+    storage = DiskStorage(tmp_path / "data", fsync=False)
+
+    async def accessed_at(index: SqliteIndex) -> float:
+        row = await index._db.run(
+            lambda c: c.execute("SELECT accessed_at FROM blobs WHERE key = ?", (digest.key,))
+        )
+        return float(row.fetchone()[0])
+
+    async def make_stale(index: SqliteIndex) -> None:
+        await index._db.write(
+            lambda c: c.execute("UPDATE blobs SET accessed_at = 7 WHERE key = ?", (digest.key,))
+        )
+
+    path = tmp_path / "index.sqlite"
+    async with SqliteIndex(storage, path, touch_interval=3600) as index:
+        await index.commit_write(digest, chunks(data))
+        await make_stale(index)
+        assert await index.bulk_read_blobs([digest]) == {digest: data}
+        refreshed = await accessed_at(index)
+        assert refreshed > 7, "a read refreshes recency"
+        assert refreshed % 3600 == 0, "to the start of the touch window"
+        await make_stale(index)
+        assert await index.missing_blobs([digest]) == []
+        assert await index.bulk_read_blobs([digest]) == {digest: data}
+        assert await accessed_at(index) == 7, "refreshed twice in one window by one process"
+        async with SqliteIndex(storage, path, touch_interval=3600) as other:
+            assert await other.missing_blobs([digest]) == []
+            assert await accessed_at(other) == refreshed

@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from itertools import chain, compress, repeat
-from operator import is_, not_
+from operator import is_
 from typing import Any, Final
 
 import anyio
@@ -38,6 +38,7 @@ import anyio
 from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable
 from asynccas.index.base import StorageIndex
+from asynccas.index.recency import TouchedThisInterval, recency_window
 from asynccas.redis_provider import Client, RedisProvider
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -138,39 +139,6 @@ def _interleave(command: str, *columns: list[str]) -> list[str]:
     return pieces
 
 
-class _TouchedThisInterval:
-    """The hashes whose index members this process has raised to the current recency score.
-
-    Their score in Redis is at least that recency until they are deleted (``ZADD GT`` never
-    lowers it, and a re-upload writes the present time), so touching them again before the
-    interval ends would change nothing. Keyed by hash alone: uploads are verified, so an
-    indexed hash has one size. Bounded: when full it forgets, which only costs touches that
-    Redis would have ignored.
-    """
-
-    def __init__(self, limit: int = 1 << 17) -> None:
-        self._limit = limit
-        self._recency = ""
-        self._hashes: set[str] = set()
-
-    def untouched(self, recency: str, hashes: list[str]) -> list[int] | None:
-        """Positions of the ``hashes`` not yet touched at ``recency``; ``None`` for all."""
-        if recency != self._recency or not self._hashes:
-            return None
-        touched = list(map(self._hashes.__contains__, hashes))
-        if all(touched):
-            return []
-        return list(compress(range(len(hashes)), map(not_, touched)))
-
-    def add(self, recency: str, hashes: list[str]) -> None:
-        if recency != self._recency:
-            self._hashes.clear()
-            self._recency = recency
-        if len(self._hashes) + len(hashes) > self._limit:
-            self._hashes.clear()
-        self._hashes.update(hashes)
-
-
 class RedisIndex(StorageIndex):
     def __init__(
         self,
@@ -196,7 +164,8 @@ class RedisIndex(StorageIndex):
         # Refreshing recency on every hit would rewrite hot blobs constantly; LRU order
         # only needs it to within this many seconds.
         self.touch_interval = touch_interval
-        self._touched = _TouchedThisInterval()
+        # Keyed by hash alone: uploads are verified, so an indexed hash has one size.
+        self._touched = TouchedThisInterval()
         self._member_texts: dict[tuple[str, int], _MemberTexts] = {}
         self._client: Client | None = None
         # Bucket by the first byte of the hash; a table look-up beats parsing hex per digest.
@@ -294,7 +263,7 @@ class RedisIndex(StorageIndex):
         if not batch.hashes:
             return b""
         name, hashes, sizes = batch.function.lower_name, batch.hashes, batch.sizes
-        recency = repr(math.floor(time.time() / self.touch_interval) * self.touch_interval)
+        window = recency_window(time.time(), self.touch_interval)
         groups: list[tuple[int, list[int] | None]]
         if self.buckets == 1:
             groups = [(0, None)]
@@ -305,9 +274,9 @@ class RedisIndex(StorageIndex):
                 by_bucket[bucket_of_prefix[hash_[:2]]].append(position)
             groups = list(by_bucket.items())
         if self.provider.is_cluster:
-            replies = await self._check_through_pipeline(name, hashes, sizes, recency, groups)
+            replies = await self._check_through_pipeline(name, hashes, sizes, window, groups)
         else:
-            replies = await self._check_encoded(name, hashes, sizes, recency, groups)
+            replies = await self._check_encoded(name, hashes, sizes, window, groups)
         mask = bytearray(len(batch))
         for (_, where), scores in zip(groups, replies, strict=True):
             if where is None:
@@ -321,10 +290,11 @@ class RedisIndex(StorageIndex):
         name: str,
         hashes: list[str],
         sizes: list[int],
-        recency: str,
+        window: float,
         groups: list[tuple[int, list[int] | None]],
     ) -> list[list[Any]]:
         """The commands as RESP text built in joins: this is the hot path of FindMissingBlobs."""
+        recency = repr(window)
         score = f"${len(recency)}\r\n{recency}\r\n"
         shape = (name, len(hashes[0]))
         member_texts = self._member_texts.get(shape)
@@ -348,7 +318,7 @@ class RedisIndex(StorageIndex):
             )
             presence_replies.append(replies)
             replies += 1
-            untouched = self._touched.untouched(recency, group_hashes)
+            untouched = self._touched.untouched(window, group_hashes)
             if untouched is None:
                 stale = group_hashes
             else:
@@ -364,7 +334,7 @@ class RedisIndex(StorageIndex):
                 )  # fmt: skip
         with self.provider.errors("check blobs"):
             answers = await self.provider.send_encoded(self.client, "".join(text).encode(), replies)
-        self._touched.add(recency, touching)
+        self._touched.add(window, touching)
         return [answers[i] for i in presence_replies]  # ZADD's count of changes is not needed
 
     async def _check_through_pipeline(
@@ -372,10 +342,11 @@ class RedisIndex(StorageIndex):
         name: str,
         hashes: list[str],
         sizes: list[int],
-        recency: str,
+        window: float,
         groups: list[tuple[int, list[int] | None]],
     ) -> list[list[Any]]:
         """The same commands through redis-py's cluster pipeline, which routes them by slot."""
+        recency = repr(window)
         calls: list[tuple[Any, ...]] = []
         touching: list[str] = []
         presence_replies: list[int] = []
@@ -385,7 +356,7 @@ class RedisIndex(StorageIndex):
             key = self._keys(bucket)[0]
             presence_replies.append(len(calls))
             calls.append(("ZMSCORE", key, *members))
-            untouched = self._touched.untouched(recency, [hashes[i] for i in positions])
+            untouched = self._touched.untouched(window, [hashes[i] for i in positions])
             stale = members if untouched is None else [members[i] for i in untouched]
             if stale:
                 touching += (hashes[i] for i in positions)
@@ -397,7 +368,7 @@ class RedisIndex(StorageIndex):
             for call in calls:
                 pipe.execute_command(*call)
             replies = list(await pipe.execute())
-        self._touched.add(recency, touching)
+        self._touched.add(window, touching)
         return [replies[i] for i in presence_replies]
 
     async def _touch(self, digests: Iterable[Digest]) -> None:

@@ -23,6 +23,7 @@ import anyio
 
 from asynccas.digest import Digest
 from asynccas.index.base import StorageIndex
+from asynccas.index.recency import TouchedThisInterval, recency_window
 from asynccas.sqlite import SqliteDatabase
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -30,7 +31,7 @@ _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY,            -- Digest.key: function:hash:size
     size_bytes INTEGER NOT NULL,
-    accessed_at REAL NOT NULL,       -- unix time of the last use, refreshed at most every touch_interval
+    accessed_at REAL NOT NULL,       -- unix time of the upload, or the start of the touch window of the last use
     stored_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (accessed_at, key);
@@ -69,6 +70,11 @@ INSERT INTO blobs (key, size_bytes, accessed_at, stored_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET accessed_at = excluded.accessed_at, stored_at = excluded.stored_at
 """
 _EVICTION_BATCH: Final = 256
+# A use raises accessed_at to the start of the current touch window, never lowers it.
+_REFRESH: Final = (
+    "UPDATE blobs SET accessed_at = ? WHERE key IN (SELECT value FROM json_each(?))"
+    " AND accessed_at < ?"
+)
 
 
 class SqliteIndex(StorageIndex):
@@ -83,8 +89,12 @@ class SqliteIndex(StorageIndex):
         super().__init__(storage)
         self.path = Path(path)
         # Refreshing recency on every hit would turn every FindMissingBlobs into a
-        # write; LRU order only needs it to within this many seconds.
+        # write; LRU order only needs it to within this many seconds. A use raises a blob's
+        # time to the start of the current window of this length (see index.recency), so that
+        # this process can skip what it has already raised: a batch read of hot blobs then
+        # costs no index write and no thread hop.
         self.touch_interval = touch_interval
+        self._touched = TouchedThisInterval()
         self._db = SqliteDatabase(self.path, _SCHEMA, fsync=fsync)
 
     async def start(self) -> None:
@@ -104,37 +114,36 @@ class SqliteIndex(StorageIndex):
     async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         # Keyed by the key string, whose hash CPython computes in C and caches.
         by_key = {d.key: d for d in digests}
-        keys = json.dumps(list(by_key))
-        now = time.time()
+        keys = list(by_key)
+        window = recency_window(time.time(), self.touch_interval)
+        untouched = self._touched.untouched(window, keys)
+        stale = json.dumps(keys if untouched is None else [keys[i] for i in untouched])
 
         def query(conn: sqlite3.Connection) -> set[str]:
             present = {
                 row[0]
                 for row in conn.execute(
-                    "SELECT key FROM blobs WHERE key IN (SELECT value FROM json_each(?))", (keys,)
+                    "SELECT key FROM blobs WHERE key IN (SELECT value FROM json_each(?))",
+                    (json.dumps(keys),),
                 )
             }
-            if present:
-                conn.execute(
-                    "UPDATE blobs SET accessed_at = ? WHERE key IN (SELECT value FROM json_each(?))"
-                    " AND accessed_at < ?",
-                    (now, keys, now - self.touch_interval),
-                )
+            if present and stale != "[]":
+                conn.execute(_REFRESH, (window, stale, window))
             return present
 
         present = await self._db.run(query)
+        self._touched.add(window, keys)
         return [d for key, d in by_key.items() if key not in present]
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
-        keys = json.dumps([d.key for d in digests])
-        now = time.time()
-        await self._db.run(
-            lambda conn: conn.execute(
-                "UPDATE blobs SET accessed_at = ? WHERE key IN (SELECT value FROM json_each(?))"
-                " AND accessed_at < ?",
-                (now, keys, now - self.touch_interval),
-            )
-        )
+        keys = [d.key for d in digests]
+        window = recency_window(time.time(), self.touch_interval)
+        untouched = self._touched.untouched(window, keys)
+        if untouched == []:
+            return  # all refreshed by this process in this window: no thread hop at all
+        stale = json.dumps(keys if untouched is None else [keys[i] for i in untouched])
+        await self._db.run(lambda conn: conn.execute(_REFRESH, (window, stale, window)))
+        self._touched.add(window, keys)
 
     async def _forget(self, digests: Iterable[Digest], stored_before: float) -> None:
         """Self-healing: drop rows of blobs the storage no longer has.
