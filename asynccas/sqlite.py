@@ -99,14 +99,16 @@ class SqliteDatabase:
         """
         async with self._lock:
             await self._call(lambda c: c.execute("BEGIN IMMEDIATE"))
+            transaction = InTransaction(self)
             try:
-                yield InTransaction(self)
+                yield transaction
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._call(lambda c: c.execute("ROLLBACK"))
+                    await self._call(_rollback)
                 raise
-            with anyio.CancelScope(shield=True):
-                await self._call(_commit)
+            if not transaction.committed:
+                with anyio.CancelScope(shield=True):
+                    await self._call(_commit)
 
 
 def _in_transaction(func: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
@@ -118,6 +120,17 @@ def _in_transaction(func: Callable[[sqlite3.Connection], T], conn: sqlite3.Conne
         raise
     _commit(conn)
     return result
+
+
+def _then_commit(func: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    result = func(conn)
+    _commit(conn)
+    return result
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:  # not if a failed COMMIT already rolled it back
+        conn.execute("ROLLBACK")
 
 
 def _commit(conn: sqlite3.Connection) -> None:
@@ -165,6 +178,18 @@ class InTransaction:
 
     def __init__(self, database: SqliteDatabase) -> None:
         self._database = database
+        self.committed = False
 
     async def __call__(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        if self.committed:
+            raise RuntimeError("the transaction has already been committed")
         return await self._database._call(func)
+
+    async def commit_with(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``func`` and commit, in one thread hop: for the transaction's last statement."""
+        if self.committed:
+            raise RuntimeError("the transaction has already been committed")
+        with anyio.CancelScope(shield=True):  # once the work is done, the commit must follow
+            result = await self._database._call(partial(_then_commit, func))
+        self.committed = True
+        return result

@@ -4,7 +4,7 @@ indexes (as two server processes would) sharing one data directory, and self-hea
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -171,3 +171,33 @@ async def test_recency_is_refreshed_once_per_window_by_each_process(tmp_path: Pa
         async with SqliteIndex(storage, path, touch_interval=3600) as other:
             assert await other.missing_blobs([digest]) == []
             assert await accessed_at(other) == refreshed
+
+
+async def test_commit_with_ends_the_transaction_with_its_statement(tmp_path: Path) -> None:
+    database = SqliteDatabase(tmp_path / "db.sqlite", "CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+    await database.open()
+
+    def insert(value: int) -> Callable[[sqlite3.Connection], object]:
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (value,))
+
+    def fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    try:
+        async with database.transaction() as sql:
+            await sql(insert(1))
+            await sql.commit_with(insert(2))
+            with pytest.raises(RuntimeError, match="already been committed"):
+                await sql(insert(3))
+
+        async def insert_then_fail() -> None:
+            async with database.transaction() as sql:
+                await sql(insert(4))
+                await sql.commit_with(fail)  # the whole transaction rolls back
+
+        with pytest.raises(BackendUnavailable, match="no_such_table"):
+            await insert_then_fail()
+        rows = await database.run(lambda conn: conn.execute("SELECT v FROM t").fetchall())
+        assert rows == [(1,), (2,)]
+    finally:
+        await database.close()

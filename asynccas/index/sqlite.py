@@ -169,7 +169,7 @@ class SqliteIndex(StorageIndex):
                 await self.storage.publish_staged(writers)
                 now = time.time()
                 rows = [(w.digest.key, w.digest.size_bytes, now, now) for w in writers]
-                await sql(lambda conn: conn.executemany(_UPSERT, rows))
+                await sql.commit_with(lambda conn: conn.executemany(_UPSERT, rows))
 
     # -- deletion and clean-up ---------------------------------------------------------------
 

@@ -218,6 +218,8 @@ class DiskStorage(Storage):
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
         disk_writers = [w for w in writers if isinstance(w, _DiskWriter)]
+        if not disk_writers:
+            return
 
         def discard_all() -> None:
             for writer in disk_writers:

@@ -79,15 +79,21 @@ class SizeDifferentiatedStorage(Storage):
     async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
         small = [w for w in writers if w.digest.size_bytes <= self.limit]
         large = [w for w in writers if w.digest.size_bytes > self.limit]
+        if not (small and large):  # the usual batch: one tier, no task group needed
+            if small or large:
+                await (self.small if small else self.large).publish_staged(small or large)
+            return
         async with anyio.create_task_group() as tasks:
-            if small:
-                tasks.start_soon(self.small.publish_staged, small)
-            if large:
-                tasks.start_soon(self.large.publish_staged, large)
+            tasks.start_soon(self.small.publish_staged, small)
+            tasks.start_soon(self.large.publish_staged, large)
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
-        await self.small.release_staged([w for w in writers if w.digest.size_bytes <= self.limit])
-        await self.large.release_staged([w for w in writers if w.digest.size_bytes > self.limit])
+        small = [w for w in writers if w.digest.size_bytes <= self.limit]
+        large = [w for w in writers if w.digest.size_bytes > self.limit]
+        if small:
+            await self.small.release_staged(small)
+        if large:
+            await self.large.release_staged(large)
 
     async def delete_blob(self, digest: Digest) -> bool:
         return await self._for(digest).delete_blob(digest)
