@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     reindex = commands.add_parser(
         "reindex",
         help="rebuild the index of a disk store from the blobs it holds",
-        description="Index every blob found under DATA_DIR/cas and drop index entries whose"
-        " blobs are gone. Safe to run while servers use the same store.",
+        description="Index every blob of DATA_DIR (files under cas/ and rows of"
+        f" {SMALL_BLOBS_FILE}) and drop index entries whose blobs are gone. Safe to run while"
+        " servers use the same store.",
     )
     reindex.add_argument("--data-dir", type=Path, default=None)
     _add_index_argument(reindex)
