@@ -114,12 +114,10 @@ class SqliteDatabase:
 def _in_transaction(func: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        result = func(conn)
+        return _then_commit(func, conn)
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    _commit(conn)
-    return result
 
 
 def _then_commit(func: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:

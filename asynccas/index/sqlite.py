@@ -115,9 +115,7 @@ class SqliteIndex(StorageIndex):
         # Keyed by the key string, whose hash CPython computes in C and caches.
         by_key = {d.key: d for d in digests}
         keys = list(by_key)
-        window = recency_window(time.time(), self.touch_interval)
-        untouched = self._touched.untouched(window, keys)
-        stale = json.dumps(keys if untouched is None else [keys[i] for i in untouched])
+        window, stale = self._to_refresh(keys)
 
         def query(conn: sqlite3.Connection) -> set[str]:
             present = {
@@ -127,7 +125,7 @@ class SqliteIndex(StorageIndex):
                     (json.dumps(keys),),
                 )
             }
-            if present and stale != "[]":
+            if present and stale is not None:
                 conn.execute(_REFRESH, (window, stale, window))
             return present
 
@@ -137,13 +135,20 @@ class SqliteIndex(StorageIndex):
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
         keys = [d.key for d in digests]
+        window, stale = self._to_refresh(keys)
+        if stale is None:
+            return  # all refreshed by this process in this window: no thread hop at all
+        await self._db.run(lambda conn: conn.execute(_REFRESH, (window, stale, window)))
+        self._touched.add(window, keys)
+
+    def _to_refresh(self, keys: list[str]) -> tuple[float, str | None]:
+        """The current touch window, and the ``keys`` this process has not refreshed in it yet
+        as a JSON list (``None`` when there are none)."""
         window = recency_window(time.time(), self.touch_interval)
         untouched = self._touched.untouched(window, keys)
         if untouched == []:
-            return  # all refreshed by this process in this window: no thread hop at all
-        stale = json.dumps(keys if untouched is None else [keys[i] for i in untouched])
-        await self._db.run(lambda conn: conn.execute(_REFRESH, (window, stale, window)))
-        self._touched.add(window, keys)
+            return window, None
+        return window, json.dumps(keys if untouched is None else [keys[i] for i in untouched])
 
     async def _forget(self, digests: Iterable[Digest], stored_before: float) -> None:
         """Self-healing: drop rows of blobs the storage no longer has.

@@ -176,25 +176,19 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         messages = [entry.digest for entry in entries]
         datas = [entry.data for entry in entries]  # each access copies the bytes out
         self._check_batch_size(sum(map(len, datas)), "upload")
-        parsed: list[Digest] | None
-        try:  # the common case: every digest valid, checked in bulk
-            parsed = DigestBatch.from_protos(messages, request.digest_function).digests
-        except CasError:
-            parsed = None
+        parsed = _parse_digests(messages, request.digest_function)
         results: list[CasError | None] = []
         to_store: list[tuple[Digest, bytes]] = []
         stored_at: list[int] = []
-        for position, (entry, data) in enumerate(zip(entries, datas, strict=True)):
-            try:
-                if parsed is not None:
-                    digest = parsed[position]
-                else:
-                    digest = Digest.from_proto(entry.digest, request.digest_function)
-                if entry.compressor != re_pb2.Compressor.IDENTITY:
-                    name = re_pb2.Compressor.Value.Name(entry.compressor).lower()
-                    raise UnsupportedFeature(f"compressor {name} is not supported by this server")
-            except CasError as exc:
-                results.append(exc)
+        for position, (entry, data, digest) in enumerate(zip(entries, datas, parsed, strict=True)):
+            if isinstance(digest, CasError):
+                results.append(digest)
+                continue
+            if entry.compressor != re_pb2.Compressor.IDENTITY:
+                name = re_pb2.Compressor.Value.Name(entry.compressor).lower()
+                results.append(
+                    UnsupportedFeature(f"compressor {name} is not supported by this server")
+                )
                 continue
             if digest.is_empty:  # always present; only check the data agrees
                 results.append(DigestMismatch("empty digest with data") if data else None)
@@ -225,16 +219,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     async def _read_batch(self, request: re_pb2.BatchReadBlobsRequest) -> list[ReadResult]:
         """Each requested digest with its data, or the error that stands in for it."""
         validate_instance_name(request.instance_name)
-        parsed: list[Digest | CasError]
-        try:  # the common case: every digest valid, checked in bulk
-            parsed = list(DigestBatch.from_protos(request.digests, request.digest_function).digests)
-        except CasError:
-            parsed = []
-            for message in request.digests:
-                try:
-                    parsed.append(Digest.from_proto(message, request.digest_function))
-                except CasError as exc:
-                    parsed.append(exc)
+        parsed = _parse_digests(request.digests, request.digest_function)
         valid = [d for d in parsed if isinstance(d, Digest)]
         self._check_batch_size(sum(d.size_bytes for d in dict.fromkeys(valid)), "read")
         found = await read_small_blobs(self.storage, valid)
@@ -366,6 +351,23 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                         seen.add(child_digest)
                         next_level.append(child_digest)
             level = next_level
+
+
+def _parse_digests(
+    messages: Sequence[re_pb2.Digest], function_value: int
+) -> Sequence[Digest | CasError]:
+    """Each digest of a batch request, or the error that stands in for it: checked in bulk
+    when all are valid (the common case), else one by one for per-blob statuses."""
+    try:
+        return DigestBatch.from_protos(messages, function_value).digests
+    except CasError:
+        parsed: list[Digest | CasError] = []
+        for message in messages:
+            try:
+                parsed.append(Digest.from_proto(message, function_value))
+            except CasError as exc:
+                parsed.append(exc)
+        return parsed
 
 
 def _parse_page_token(token: str) -> int:

@@ -1,7 +1,7 @@
 """The hottest RPCs read and answered as wire bytes, without building protobuf messages.
 
-FindMissingBlobs, both ways. A build asks FindMissingBlobs about thousands of digests before every step, so this is the
-server's hottest request, and message objects (one per digest, in and out) were most of its
+FindMissingBlobs, both ways. A build asks FindMissingBlobs about thousands of digests before
+every step, so this is the server's hottest request, and message objects (one per digest, in and out) were most of its
 cost. Protobuf serializers write known fields in field-number order, as the encoding guide
 asks (upb does, and so does protobuf-java: all of Bazel 4.2.3's requests took this path), which
 gives every digest entry a fixed shape. So a request is read here with a handful of C-level
@@ -138,7 +138,6 @@ ReadResult: TypeAlias = tuple[re_pb2.Digest, bytes | None, CasError | None]
 """A digest of a BatchReadBlobs request with its data, or the error in its place."""
 UpdateResult: TypeAlias = tuple[re_pb2.Digest, CasError | None]
 """A digest of a BatchUpdateBlobs request with its error, or None: stored."""
-_OK_STATUS: Final = b"\x1a\x00"  # Response.status (field 3): an empty google.rpc.Status, code 0
 
 
 def encode_batch_read_response(results: Iterable[ReadResult]) -> bytes:
@@ -149,13 +148,10 @@ def encode_batch_read_response(results: Iterable[ReadResult]) -> bytes:
     for message, data, error in results:
         digest = message.SerializeToString()
         # Response: digest (field 1), data (field 2), status (field 3).
-        if data is not None and error is None:
-            status = _OK_STATUS
-            data_head = b"\x12" + _encode_varint(len(data)) if data else b""
-        else:
-            encoded_status = rpc_status(error).SerializeToString()
-            status = b"\x1a" + _encode_varint(len(encoded_status)) + encoded_status
-            data, data_head = b"", b""
+        if data is None or error is not None:
+            data = b""
+        data_head = b"\x12" + _encode_varint(len(data)) if data else b""
+        status = _status_field(b"\x1a", error)
         digest_head = b"\x0a" + _encode_varint(len(digest))
         length = len(digest_head) + len(digest) + len(data_head) + len(data) + len(status)
         # BatchReadBlobsResponse.responses is field 1.
@@ -169,16 +165,23 @@ def encode_batch_update_response(results: Iterable[UpdateResult]) -> bytes:
     for message, error in results:
         digest = message.SerializeToString()
         # Response: digest (field 1), status (field 2).
-        if error is None:
-            status = b"\x12\x00"
-        else:
-            encoded_status = rpc_status(error).SerializeToString()
-            status = b"\x12" + _encode_varint(len(encoded_status)) + encoded_status
+        status = _status_field(b"\x12", error)
         digest_head = b"\x0a" + _encode_varint(len(digest))
         length = len(digest_head) + len(digest) + len(status)
         # BatchUpdateBlobsResponse.responses is field 1.
         pieces += (b"\x0a", _encode_varint(length), digest_head, digest, status)
     return b"".join(pieces)
+
+
+def _status_field(tag: bytes, error: CasError | None) -> bytes:
+    """A per-blob google.rpc.Status field: empty for OK (code 0 is the default)."""
+    if error is None:
+        return _OK_STATUS[tag]
+    encoded: bytes = rpc_status(error).SerializeToString()
+    return tag + _encode_varint(len(encoded)) + encoded
+
+
+_OK_STATUS: Final[dict[bytes, bytes]] = {tag: tag + b"\x00" for tag in (b"\x12", b"\x1a")}
 
 
 def _encode_varint(value: int) -> bytes:

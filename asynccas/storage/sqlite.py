@@ -27,6 +27,7 @@ _BLOBS: Final = "CREATE TABLE IF NOT EXISTS blobs (key TEXT NOT NULL UNIQUE, dat
 _SETTINGS: Final = (
     "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 )
+_RECORDED_MAX: Final = "SELECT value FROM settings WHERE name = 'max_blob_size'"
 _MIGRATE: Final = functools.partial(
     move_rows_off_without_rowid, table="blobs", statements=[_BLOBS], columns="key, data"
 )
@@ -40,7 +41,7 @@ def recorded_max_blob_size(path: str | Path) -> int | None:
     except sqlite3.OperationalError:
         return None  # no such file
     try:
-        row = conn.execute("SELECT value FROM settings WHERE name = 'max_blob_size'").fetchone()
+        row = conn.execute(_RECORDED_MAX).fetchone()
     except sqlite3.OperationalError:
         return None  # no settings table: made by an earlier release
     finally:
@@ -73,9 +74,7 @@ class SqliteBlobStorage(Storage):
         conn.execute(
             "INSERT OR IGNORE INTO settings VALUES ('max_blob_size', ?)", (self.max_blob_size,)
         )
-        (recorded,) = conn.execute(
-            "SELECT value FROM settings WHERE name = 'max_blob_size'"
-        ).fetchone()
+        (recorded,) = conn.execute(_RECORDED_MAX).fetchone()
         return int(recorded)
 
     async def stop(self) -> None:
