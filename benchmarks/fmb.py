@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -185,53 +185,73 @@ def machine() -> str:
 PROCESSES = (1, 2)  # server processes per side: one per core of the 2-core machines
 
 
-def run(*, digests: int = 1000, concurrency: int = 8, duration: float = 15.0) -> str:
-    """Run the benchmark and return a Markdown section for RESULTS.md."""
-    results = []
-    with tempfile.TemporaryDirectory(prefix="asynccas-bench-") as scratch:
+def run(
+    *, digests: int = 1000, concurrency: int = 8, duration: float = 15.0, rounds: int = 3
+) -> str:
+    """Run the benchmark and return a Markdown section for RESULTS.md.
+
+    Every server stays up for the whole run, and the measurements take turns, round after
+    round: a slow minute on this shared machine then falls on both sides rather than on
+    whichever server it happened to meet, and the median round of each sets the ratio.
+    """
+    names = [f"BuildGrid 0.4.4 + Redis index, {_count(n, 'process')}" for n in PROCESSES]
+    names += [f"asynccas + Redis index, {_count(n, 'worker')}" for n in PROCESSES]
+    rows: dict[str, list[Result]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="asynccas-bench-") as scratch, ExitStack() as stack:
         work = Path(scratch)
+        targets = [stack.enter_context(buildgrid_server(work, n)) for n in PROCESSES]
+        targets += [stack.enter_context(asynccas_server(work, n)) for n in PROCESSES]
         load = partial(measure, digests=digests, concurrency=concurrency, duration=duration)
-        for processes in PROCESSES:
-            with buildgrid_server(work, processes) as target:
-                name = f"BuildGrid 0.4.4 + Redis index, {_count(processes, 'process')}"
-                results.append(anyio.run(partial(load, name, target)))
-        for workers in PROCESSES:
-            with asynccas_server(work, workers) as target:
-                name = f"asynccas + Redis index, {_count(workers, 'worker')}"
-                results.append(
-                    anyio.run(partial(load, name, target), backend_options={"use_uvloop": True})
+        for _ in range(rounds):
+            for name, target in zip(names, targets, strict=True):
+                # The same client loop (uvloop) for every server.
+                result = anyio.run(
+                    partial(load, name, target), backend_options={"use_uvloop": True}
                 )
-    buildgrid = dict(zip(PROCESSES, results[: len(PROCESSES)], strict=True))
-    ours = dict(zip(PROCESSES, results[len(PROCESSES) :], strict=True))
+                rows[name].append(result)
+    medians = {name: _median_round(results) for name, results in rows.items()}
     lines = [
         f"### FindMissingBlobs, {digests} digests (half present), concurrency {concurrency}",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine()}",
         "- command: `make bench` (`python -m benchmarks fmb`)",
-        f"- each server with its own redis-server; {duration:.0f} s per server; with two"
-        " processes, BuildGrid's share one port (SO_REUSEPORT) as asynccas's workers do",
+        f"- each server with its own redis-server, all up for the whole run; {rounds} rounds of"
+        f" {duration:.0f} s per server, taking turns; each row is that server's median round;"
+        " with two processes, BuildGrid's share one port (SO_REUSEPORT) as asynccas's"
+        " workers do",
         "",
         "- CPU columns: cores busy on average during the run (1.00 = one core saturated)",
         "",
-        "| server | requests | digests/s | p50 ms | p99 ms | server CPU | redis CPU | client CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | requests | digests/s | every round, digests/s | p50 ms | p99 ms"
+        " | server CPU | redis CPU | client CPU |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
+    for name, r in medians.items():
+        each = ", ".join(f"{x.digests_per_second / 1000:,.0f}k" for x in rows[name])
         lines.append(
-            f"| {r.name} | {r.requests} | {r.digests_per_second:,.0f} |"
+            f"| {r.name} | {r.requests} | {r.digests_per_second:,.0f} | {each} |"
             f" {statistics.median(r.latencies) * 1000:.1f} | {r.percentile(99):.1f} |"
             f" {r.cpu['server']:.2f} | {r.cpu['redis']:.2f} | {r.cpu['client']:.2f} |"
         )
     lines += [""]
-    for count in PROCESSES:  # like for like: as many server processes on each side
-        ratio = ours[count].digests_per_second / buildgrid[count].digests_per_second
+    half = len(PROCESSES)
+    for count, ours, theirs in zip(PROCESSES, names[half:], names[:half], strict=True):
+        ratio = medians[ours].digests_per_second / medians[theirs].digests_per_second
+        per_round = [
+            a.digests_per_second / b.digests_per_second
+            for a, b in zip(rows[ours], rows[theirs], strict=True)
+        ]
         lines.append(
-            f"- **{ours[count].name} / BuildGrid, {_count(count, 'process')}:"
-            f" {ratio:.1f}x** (target: 20x)"
+            f"- **{ours} / BuildGrid, {_count(count, 'process')}: {ratio:.1f}x** (target: 20x;"
+            f" round by round: {', '.join(f'{x:.1f}x' for x in per_round)})"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _median_round(results: list[Result]) -> Result:
+    return sorted(results, key=lambda r: r.digests_per_second)[(len(results) - 1) // 2]
 
 
 def _count(number: int, noun: str) -> str:
