@@ -33,7 +33,12 @@ def record(section: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], default=[])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per server")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=15.0,
+        help="seconds per server (fmb: per server and round)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print, do not edit RESULTS.md")
     args = parser.parse_args()
     for name in args.names or list(BENCHMARKS):
