@@ -29,7 +29,7 @@ _M_ARENA_MAX: Final = -8
 MMAP_THRESHOLD: Final = 32 * 1024 * 1024  # glibc's maximum on 64-bit systems
 # Peak RSS writing then reading a 4 GiB blob: 145 MiB with 64 MiB here, 105 MiB with 8 MiB.
 TRIM_THRESHOLD: Final = 8 * 1024 * 1024
-ARENA_MAX: Final = 2  # one for the event loop, one shared by the worker threads
+ARENA_MAX: Final = 2  # the main arena and one more, which the other threads share
 
 
 def keep_freed_memory() -> bool:
