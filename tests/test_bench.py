@@ -70,6 +70,30 @@ async def test_every_scenario_runs_clean(scenario: str, tmp_path: Path) -> None:
         assert html.read_text().count("<svg") >= 2
 
 
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])
+@pytest.mark.parametrize("present", ["0", "0.25", "1"])
+async def test_fmb_stores_the_share_of_digests_asked_for(present: str, tmp_path: Path) -> None:
+    storage = MemoryStorage()
+    async with CasServer(storage, MemoryActionCache(), address="127.0.0.1:0") as server:
+        report = tmp_path / "run.json"
+        args = ["--scenario", "fmb", "--present", present, "--batch", "40", "--requests", "4"]
+        args += ["--processes", "1", "--json", str(report)]
+        result = await anyio.to_thread.run_sync(lambda: bench(server.target, *args))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"40 digests, {float(present):.0%} present" in result.stdout
+    # Every answer is checked against the digests the scenario left out: a wrong one would
+    # count as a corruption and fail the run.
+    assert json.loads(report.read_text())["ops"]["FindMissingBlobs"]["histogram"]["count"] == 4
+    assert storage.total_size == round(40 * float(present)) * 64  # fmb's blobs are 64 bytes
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1", "nan", "half"])
+def test_fmb_refuses_a_share_outside_zero_to_one(share: str) -> None:
+    result = bench(f"127.0.0.1:{free_port()}", "--scenario", "fmb", "--present", share)
+    assert result.returncode == 2
+    assert f"{share!r} is not a share between 0 and 1" in result.stderr
+
+
 class CorruptingByteStream(ByteStreamService):
     """The real service, except that reads flip one bit of the first chunk."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
                       help="JSON list of [smallest, largest, share] for bazel-like")  # fmt: skip
     bench.add_argument("--batch", type=int, default=None,
                        help="digests or blobs per request (fmb: 1000, batch RPCs: 100, get-tree: 1000 directories)")  # fmt: skip
+    bench.add_argument("--present", type=_share, default=0.5,
+                       help="fmb: share of the digests stored beforehand, 0 to 1 (default 0.5)")  # fmt: skip
     bench.add_argument("--instance", default="", help="REAPI instance name")
     bench.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
                        help="client processes (default: up to 2)")  # fmt: skip
@@ -45,6 +48,16 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
                        help="PID of a local server, to report its CPU use too")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None, help="write the result as JSON")
     bench.add_argument("--html", type=Path, default=None, help="write an HTML report")
+
+
+def _share(text: str) -> float:
+    try:
+        share = float(text)
+    except ValueError:
+        share = math.nan
+    if not 0 <= share <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1")
+    return share
 
 
 _DEFAULT_BATCH = {"fmb": 1000, "get-tree": 1000, "bazel-like": 200}
@@ -67,7 +80,8 @@ def run_bench(args: argparse.Namespace) -> int:
         endpoint=args.endpoint, scenario=args.scenario, instance=args.instance,
         concurrency=args.concurrency, duration=duration or (10.0 if args.requests is None else None),
         requests=args.requests, processes=max(1, min(args.processes, args.concurrency)),
-        settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix),
+        settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix,
+                          present=args.present),
         server_pid=args.server_pid,
     )  # fmt: skip
     try:

@@ -16,8 +16,11 @@ _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 def summary(result: RunResult) -> str:
     c = result.config
+    what = c["scenario"]
+    if what == "fmb":
+        what += f" ({c['batch']} digests, {c.get('present', 0.5):.0%} present)"
     head = (
-        f"{c['scenario']} against {c['endpoint']}: {result.seconds:.1f} s, concurrency"
+        f"{what} against {c['endpoint']}: {result.seconds:.1f} s, concurrency"
         f" {c['concurrency']} over {c['processes']} client process(es);"
         f" client CPU {result.client_cpu:.2f} cores"
         + (f", server CPU {result.server_cpu:.2f} cores" if result.server_cpu is not None else "")

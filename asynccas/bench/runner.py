@@ -4,6 +4,7 @@ before a shared start, and each process sends back its merged statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import multiprocessing.synchronize
@@ -118,7 +119,8 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
         "endpoint": config.endpoint, "scenario": config.scenario, "instance": config.instance,
         "concurrency": config.concurrency, "duration": config.duration, "requests": config.requests,
         "processes": config.processes, "blob_size": config.settings.blob_size,
-        "batch": config.settings.batch, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "batch": config.settings.batch, "present": config.settings.present,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
     return RunResult(summary, elapsed, merged, client_cpu, server_cpu)
 
@@ -130,8 +132,9 @@ def _worker_entry(config: RunConfig, index: int, ready: Any, done: Any, results:
 
 
 async def _worker(config: RunConfig, index: int, ready: Any, done: Any) -> dict[str, OpStats]:
-    settings = Settings(config.settings.blob_size, config.settings.batch, config.settings.size_mix,
-                        worker=index, seed=config.settings.seed * 1000 + index)  # fmt: skip
+    settings = dataclasses.replace(
+        config.settings, worker=index, seed=config.settings.seed * 1000 + index
+    )
     scenario: Scenario = SCENARIOS[config.scenario](settings)
     tasks_here = config.concurrency // config.processes + (
         index < config.concurrency % config.processes

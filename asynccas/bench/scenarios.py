@@ -39,6 +39,8 @@ class Settings:
     size_mix: Sequence[tuple[int, int, float]] | None = None
     worker: int = 0
     seed: int = 0
+    present: float = 0.5
+    """fmb: the share of the digests that are uploaded before timing starts."""
 
 
 class Recorder:
@@ -133,14 +135,14 @@ class Scenario(Protocol):
 
 
 class FindMissing:
-    """FindMissingBlobs of ``batch`` digests, half of them present."""
+    """FindMissingBlobs of ``batch`` digests, the ``present`` share of them stored."""
 
     def __init__(self, settings: Settings) -> None:
         rng = random.Random(settings.seed)
         fresh = FreshBlobs(64, rng, settings.worker)
-        half = max(1, settings.batch // 2)
-        self.present = [fresh.next() for _ in range(half)]
-        self.absent = [fresh.next()[0] for _ in range(settings.batch - half)]
+        stored = round(settings.batch * settings.present)
+        self.present = [fresh.next() for _ in range(stored)]
+        self.absent = [fresh.next()[0] for _ in range(settings.batch - stored)]
         self.digests = [d for d, _ in self.present] + self.absent
 
     async def setup(self, cas: CasClient) -> None:
