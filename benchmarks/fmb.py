@@ -149,6 +149,7 @@ async def measure(
                         raise AssertionError(f"{name}: wrong answer under load")
 
         # The servers are this process's children: count the client alone.
+        assert target.redis_pid is not None, "every server here runs over Redis"
         roles = {"server": target.server_pid, "redis": target.redis_pid, "client": os.getpid()}
 
         def cpu_now() -> dict[str, float]:
