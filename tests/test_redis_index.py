@@ -4,6 +4,7 @@ TLS), a 3-master cluster, and a primary found through Sentinel."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 import anyio
@@ -82,9 +83,8 @@ async def test_conformance_through_sentinel(tmp_path: Path) -> None:
         async with make_index(sentinel.url, tmp_path) as index:
             await check_index(index)
             # The data really lives on the primary the sentinel names.
-            raw = redis.asyncio.Redis(port=sentinel.primary.port)
-            assert await raw.exists(f"{{{index.prefix}}}:buckets")
-            await raw.aclose()
+            async with redis.asyncio.Redis(port=sentinel.primary.port) as raw:
+                assert await raw.exists(f"{{{index.prefix}}}:buckets")
     finally:
         await anyio.to_thread.run_sync(sentinel.stop)
 
@@ -143,9 +143,9 @@ async def test_recency_is_refreshed_at_most_once_per_touch_interval(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     digest, data = blob(300, 3)
-    async with make_index(redis_server.url, tmp_path, touch_interval=3600) as index:
+    index = make_index(redis_server.url, tmp_path, touch_interval=3600)
+    async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         await index.commit_write(digest, chunks(data))
-        raw = redis.asyncio.Redis.from_url(redis_server.url)
         lru = f"{{{index.prefix}:0}}:lru"
         added = await raw.zscore(lru, digest.key)
         assert added is not None
@@ -167,7 +167,44 @@ async def test_recency_is_refreshed_at_most_once_per_touch_interval(
         assert touched is not None
         assert touched > stale, "a stale entry was not refreshed"
         assert touched % 3600 == 0, "recency is kept to the touch interval"
-        await raw.aclose()
+
+
+async def test_reads_refresh_recency_once_per_interval_and_then_cost_redis_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    blobs = [blob(300 + i, i) for i in range(5)]
+    digests = [d for d, _ in blobs]
+    index = make_index(redis_server.url, tmp_path, touch_interval=3600)
+    async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
+        await index.bulk_update_blobs(blobs)
+        lru = f"{{{index.prefix}:0}}:lru"
+        stale = 3600.0  # last used in 1970
+        await raw.zadd(lru, {d.key: stale for d in digests})
+        # A process that has not used them in this interval: its reads refresh them all.
+        reader = RedisIndex(
+            DiskStorage(tmp_path / "data", fsync=False),
+            redis_server.url,
+            prefix=index.prefix,
+            touch_interval=3600,
+        )
+        async with reader:
+            assert set(await reader.bulk_read_blobs(digests)) == set(digests)
+            scores = [await raw.zscore(lru, d.key) for d in digests]
+            assert all(score is not None and score > stale for score in scores), scores
+            assert all(score is not None and score % 3600 == 0 for score in scores)
+            before = await anyio.to_thread.run_sync(redis_server.command_counts)
+            for _ in range(3):
+                assert set(await reader.bulk_read_blobs(digests)) == set(digests)
+                async with aclosing(reader.get_blob(digests[0])) as chunks_read:
+                    assert b"".join([c async for c in chunks_read]) == blobs[0][1]
+            after = await anyio.to_thread.run_sync(redis_server.command_counts)
+            sent = {
+                name: after[name] - before.get(name, 0)
+                for name in after
+                if after[name] != before.get(name)
+                and name not in ("info", "hello")  # the counting's own connection
+            }
+            assert sent == {}, f"re-reads within the interval sent {sent}"
 
 
 async def test_processes_disagreeing_on_buckets_refuse_to_share_an_index(
@@ -190,8 +227,8 @@ async def test_members_of_every_size_width_are_checked_and_touched(
     sizes = [1, 9, 10, 99, 100, 12_345, 10**9, 10**12 + 7, 2**62]
     digests = [Digest.from_key(f"sha256:{i:064x}:{size}") for i, size in enumerate(sizes)]
     first, later = digests[::2], digests[1::2]
-    async with make_index(redis_server.url, tmp_path, touch_interval=3600) as index:
-        raw = redis.asyncio.Redis.from_url(redis_server.url)
+    index = make_index(redis_server.url, tmp_path, touch_interval=3600)
+    async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         lru = f"{{{index.prefix}:0}}:lru"
         stale = 3600.0  # an entry last used in 1970: any touch raises it
         await raw.zadd(lru, {d.key: stale for d in first})
@@ -210,4 +247,3 @@ async def test_members_of_every_size_width_are_checked_and_touched(
         assert [score == stale for score in scores[: len(first)]] == [True] * len(first), (
             "entries this process had already touched in the interval were rewritten"
         )
-        await raw.aclose()

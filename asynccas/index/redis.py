@@ -372,7 +372,23 @@ class RedisIndex(StorageIndex):
         return [replies[i] for i in presence_replies]
 
     async def _touch(self, digests: Iterable[Digest]) -> None:
-        await self.missing_blobs(digests)
+        """Refresh recency after a read: only ``ZADD XX GT``, since the read showed the blobs
+        exist, and only for entries this process has not refreshed in this interval. For hot
+        blobs that is none, and then a read costs Redis nothing."""
+        unique = list(dict.fromkeys(digests))
+        window = recency_window(time.time(), self.touch_interval)
+        untouched = self._touched.untouched(window, [d[0] for d in unique])  # [0] is .hash
+        stale = unique if untouched is None else [unique[i] for i in untouched]
+        if not stale:
+            return
+        recency = repr(window)
+        with self.provider.errors("refresh recency"):
+            pipe = self.client.pipeline(transaction=False)
+            for bucket, members in self._group(stale).items():
+                scored = chain.from_iterable((recency, d.key) for d in members)
+                pipe.execute_command("ZADD", self._keys(bucket)[0], "XX", "GT", *scored)
+            await pipe.execute()
+        self._touched.add(window, [d[0] for d in stale])
 
     async def _forget(self, digests: Iterable[Digest], used_before: float) -> None:
         """Self-healing: de-index blobs the storage no longer has.
