@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -92,6 +93,40 @@ def test_fmb_refuses_a_share_outside_zero_to_one(share: str) -> None:
     result = bench(f"127.0.0.1:{free_port()}", "--scenario", "fmb", "--present", share)
     assert result.returncode == 2
     assert f"{share!r} is not a share between 0 and 1" in result.stderr
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])
+async def test_report_sets_runs_against_several_endpoints_side_by_side(tmp_path: Path) -> None:
+    runs: list[Path] = []
+    async with (
+        CasServer(MemoryStorage(), MemoryActionCache(), address="127.0.0.1:0") as first,
+        CasServer(MemoryStorage(), MemoryActionCache(), address="127.0.0.1:0") as second,
+    ):
+        for server in (first, second):
+            runs.append(tmp_path / f"{len(runs)}.json")
+            args = ["--scenario", "batch-read", "--requests", "6", "--batch", "10"]
+            args += ["--processes", "1", "--json", str(runs[-1])]
+            result = await anyio.to_thread.run_sync(partial(bench, server.target, *args))
+            assert result.returncode == 0, result.stdout + result.stderr
+    # `make bench` names the server of a run (as the harness does): the page says which.
+    named = json.loads(runs[1].read_text())
+    named["config"]["server"] = "the second server"
+    runs[1].write_text(json.dumps(named))
+    page = tmp_path / "both.html"
+    command = [sys.executable, "-m", "asynccas.cli", "bench", "report", *map(str, runs)]
+    merged = await anyio.to_thread.run_sync(
+        partial(subprocess.run, [*command, "--html", str(page)], capture_output=True, text=True)
+    )
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.count("batch-read against grpc://") == 2
+    text = page.read_text()
+    assert f"Run 1: batch-read against grpc://{first.target}</h2>" in text
+    assert f"Run 2: batch-read against the second server (grpc://{second.target})</h2>" in text
+    # One histogram and one timeline for the operation, each drawing both runs.
+    assert text.count("<h3>BatchReadBlobs</h3>") == 1
+    assert text.count("<svg") == 2
+    for colour in {text.split("<h2 style='color:")[i].split("'")[0] for i in (1, 2)}:
+        assert text.count(colour) >= 3, f"run in {colour} is missing from a plot"
 
 
 class CorruptingByteStream(ByteStreamService):

@@ -57,9 +57,13 @@ def to_html(results: Sequence[RunResult]) -> str:
     for index, result in enumerate(results):
         c = result.config
         colour = _COLOURS[index % len(_COLOURS)]
+        # `make bench` names each server; a bare run has only its endpoint.
+        against = html.escape(c["endpoint"])
+        if c.get("server"):
+            against = f"{html.escape(c['server'])} ({against})"
         parts.append(
             f"<h2 style='color:{colour}'>Run {index + 1}: {html.escape(c['scenario'])} against"
-            f" {html.escape(c['endpoint'])}</h2><p>{html.escape(c['date'])}, {result.seconds:.1f} s,"
+            f" {against}</h2><p>{html.escape(c['date'])}, {result.seconds:.1f} s,"
             f" concurrency {c['concurrency']}, {c['processes']} client process(es), client CPU"
             f" {result.client_cpu:.2f} cores"
             + (
