@@ -3,6 +3,7 @@ TLS), a 3-master cluster, and a primary found through Sentinel."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -14,6 +15,7 @@ import redis.asyncio
 
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
+from asynccas.index.recency import recency_window
 from asynccas.index.redis import RedisIndex
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import (
@@ -205,6 +207,32 @@ async def test_reads_refresh_recency_once_per_interval_and_then_cost_redis_nothi
                 and name not in ("info", "hello")  # the counting's own connection
             }
             assert sent == {}, f"re-reads within the interval sent {sent}"
+
+
+async def test_during_a_redis_outage_blobs_read_this_interval_are_still_served(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        read_before, unread = [blob(700, 1), blob(701, 2)], blob(702, 3)
+        index = RedisIndex(
+            DiskStorage(tmp_path / "data", fsync=False), server.url, touch_interval=3600
+        )
+        async with index:
+            await index.bulk_update_blobs([*read_before, unread])
+            window = recency_window(time.time(), 3600)
+            assert await index.bulk_read_blobs([d for d, _ in read_before]) == dict(read_before)
+            await anyio.to_thread.run_sync(server.kill)
+            if recency_window(time.time(), 3600) == window:  # else they need refreshing again
+                assert await index.bulk_read_blobs([d for d, _ in read_before]) == dict(read_before)
+            # Whatever needs Redis fails, and says so.
+            with pytest.raises(BackendUnavailable, match="Redis"):
+                await index.bulk_read_blobs([unread[0]])
+            with pytest.raises(BackendUnavailable, match="Redis"):
+                await index.missing_blobs([d for d, _ in read_before])
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
 
 
 async def test_processes_disagreeing_on_buckets_refuse_to_share_an_index(
