@@ -38,6 +38,16 @@ def make_index(url: str, root: Path, **kwargs: object) -> RedisIndex:
     return RedisIndex(DiskStorage(root / "data", fsync=False), url, prefix=prefix, **kwargs)  # type: ignore[arg-type]
 
 
+def another_process(url: str, root: Path, sharing: RedisIndex, **kwargs: object) -> RedisIndex:
+    """A second index over the same Redis keys and data directory, as another process has."""
+    return RedisIndex(
+        DiskStorage(root / "data", fsync=False),
+        url,
+        prefix=sharing.prefix,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
 async def chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -112,18 +122,14 @@ async def test_total_size_exact_under_concurrent_churn(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     first = make_index(redis_server.url, tmp_path)
-    second = RedisIndex(
-        DiskStorage(tmp_path / "data", fsync=False), redis_server.url, prefix=first.prefix
-    )
+    second = another_process(redis_server.url, tmp_path, first)
     async with first, second:
         await check_index_concurrency(first, second)
 
 
 async def test_eviction_racing_reupload(redis_server: RedisServer, tmp_path: Path) -> None:
     writer = make_index(redis_server.url, tmp_path)
-    evictor = RedisIndex(
-        DiskStorage(tmp_path / "data", fsync=False), redis_server.url, prefix=writer.prefix
-    )
+    evictor = another_process(redis_server.url, tmp_path, writer)
     async with writer, evictor:
         await check_eviction_racing_uploads(writer, evictor)
 
@@ -157,12 +163,7 @@ async def test_recency_is_refreshed_at_most_once_per_touch_interval(
         await raw.zadd(lru, {digest.key: stale})
         # Another process sharing the index: this one remembers having touched the digest
         # in this interval, and Redis scores only rise, so it rightly leaves it alone.
-        other = RedisIndex(
-            DiskStorage(tmp_path / "data", fsync=False),
-            redis_server.url,
-            prefix=index.prefix,
-            touch_interval=3600,
-        )
+        other = another_process(redis_server.url, tmp_path, index, touch_interval=3600)
         async with other:
             assert await other.missing_blobs([digest]) == []
         touched = await raw.zscore(lru, digest.key)
@@ -183,12 +184,7 @@ async def test_reads_refresh_recency_once_per_interval_and_then_cost_redis_nothi
         stale = 3600.0  # last used in 1970
         await raw.zadd(lru, {d.key: stale for d in digests})
         # A process that has not used them in this interval: its reads refresh them all.
-        reader = RedisIndex(
-            DiskStorage(tmp_path / "data", fsync=False),
-            redis_server.url,
-            prefix=index.prefix,
-            touch_interval=3600,
-        )
+        reader = another_process(redis_server.url, tmp_path, index, touch_interval=3600)
         async with reader:
             assert set(await reader.bulk_read_blobs(digests)) == set(digests)
             scores = [await raw.zscore(lru, d.key) for d in digests]
@@ -240,9 +236,7 @@ async def test_processes_disagreeing_on_buckets_refuse_to_share_an_index(
 ) -> None:
     first = make_index(redis_server.url, tmp_path, buckets=4)
     async with first:
-        other = RedisIndex(
-            DiskStorage(tmp_path / "data", fsync=False), redis_server.url, prefix=first.prefix
-        )
+        other = another_process(redis_server.url, tmp_path, first)
         with pytest.raises(ValueError, match="has 4 buckets; this process was configured with 1"):
             await other.start()
 
