@@ -1,6 +1,7 @@
 """The peers asynccas is measured against and tested with, run as real processes: BuildGrid
 0.4.4 from PyPI, installed into a throw-away virtual environment (never one of asynccas's
-dependencies), serving CAS, ByteStream and ActionCache over a Redis index."""
+dependencies), serving CAS, ByteStream and ActionCache on disk over a Redis index, or all in
+memory."""
 
 from __future__ import annotations
 
