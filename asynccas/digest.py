@@ -10,8 +10,12 @@ import enum
 import hashlib
 import re
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Final
 
+from google.protobuf.message import DecodeError
+
+from asynccas import varint
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.errors import InvalidDigest, UnsupportedFeature
 
@@ -198,6 +202,31 @@ class Digest(tuple[str, int, DigestFunction, str]):
     def to_proto(self) -> re_pb2.Digest:
         return re_pb2.Digest(hash=self.hash, size_bytes=self.size_bytes)
 
+    @property
+    def delimited(self) -> bytes:
+        """The digest as a request carries it: its ``Digest`` message as protobuf writes it (the
+        hash, then the size unless 0), after the message's length as a varint.
+
+        Unique per digest, since every supported function has its own hash length. It is what
+        ``RedisIndex`` stores: a FindMissingBlobs request holds its digests in this very form,
+        so they are looked up without being decoded.
+        """
+        return delimited_digest(self[0], self[1])
+
+    @classmethod
+    def from_delimited(cls, data: bytes) -> Digest:
+        """Inverse of ``delimited``; only the exact bytes ``delimited`` writes are accepted."""
+        length, start = varint.decode(data, 0, 2)
+        if length is None or start + length != len(data):
+            raise InvalidDigest(f"{data!r} is not a length-delimited Digest")
+        try:
+            digest = cls.from_proto(re_pb2.Digest.FromString(data[start:]))
+        except DecodeError:
+            raise InvalidDigest(f"{data!r} is not a length-delimited Digest") from None
+        if digest.delimited != data:
+            raise InvalidDigest(f"{data!r} is not a Digest as protobuf writes it")
+        return digest
+
     def __str__(self) -> str:
         return f"{self.hash}/{self.size_bytes}"
 
@@ -205,7 +234,48 @@ class Digest(tuple[str, int, DigestFunction, str]):
 hash_of = hash  # the builtin, which the parameter named `hash` shadows inside methods
 
 
+def delimited_digest(hash: str, size_bytes: int) -> bytes:
+    """``Digest.delimited`` of a hash and size already validated."""
+    message = b"\x0a" + varint.encode(len(hash)) + hash.encode("ascii")
+    if size_bytes:
+        message += b"\x10" + varint.encode(size_bytes)
+    return varint.encode(len(message)) + message
+
+
 _EMPTY_HASHES: Final = {f: f.new_hasher().hexdigest() for f in DigestFunction}
+_EMPTY_DELIMITED: Final = {f: delimited_digest(h, 0) for f, h in _EMPTY_HASHES.items()}
+
+
+def _size_offset(function: DigestFunction) -> int:
+    """Where the size's varint starts in a ``Digest.delimited`` of ``function``."""
+    hash_field = 1 + len(varint.encode(function.hex_length)) + function.hex_length
+    # The message's own length takes as many bytes at any size: below 128 up to SHA-384,
+    # from 128 on for SHA-512.
+    shortest, longest = hash_field, hash_field + 1 + len(varint.encode(MAX_SIZE))
+    length_bytes = len(varint.encode(shortest))
+    assert length_bytes == len(varint.encode(longest))
+    return length_bytes + hash_field + 1
+
+
+_SIZE_VARINTS: Final = {f: itemgetter(slice(_size_offset(f), None)) for f in DigestFunction}
+_MAX_CACHED_SIZES: Final = 1 << 16
+_sizes_by_varint: dict[bytes, int] = {b"": 0}  # builds reuse a few thousand sizes
+
+
+def _sizes_of_delimited(function: DigestFunction, delimited: list[bytes]) -> list[int]:
+    varints = list(map(_SIZE_VARINTS[function], delimited))
+    sizes = list(map(_sizes_by_varint.get, varints))  # C-level; a miss decodes them all
+    if None not in sizes:
+        return sizes  # type: ignore[return-value]
+    decoded = []
+    for encoded in varints:
+        size = _sizes_by_varint.get(encoded)
+        if size is None:
+            size = varint.decode(encoded)[0] or 0
+            if len(_sizes_by_varint) < _MAX_CACHED_SIZES:
+                _sizes_by_varint[encoded] = size
+        decoded.append(size)
+    return decoded
 
 
 class DigestBatch:
@@ -216,7 +286,7 @@ class DigestBatch:
     ``Digest`` objects built: ``digests`` makes them only when first asked for.
     """
 
-    __slots__ = ("_digests", "_hashes_text", "function", "hashes", "sizes")
+    __slots__ = ("_delimited", "_digests", "_hashes", "_hashes_text", "_sizes", "function")
 
     def __init__(
         self,
@@ -227,10 +297,24 @@ class DigestBatch:
     ) -> None:
         """Trusted: callers pass values already validated (``from_protos``, ``of``)."""
         self.function = function
-        self.hashes = hashes
-        self.sizes = sizes
+        self._hashes: list[str] | None = hashes
+        self._sizes: list[int] | None = sizes
         self._hashes_text = hashes_text
+        self._delimited: list[bytes] | None = None
         self._digests: list[Digest] | None = None
+
+    @classmethod
+    def of_delimited(
+        cls, function: DigestFunction, delimited: list[bytes], hashes_text: str
+    ) -> DigestBatch:
+        """Trusted, like the constructor: digests in their ``Digest.delimited`` form, each as
+        protobuf writes it, and ``hashes_text`` their hashes, validated. The other columns are
+        derived when first asked for: an index keyed by this form never needs them.
+        """
+        batch = cls(function, [], [], hashes_text)
+        batch._hashes = batch._sizes = None
+        batch._delimited = delimited
+        return batch
 
     @classmethod
     def of(cls, function: DigestFunction, digests: Sequence[Digest]) -> DigestBatch:
@@ -266,7 +350,27 @@ class DigestBatch:
         return cls.of(digests[0].function, digests)
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return len(self._delimited) if self._delimited is not None else len(self.hashes)
+
+    @property
+    def hashes(self) -> list[str]:
+        if self._hashes is None:
+            self._hashes = self.hashes_text.split("\n") if len(self) else []
+        return self._hashes
+
+    @property
+    def sizes(self) -> list[int]:
+        if self._sizes is None:
+            assert self._delimited is not None
+            self._sizes = _sizes_of_delimited(self.function, self._delimited)
+        return self._sizes
+
+    @property
+    def delimited(self) -> list[bytes]:
+        """Each digest's ``Digest.delimited`` form."""
+        if self._delimited is None:
+            self._delimited = list(map(delimited_digest, self.hashes, self.sizes))
+        return self._delimited
 
     @property
     def hashes_text(self) -> str:
@@ -287,7 +391,9 @@ class DigestBatch:
 
     def unique(self) -> tuple[DigestBatch, list[int]] | None:
         """None when no digest repeats; else the distinct digests and where each first appears."""
-        if len(set(self.hashes)) == len(self.hashes):  # the common case, checked in C
+        # The common case, checked in C, on whichever column is at hand.
+        column = self.hashes if self._delimited is None else self._delimited
+        if len(set(column)) == len(column):
             return None
         first: dict[tuple[str, int], int] = {}
         for position, pair in enumerate(zip(self.hashes, self.sizes, strict=True)):
@@ -299,6 +405,11 @@ class DigestBatch:
 
     def empty_positions(self) -> list[int]:
         """Where the batch holds the empty blob, which REAPI says always exists."""
+        if self._delimited is not None:
+            empty_blob = _EMPTY_DELIMITED[self.function]
+            if empty_blob not in self._delimited:  # a C-level scan
+                return []
+            return [i for i, d in enumerate(self._delimited) if d == empty_blob]
         if 0 not in self.sizes:
             return []
         empty = _EMPTY_HASHES[self.function]
@@ -309,16 +420,23 @@ class DigestBatch:
         ]
 
 
-def is_hash_column(text: str, count: int, width: int) -> bool:
+def is_hash_column(text: str | bytes, count: int, width: int) -> bool:
     """Whether ``text`` is ``count`` lower-case hex hashes of ``width``, newline-separated.
 
     With the length right and a newline after every ``width`` characters, deleting the hex
     digits must leave exactly those newlines: no character can be anything else.
     """
-    if len(text) != count * (width + 1) - 1 or text[width :: width + 1] != "\n" * (count - 1):
+    if len(text) != count * (width + 1) - 1:
         return False
-    try:
-        raw = text.encode("ascii")
-    except UnicodeEncodeError:
-        return False
+    if isinstance(text, str):
+        if text[width :: width + 1] != "\n" * (count - 1):
+            return False
+        try:
+            raw = text.encode("ascii")
+        except UnicodeEncodeError:
+            return False
+    else:
+        if text[width :: width + 1] != b"\n" * (count - 1):
+            return False
+        raw = text
     return len(raw.translate(None, _HEX_DIGITS)) == count - 1

@@ -44,6 +44,37 @@ def test_digest_roundtrips(digest: Digest) -> None:
     assert Digest.from_proto(digest.to_proto()) == digest
     assert Digest.from_key(digest.key) == digest
     assert Digest.parse(str(digest)) == digest
+    assert Digest.from_delimited(digest.delimited) == digest
+
+
+@given(digests())
+def test_delimited_form_is_the_length_then_the_message_as_protobuf_writes_it(
+    digest: Digest,
+) -> None:
+    message = digest.to_proto().SerializeToString()
+    length = len(message)
+    prefix = bytes([length]) if length < 128 else bytes([length & 0x7F | 0x80, length >> 7])
+    assert digest.delimited == prefix + message
+    batch = DigestBatch.of(digest.function, [digest, digest])
+    assert batch.delimited == [digest.delimited] * 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x05\x0a\x03abc",  # not a supported hash
+        Digest.of(b"a").delimited[:-1],  # cut short
+        Digest.of(b"a").delimited + b"\x00",  # trailing byte
+        # size 1 written as a two-byte varint: protobuf reads it, but it is not the one form
+        b"\x45\x0a\x40" + Digest.of(b"a").hash.encode() + b"\x10\x81\x00",
+        # size 0 written out, where protobuf leaves it away
+        b"\x44\x0a\x40" + Digest.of(b"").hash.encode() + b"\x10\x00",
+    ],
+)
+def test_from_delimited_accepts_only_the_one_form(data: bytes) -> None:
+    with pytest.raises(InvalidDigest):
+        Digest.from_delimited(data)
 
 
 @given(st.text(), st.integers())
@@ -135,6 +166,23 @@ def test_batch_unique_and_empty_positions() -> None:
     assert first == [0, 1, 3, 4]
     assert batch.empty_positions() == [3]
     assert DigestBatch.from_protos([a.to_proto(), same_hash_other_size.to_proto()]).unique() is None
+
+
+def test_a_batch_of_delimited_digests_derives_the_other_columns() -> None:
+    a, b, empty = Digest.of(b"a"), Digest.of(b"b" * 300), Digest.empty()
+    digests = [a, b, empty, a]
+    batch = DigestBatch.of_delimited(
+        DigestFunction.SHA256, [d.delimited for d in digests], "\n".join(d.hash for d in digests)
+    )
+    assert len(batch) == 4
+    assert batch.hashes == [d.hash for d in digests]
+    assert batch.sizes == [1, 300, 0, 1]
+    assert batch.digests == digests
+    assert batch.empty_positions() == [2]
+    unique = batch.unique()
+    assert unique is not None
+    assert unique[0].digests == [a, b, empty]
+    assert unique[1] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("size", [-1, MAX_SIZE + 1, True, 1.0])

@@ -96,7 +96,7 @@ async def test_conformance_through_sentinel(tmp_path: Path) -> None:
             await check_index(index)
             # The data really lives on the primary the sentinel names.
             async with redis.asyncio.Redis(port=sentinel.primary.port) as raw:
-                assert await raw.exists(f"{{{index.prefix}}}:buckets")
+                assert await raw.exists(f"{{{index.prefix}}}:layout")
     finally:
         await anyio.to_thread.run_sync(sentinel.stop)
 
@@ -155,18 +155,18 @@ async def test_recency_is_refreshed_at_most_once_per_touch_interval(
     async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         await index.commit_write(digest, chunks(data))
         lru = f"{{{index.prefix}:0}}:lru"
-        added = await raw.zscore(lru, digest.key)
+        added = await raw.zscore(lru, digest.delimited)
         assert added is not None
         assert await index.missing_blobs([digest]) == []
-        assert await raw.zscore(lru, digest.key) == added, "a fresh entry was rewritten"
+        assert await raw.zscore(lru, digest.delimited) == added, "a fresh entry was rewritten"
         stale = added - 7200
-        await raw.zadd(lru, {digest.key: stale})
+        await raw.zadd(lru, {digest.delimited: stale})
         # Another process sharing the index: this one remembers having touched the digest
         # in this interval, and Redis scores only rise, so it rightly leaves it alone.
         other = another_process(redis_server.url, tmp_path, index, touch_interval=3600)
         async with other:
             assert await other.missing_blobs([digest]) == []
-        touched = await raw.zscore(lru, digest.key)
+        touched = await raw.zscore(lru, digest.delimited)
         assert touched is not None
         assert touched > stale, "a stale entry was not refreshed"
         assert touched % 3600 == 0, "recency is kept to the touch interval"
@@ -182,12 +182,12 @@ async def test_reads_refresh_recency_once_per_interval_and_then_cost_redis_nothi
         await index.bulk_update_blobs(blobs)
         lru = f"{{{index.prefix}:0}}:lru"
         stale = 3600.0  # last used in 1970
-        await raw.zadd(lru, {d.key: stale for d in digests})
+        await raw.zadd(lru, {d.delimited: stale for d in digests})
         # A process that has not used them in this interval: its reads refresh them all.
         reader = another_process(redis_server.url, tmp_path, index, touch_interval=3600)
         async with reader:
             assert set(await reader.bulk_read_blobs(digests)) == set(digests)
-            scores = [await raw.zscore(lru, d.key) for d in digests]
+            scores = [await raw.zscore(lru, d.delimited) for d in digests]
             assert all(score is not None and score > stale for score in scores), scores
             assert all(score is not None and score % 3600 == 0 for score in scores)
             before = await anyio.to_thread.run_sync(redis_server.command_counts)
@@ -241,11 +241,51 @@ async def test_processes_disagreeing_on_buckets_refuse_to_share_an_index(
             await other.start()
 
 
+async def test_an_index_written_by_an_older_asynccas_is_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Older releases stored members as text; read as digests, every blob would look missing
+    and none would ever be evicted."""
+    index = make_index(redis_server.url, tmp_path)
+    async with redis.asyncio.Redis.from_url(redis_server.url) as raw:
+        await raw.set(f"{{{index.prefix}}}:buckets", 1)
+    with pytest.raises(ValueError, match=r"older asynccas.*asynccas reindex"):
+        await index.start()
+    other = make_index(redis_server.url, tmp_path)
+    async with redis.asyncio.Redis.from_url(redis_server.url) as raw:
+        await raw.set(f"{{{other.prefix}}}:layout", "text 1")
+    with pytest.raises(ValueError, match="stores members as 'text'"):
+        await other.start()
+
+
+async def test_redis_errors_on_the_hot_path_are_reported_and_leave_it_working(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A check is written to its own connections (``EncodedLane``): a command Redis refuses
+    must surface as UNAVAILABLE's error, and the next check must find the connection sound."""
+    digest, data = blob(300, 1)
+    index = make_index(redis_server.url, tmp_path)
+    async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
+        await index.bulk_update_blobs([(digest, data)])
+        lru = f"{{{index.prefix}:0}}:lru"
+        await raw.rename(lru, "elsewhere")
+        await raw.set(lru, "not a sorted set")
+        with pytest.raises(BackendUnavailable, match="WRONGTYPE"):
+            await index.missing_blobs([digest])
+        await raw.delete(lru)
+        await raw.rename("elsewhere", lru)
+        absent = blob(301, 2)[0]
+        assert await index.missing_blobs([digest, absent]) == [absent]
+        # A connection Redis dropped is replaced without the caller noticing.
+        await raw.client_kill_filter(_type="normal", skipme=True)
+        assert await index.missing_blobs([digest]) == []
+
+
 async def test_members_of_every_size_width_are_checked_and_touched(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """The RESP text of a check is cached per size: each digit count must give the right
-    lengths, and a check where only some digests are untouched must touch exactly those."""
+    """The RESP text of a check is cached per member length: each varint width must give the
+    right lengths, and a check where only some digests are untouched must touch exactly those."""
     sizes = [1, 9, 10, 99, 100, 12_345, 10**9, 10**12 + 7, 2**62]
     digests = [Digest.from_key(f"sha256:{i:064x}:{size}") for i, size in enumerate(sizes)]
     first, later = digests[::2], digests[1::2]
@@ -253,18 +293,18 @@ async def test_members_of_every_size_width_are_checked_and_touched(
     async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         lru = f"{{{index.prefix}:0}}:lru"
         stale = 3600.0  # an entry last used in 1970: any touch raises it
-        await raw.zadd(lru, {d.key: stale for d in first})
+        await raw.zadd(lru, {d.delimited: stale for d in first})
         assert await index.missing_blobs(digests) == later
-        assert [await raw.zscore(lru, d.key) for d in first] != [stale] * len(first)
+        assert [await raw.zscore(lru, d.delimited) for d in first] != [stale] * len(first)
         # Now some of the batch was touched in this interval and some was not. (The ones it
         # reported missing count as touched too: uploading them will score them afresh.)
         later = [
             Digest.from_key(f"sha256:{i + 100:064x}:{d.size_bytes}") for i, d in enumerate(later)
         ]
         digests = [*first, *later]
-        await raw.zadd(lru, {d.key: stale for d in digests})
+        await raw.zadd(lru, {d.delimited: stale for d in digests})
         assert await index.missing_blobs(digests) == []
-        scores = [await raw.zscore(lru, d.key) for d in digests]
+        scores = [await raw.zscore(lru, d.delimited) for d in digests]
         assert [score == stale for score in scores[len(first) :]] == [False] * len(later)
         assert [score == stale for score in scores[: len(first)]] == [True] * len(first), (
             "entries this process had already touched in the interval were rewritten"

@@ -103,6 +103,36 @@ def test_damaged_requests_are_never_misread(
     check_agrees(bytes(body))
 
 
+def test_sizes_whose_varint_ends_in_the_tag_byte_are_read_exactly() -> None:
+    """0x12 is both the entries' tag and, for these sizes, their varint's last byte."""
+    sizes = [18, 0x12 << 7 | 5, 0x12 << 14, (0x12 << 21) + 1, 0x12 << 28, 1, 0]
+    for order in (sizes, sizes[::-1], [18, 18 + (1 << 7), 18]):
+        request = re_pb2.FindMissingBlobsRequest(
+            blob_digests=[
+                re_pb2.Digest(hash=f"{i:064x}", size_bytes=size) for i, size in enumerate(order)
+            ]
+        )
+        parsed = check_agrees(request.SerializeToString())
+        assert parsed is not None
+        assert parsed.batch.delimited == [
+            Digest(f"{i:064x}", size).delimited for i, size in enumerate(order)
+        ]
+
+
+@given(st.binary(max_size=6), st.integers(0, 63), st.sampled_from([0, 18, 300]))
+def test_a_hash_holding_the_tag_byte_is_never_misread(
+    junk: bytes, position: int, size: int
+) -> None:
+    """A hash with 0x12 in it puts extra tag bytes in the request: it must be refused."""
+    hash_ = bytearray(b"a" * 64)
+    hash_[position : position + len(junk) + 1] = b"\x12" + junk
+    digest = re_pb2.Digest(hash=bytes(hash_[:64]).decode("latin-1"), size_bytes=size)
+    good = re_pb2.Digest(hash="b" * 64, size_bytes=18)
+    for digests in ([digest], [good, digest], [digest, good], [good, digest, good]):
+        body = re_pb2.FindMissingBlobsRequest(blob_digests=digests).SerializeToString()
+        assert FindMissingBlobsWire.parse(body) is None
+
+
 def test_other_field_orders_and_unknown_fields_defer_to_protobuf() -> None:
     digest = re_pb2.Digest(hash="a" * 64, size_bytes=5)
     entry = b"\x12" + bytes([len(digest.SerializeToString())]) + digest.SerializeToString()

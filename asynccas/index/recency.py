@@ -4,6 +4,7 @@ so a hot blob is not rewritten on every hit, and each process remembers what it 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import compress
 from operator import not_
 
@@ -16,7 +17,7 @@ def recency_window(now: float, interval: float) -> float:
 
 class TouchedThisInterval:
     """The index entries this process has raised to the current window's score, by name (a
-    hash or a digest key).
+    hash or a delimited digest).
 
     Their score is at least that window's start until they are deleted (refreshes never lower
     a score, and a re-upload writes the present time), so refreshing them again before the
@@ -27,18 +28,17 @@ class TouchedThisInterval:
     def __init__(self, limit: int = 1 << 17) -> None:
         self._limit = limit
         self._window: float | None = None
-        self._names: set[str] = set()
+        self._names: set[str | bytes] = set()
 
-    def untouched(self, window: float, names: list[str]) -> list[int] | None:
+    def untouched(self, window: float, names: Sequence[str | bytes]) -> list[int] | None:
         """Positions of the ``names`` not yet touched in ``window``; ``None`` for all."""
         if window != self._window or not self._names:
             return None
-        touched = list(map(self._names.__contains__, names))
-        if all(touched):
+        if self._names.issuperset(names):  # the steady state, answered in C without a list
             return []
-        return list(compress(range(len(names)), map(not_, touched)))
+        return list(compress(range(len(names)), map(not_, map(self._names.__contains__, names))))
 
-    def add(self, window: float, names: list[str]) -> None:
+    def add(self, window: float, names: Sequence[str | bytes]) -> None:
         if window != self._window:
             self._names.clear()
             self._window = window

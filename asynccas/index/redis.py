@@ -2,7 +2,7 @@
 in front of any storage.
 
 Layout: digests fall into ``buckets`` by hash. Each bucket is a sorted set (member
-``Digest.key``, which carries the size; score = last use, unix time), a byte counter,
+``Digest.delimited``, the digest as requests carry it; score = last use, unix time), a byte counter,
 an eviction generation and an "eviction in progress" flag, all under one hash tag
 ``{prefix:N}`` so a bucket lives on one Redis Cluster slot and one Lua script can
 update it atomically. A single server needs one bucket; a cluster gets 16 by default, to
@@ -10,8 +10,9 @@ spread them over its masters.
 
 Checking N digests (FindMissingBlobs, and the recency refresh of reads) costs one round
 trip and two native commands per bucket: ZMSCORE for presence, ``ZADD XX GT`` for
-recency. Never one command per digest; and on a single server the RESP text is built in
-a few joins rather than by redis-py's per-argument encoder, which would dominate.
+recency. Never one command per digest; and on a single server the commands are written in a
+few joins of the request's own bytes (``FindMissingBlobsWire``) rather than by redis-py's
+per-argument encoder, which would dominate.
 
 Eviction never leaves a blob indexed but missing, without locks on the write path: a
 writer reads the bucket generation before publishing its file, and its ADD script
@@ -27,10 +28,10 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime
-from itertools import chain, compress, repeat
-from operator import is_
+from itertools import chain, compress
+from operator import not_
 from typing import Any, Final
 
 import anyio
@@ -39,7 +40,7 @@ from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable
 from asynccas.index.base import StorageIndex
 from asynccas.index.recency import TouchedThisInterval, recency_window
-from asynccas.redis_provider import Client, RedisProvider
+from asynccas.redis_provider import Client, EncodedLane, RedisProvider
 from asynccas.storage.base import BlobWriter, Storage
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,11 @@ _BEGIN_EVICTION: Final = """
 redis.call('INCR', KEYS[3])
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
 local removed, freed = {}, 0
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) <= tonumber(ARGV[i + 1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
-    freed = freed + tonumber(string.match(ARGV[i], ':(%d+)$'))
+    freed = freed + tonumber(ARGV[i + 2])
     removed[#removed + 1] = ARGV[i]
   end
 end
@@ -79,11 +80,11 @@ return 0
 """
 _FORGET: Final = """
 local freed = 0
-for i = 2, #ARGV do
+for i = 2, #ARGV, 2 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) < tonumber(ARGV[1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
-    freed = freed + tonumber(string.match(ARGV[i], ':(%d+)$'))
+    freed = freed + tonumber(ARGV[i + 1])
   end
 end
 if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
@@ -98,45 +99,45 @@ _EVICTION_FLAG_TTL_MS: Final = 60_000
 _PUBLISH_ATTEMPTS: Final = 40
 
 
-class _MemberTexts:
-    """The RESP text around each index member ``<function>:<hash>:<size>``, by size.
+_MEMBER_FORM: Final = "delimited-digest"
+"""What the sorted sets hold, recorded with the bucket count; older asynccas wrote text."""
 
-    A member is sent as ``$<length>\r\n<function>:<hash>:<size>\r\n``: the text before the
-    hash (its "head") and after it (its "tail") depend only on the size, and the blobs of a
-    build share a few thousand sizes. So a command's members are a join of cached heads, the
-    request's own hash strings and cached tails, with no string built per digest.
+
+class _ArgumentHeads:
+    """The RESP text before each argument: the previous argument's CRLF, then ``$<length>``.
+
+    Members of one request have a handful of lengths, so each head is a cached string and a
+    command is one join of heads and the request's own members.
     """
 
-    def __init__(self, function_name: str, hash_length: int, limit: int = 1 << 16) -> None:
-        self._prefix = f"{function_name}:"
-        self._fixed_length = len(function_name) + hash_length + 2  # the two colons
-        self._limit = limit
-        self._heads: dict[int, str] = {}
-        self._tails: dict[int, str] = {}
+    def __init__(self) -> None:
+        self._heads: dict[int, bytes] = {}
 
-    def around(self, sizes: list[int]) -> tuple[list[str], list[str]]:
-        """Each size's head and tail."""
+    def before(self, arguments: list[bytes]) -> list[bytes]:
         try:
-            heads = list(map(self._heads.__getitem__, sizes))
-        except KeyError:  # a size not seen yet (a look-up that raises is cheaper than `None in`)
-            if len(self._heads) + len(sizes) > self._limit:
-                self._heads.clear()
-                self._tails.clear()
-            for size in sizes:
-                if size not in self._heads:
-                    text = str(size)
-                    self._heads[size] = f"${self._fixed_length + len(text)}\r\n{self._prefix}"
-                    self._tails[size] = f":{text}\r\n"
-            heads = list(map(self._heads.__getitem__, sizes))
-        return heads, list(map(self._tails.__getitem__, sizes))
+            return list(map(self._heads.__getitem__, map(len, arguments)))
+        except KeyError:  # a length not seen yet (a raising look-up beats testing `None in`)
+            for length in set(map(len, arguments)) - self._heads.keys():
+                self._heads[length] = b"\r\n$%d\r\n" % length
+            return list(map(self._heads.__getitem__, map(len, arguments)))
 
 
-def _interleave(command: str, *columns: list[str]) -> list[str]:
+def _interleave(command: bytes, *columns: list[bytes]) -> list[bytes]:
     """``command`` then the columns' items, a row at a time: slice assignments, in C."""
     pieces = [command] * (len(columns) * len(columns[0]) + 1)
     for offset, column in enumerate(columns, start=1):
         pieces[offset :: len(columns)] = column
     return pieces
+
+
+def _resp_command(*words: bytes) -> bytes:
+    """The start of a RESP command: its argument count comes first, so it is left out."""
+    return b"".join(b"\r\n$%d\r\n%s" % (len(word), word) for word in words)
+
+
+_ZMSCORE: Final = _resp_command(b"ZMSCORE")
+_ZADD: Final = _resp_command(b"ZADD")
+_XX_GT: Final = _resp_command(b"XX", b"GT")
 
 
 class RedisIndex(StorageIndex):
@@ -165,9 +166,13 @@ class RedisIndex(StorageIndex):
         # only needs it to within this many seconds.
         self.touch_interval = touch_interval
         # Keyed by hash alone: uploads are verified, so an indexed hash has one size.
+        # Named by hash when refreshed after reads, which have Digests at hand, and by
+        # delimited digest when refreshed by a check, which has those: one digest may then be
+        # refreshed twice in an interval, which changes nothing.
         self._touched = TouchedThisInterval()
-        self._member_texts: dict[tuple[str, int], _MemberTexts] = {}
+        self._heads = _ArgumentHeads()
         self._client: Client | None = None
+        self._lane: EncodedLane | None = None
         # Bucket by the first byte of the hash; a table look-up beats parsing hex per digest.
         self._bucket_of_prefix = {f"{b:02x}": b % buckets for b in range(256)}
 
@@ -176,23 +181,37 @@ class RedisIndex(StorageIndex):
     async def start(self) -> None:
         await self.storage.start()
         self._client = self.provider.client()
-        # Every process sharing this index must bucket digests the same way: the first to
-        # start records its bucket count, and a process configured otherwise refuses to run.
-        layout = f"{{{self.prefix}}}:buckets"
+        # Every process sharing this index must bucket digests the same way and store the
+        # same form of member: the first to start records its layout, and a process
+        # configured otherwise refuses to run.
+        layout_key, before = f"{{{self.prefix}}}:layout", f"{{{self.prefix}}}:buckets"
+        layout = f"{_MEMBER_FORM} {self.buckets}"
         with self.provider.errors("connect"):
-            await self._client.set(layout, self.buckets, nx=True)
-            recorded = int(await self._client.get(layout) or 0)
-        if recorded != self.buckets:
-            await self.stop()
-            raise ValueError(
-                f"the index {self.prefix!r} at {self.provider.display_url} has {recorded}"
-                f" buckets; this process was configured with {self.buckets}"
+            older = await self._client.exists(before)
+            await self._client.set(layout_key, layout, nx=True)
+            recorded = _decode(await self._client.get(layout_key))
+        form, _, buckets = recorded.partition(" ")
+        problem = None
+        if older:
+            problem = (
+                "was written by an older asynccas, which stored digests as text; delete its"
+                " keys and run `asynccas reindex`"
             )
+        elif form != _MEMBER_FORM:
+            problem = f"stores members as {form!r}, not {_MEMBER_FORM!r}"
+        elif buckets != str(self.buckets):
+            problem = f"has {buckets} buckets; this process was configured with {self.buckets}"
+        if problem is not None:
+            await self.stop()
+            raise ValueError(f"the index {self.prefix!r} at {self.provider.display_url} {problem}")
 
     async def stop(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
+            lane, self._lane = self._lane, None
             with anyio.CancelScope(shield=True):
+                if lane is not None:
+                    await lane.aclose()
                 await self.provider.close(client)
         await self.storage.stop()
 
@@ -201,6 +220,13 @@ class RedisIndex(StorageIndex):
         if self._client is None:
             raise BackendUnavailable("RedisIndex is not started")
         return self._client
+
+    @property
+    def lane(self) -> EncodedLane:
+        """The hot path's connections (a single server only: see ``_check_encoded``)."""
+        if self._lane is None:
+            self._lane = self.provider.encoded_lane(self.client)
+        return self._lane
 
     def bucket_of(self, digest: Digest) -> int:
         # From the hash itself, so every process and machine agrees on it.
@@ -260,106 +286,83 @@ class RedisIndex(StorageIndex):
             ):
                 mask[position] = flag
             return bytes(mask)
-        if not batch.hashes:
+        if not len(batch):
             return b""
-        name, hashes, sizes = batch.function.lower_name, batch.hashes, batch.sizes
+        members = batch.delimited
         window = recency_window(time.time(), self.touch_interval)
-        groups: list[tuple[int, list[int] | None]]
+        groups: list[tuple[int, list[bytes]]]
+        positions: list[list[int]] | None = None
         if self.buckets == 1:
-            groups = [(0, None)]
+            groups = [(0, members)]
         else:
             by_bucket: dict[int, list[int]] = defaultdict(list)
             bucket_of_prefix = self._bucket_of_prefix
-            for position, hash_ in enumerate(hashes):
+            for position, hash_ in enumerate(batch.hashes):
                 by_bucket[bucket_of_prefix[hash_[:2]]].append(position)
-            groups = list(by_bucket.items())
+            groups = [(b, [members[i] for i in where]) for b, where in by_bucket.items()]
+            positions = list(by_bucket.values())
         if self.provider.is_cluster:
-            replies = await self._check_through_pipeline(name, hashes, sizes, window, groups)
+            replies = await self._check_through_pipeline(groups, window)
         else:
-            replies = await self._check_encoded(name, hashes, sizes, window, groups)
+            replies = await self._check_encoded(groups, window)
+        if positions is None:
+            return bytes(map(not_, replies[0]))  # a score for each present member, else None
         mask = bytearray(len(batch))
-        for (_, where), scores in zip(groups, replies, strict=True):
-            if where is None:
-                return bytes(map(is_, scores, repeat(None)))
+        for where, scores in zip(positions, replies, strict=True):
             for position, score in zip(where, scores, strict=True):
                 mask[position] = score is None
         return bytes(mask)
 
     async def _check_encoded(
-        self,
-        name: str,
-        hashes: list[str],
-        sizes: list[int],
-        window: float,
-        groups: list[tuple[int, list[int] | None]],
+        self, groups: list[tuple[int, list[bytes]]], window: float
     ) -> list[list[Any]]:
-        """The commands as RESP text built in joins: this is the hot path of FindMissingBlobs."""
-        recency = repr(window)
-        score = f"${len(recency)}\r\n{recency}\r\n"
-        shape = (name, len(hashes[0]))
-        member_texts = self._member_texts.get(shape)
-        if member_texts is None:
-            member_texts = self._member_texts.setdefault(shape, _MemberTexts(*shape))
-        text: list[str] = []
-        touching: list[str] = []
+        """The commands as RESP written in joins: this is the hot path of FindMissingBlobs."""
+        score = _resp_command(repr(window).encode())
+        commands: list[bytes] = []
+        touching: list[bytes] = []
         presence_replies: list[int] = []  # where each ZMSCORE's reply will be
         replies = 0
-        for bucket, where in groups:
-            if where is None:
-                group_hashes, group_sizes = hashes, sizes
-            else:
-                group_hashes = [hashes[i] for i in where]
-                group_sizes = [sizes[i] for i in where]
-            heads, tails = member_texts.around(group_sizes)
-            key = self._keys(bucket)[0]
-            key = f"${len(key)}\r\n{key}\r\n"
-            text += _interleave(
-                f"*{len(group_hashes) + 2}\r\n$7\r\nZMSCORE\r\n{key}", heads, group_hashes, tails
-            )
+        for bucket, members in groups:
+            key = _resp_command(self._keys(bucket)[0].encode())
+            heads = self._heads.before(members)
+            commands += _interleave(b"*%d%s%s" % (len(members) + 2, _ZMSCORE, key), heads, members)
             presence_replies.append(replies)
             replies += 1
-            untouched = self._touched.untouched(window, group_hashes)
+            untouched = self._touched.untouched(window, members)
             if untouched is None:
-                stale = group_hashes
+                stale = members
             else:
-                stale = [group_hashes[i] for i in untouched]
+                stale = [members[i] for i in untouched]
                 heads = [heads[i] for i in untouched]
-                tails = [tails[i] for i in untouched]
             if stale:
                 touching += stale
                 replies += 1
-                text += _interleave(
-                    f"*{2 * len(stale) + 4}\r\n$4\r\nZADD\r\n{key}$2\r\nXX\r\n$2\r\nGT\r\n",
-                    [score] * len(stale), heads, stale, tails,
+                commands += _interleave(
+                    b"\r\n*%d%s%s%s" % (2 * len(stale) + 4, _ZADD, key, _XX_GT),
+                    [score] * len(stale), heads, stale,
                 )  # fmt: skip
+            commands.append(b"\r\n")
         with self.provider.errors("check blobs"):
-            answers = await self.provider.send_encoded(self.client, "".join(text).encode(), replies)
+            answers = await self.lane.send(b"".join(commands), replies)
         self._touched.add(window, touching)
         return [answers[i] for i in presence_replies]  # ZADD's count of changes is not needed
 
     async def _check_through_pipeline(
-        self,
-        name: str,
-        hashes: list[str],
-        sizes: list[int],
-        window: float,
-        groups: list[tuple[int, list[int] | None]],
+        self, groups: list[tuple[int, list[bytes]]], window: float
     ) -> list[list[Any]]:
         """The same commands through redis-py's cluster pipeline, which routes them by slot."""
         recency = repr(window)
         calls: list[tuple[Any, ...]] = []
-        touching: list[str] = []
+        touching: list[bytes] = []
         presence_replies: list[int] = []
-        for bucket, where in groups:
-            positions = range(len(hashes)) if where is None else where
-            members = [f"{name}:{hashes[i]}:{sizes[i]}" for i in positions]
+        for bucket, members in groups:
             key = self._keys(bucket)[0]
             presence_replies.append(len(calls))
             calls.append(("ZMSCORE", key, *members))
-            untouched = self._touched.untouched(window, [hashes[i] for i in positions])
+            untouched = self._touched.untouched(window, members)
             stale = members if untouched is None else [members[i] for i in untouched]
             if stale:
-                touching += (hashes[i] for i in positions)
+                touching += stale
                 calls.append(
                     ("ZADD", key, "XX", "GT", *chain.from_iterable((recency, m) for m in stale))
                 )
@@ -385,7 +388,7 @@ class RedisIndex(StorageIndex):
         with self.provider.errors("refresh recency"):
             pipe = self.client.pipeline(transaction=False)
             for bucket, members in self._group(stale).items():
-                scored = chain.from_iterable((recency, d.key) for d in members)
+                scored: Iterable[Any] = chain.from_iterable((recency, d.delimited) for d in members)
                 pipe.execute_command("ZADD", self._keys(bucket)[0], "XX", "GT", *scored)
             await pipe.execute()
         self._touched.add(window, [d[0] for d in stale])
@@ -396,7 +399,7 @@ class RedisIndex(StorageIndex):
         Entries used since ``used_before`` belong to a concurrent upload and stay.
         """
         calls = [
-            (_FORGET, self._keys(b)[:2], [used_before, *(d.key for d in members)])
+            (_FORGET, self._keys(b)[:2], [used_before, *_with_sizes(members)])
             for b, members in self._group(digests).items()
         ]
         await self._pipeline("de-index lost blobs", calls)
@@ -418,7 +421,7 @@ class RedisIndex(StorageIndex):
                 for bucket, generation in zip(buckets, generations, strict=True):
                     args: list[Any] = [_decode(generation) or "0", now]
                     for writer in groups[bucket]:
-                        args += [writer.digest.key, writer.digest.size_bytes]
+                        args += [writer.digest.delimited, writer.digest.size_bytes]
                     calls.append((_ADD, self._keys(bucket), args))
                 results = await self._pipeline("index new blobs", calls)
                 pending = [
@@ -465,11 +468,12 @@ class RedisIndex(StorageIndex):
             for bucket, members in groups.items():
                 args: list[Any] = [token, _EVICTION_FLAG_TTL_MS]
                 for score, digest in members:
-                    args += [digest.key, "inf" if math.isinf(score) else repr(score)]
+                    used = "inf" if math.isinf(score) else repr(score)
+                    args += [digest.delimited, used, digest.size_bytes]
                 calls.append((_BEGIN_EVICTION, self._keys(bucket), args))
             try:
                 for result in await self._pipeline("begin eviction", calls):
-                    removed.update(Digest.from_key(_decode(m)) for m in result)
+                    removed.update(map(Digest.from_delimited, result))
                 if removed:
                     await self.storage.bulk_delete(removed)
             finally:
@@ -493,15 +497,15 @@ class RedisIndex(StorageIndex):
     async def _in_lru_order(self, used_before: float) -> AsyncIterator[tuple[float, Digest]]:
         """Every entry last used before ``used_before``, oldest first, merged across buckets."""
         pages = [_BucketPages(self, b, used_before) for b in range(self.buckets)]
-        heap: list[tuple[float, str, int]] = []
+        heap: list[tuple[float, bytes, int]] = []
         for bucket, page in enumerate(pages):
             entry = await page.next()
             if entry is not None:
                 heap.append((entry[0], entry[1], bucket))
         heapq.heapify(heap)
         while heap:
-            score, key, bucket = heapq.heappop(heap)
-            yield score, Digest.from_key(key)
+            score, member, bucket = heapq.heappop(heap)
+            yield score, Digest.from_delimited(member)
             entry = await pages[bucket].next()
             if entry is not None:
                 heapq.heappush(heap, (entry[0], entry[1], bucket))
@@ -559,7 +563,7 @@ class RedisIndex(StorageIndex):
         calls = []
         for digest, used in blobs:  # one entry per call: each keeps its own last-use time
             bucket = self.bucket_of(digest)
-            args = [_decode(generations[bucket]) or "0", used, digest.key, digest.size_bytes]
+            args = [_decode(generations[bucket]) or "0", used, digest.delimited, digest.size_bytes]
             calls.append((_ADD, self._keys(bucket), args))
         for start in range(0, len(calls), 1000):
             await self._pipeline("index existing blobs", calls[start : start + 1000])
@@ -577,17 +581,17 @@ class _BucketPages:
         self._max = f"({used_before!r}" if math.isfinite(used_before) else "+inf"
         self._min = "-inf"
         self._skip = 0  # entries already seen at exactly the current minimum score
-        self._page: list[tuple[float, str]] = []
+        self._page: list[tuple[float, bytes]] = []
         self._done = False
 
-    async def next(self) -> tuple[float, str] | None:
+    async def next(self) -> tuple[float, bytes] | None:
         if not self._page and not self._done:
             with self._index.provider.errors("list least recently used blobs"):
-                rows = await self._index.client.zrange(
+                rows: list[Any] = await self._index.client.zrange(
                     self._key, self._min, self._max, byscore=True,
                     offset=self._skip, num=_EVICTION_BATCH, withscores=True,
                 )  # fmt: skip
-            self._page = [(float(row[1]), _decode(row[0])) for row in rows]  # (member, score)
+            self._page = [(float(score), member) for member, score in rows]
             self._done = len(rows) < _EVICTION_BATCH
             if self._page:
                 last = self._page[-1][0]
@@ -599,6 +603,13 @@ class _BucketPages:
 
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
+
+
+def _with_sizes(digests: Iterable[Digest]) -> Iterator[Any]:
+    """Each digest's member, then its size (which the scripts count freed bytes by)."""
+    for digest in digests:
+        yield digest.delimited
+        yield digest.size_bytes
 
 
 def _size(digests: Iterable[Digest]) -> int:

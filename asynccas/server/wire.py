@@ -1,13 +1,15 @@
 """The hottest RPCs read and answered as wire bytes, without building protobuf messages.
 
 FindMissingBlobs, both ways. A build asks FindMissingBlobs about thousands of digests before
-every step, so this is the server's hottest request, and message objects (one per digest, in and out) were most of its
-cost. Protobuf serializers write known fields in field-number order, as the encoding guide
-asks (upb does, and so does protobuf-java: all of Bazel 4.2.3's requests took this path), which
-gives every digest entry a fixed shape. So a request is read here with a handful of C-level
-passes over its bytes, and the answer reuses the request's own digest entries:
-``FindMissingBlobsResponse.missing_blob_digests`` has the same field number (2) as
-``FindMissingBlobsRequest.blob_digests``.
+every step, so this is the server's hottest request, and message objects (one per digest, in
+and out) were most of its cost. Protobuf serializers write known fields in field-number order,
+as the encoding guide asks (upb does, and so does protobuf-java: all of Bazel 4.2.3's requests
+took this path), which gives every digest entry a fixed shape: the tag of field 2, the
+digest's length, then its ``Digest`` message. So a request is checked by one regular
+expression and cut at the tags, and each piece is then the digest in its
+``Digest.delimited`` form, which is what ``RedisIndex`` stores, and the answer is the
+missing pieces joined by tags again: ``FindMissingBlobsResponse.missing_blob_digests`` has the
+same field number (2) as ``FindMissingBlobsRequest.blob_digests``.
 
 Anything else (other field orders, unknown fields, other digest functions, malformed bytes)
 returns ``None`` and takes the ordinary protobuf path, which also words the errors.
@@ -25,113 +27,114 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
-from typing import Final, TypeAlias, cast
+from typing import Final, TypeAlias
 
+from asynccas import varint
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.digest import DigestBatch, DigestFunction, is_hash_column
 from asynccas.errors import CasError
 from asynccas.server.errors import rpc_status
 
-# One entry of field 2: its tag, its length, then a Digest of a SHA-256 hash (field 1: 64
-# characters) and a size (field 2: a varint of at most 5 bytes, so below 32 GiB; absent when 0).
-# One alternative per varint length ties the entry's length byte to what follows it.
-# The bytes are decoded as Latin-1, so each character is one byte. No groups: findall then
-# returns plain strings, which unlike tuples cost the garbage collector nothing.
-_ENTRY: Final = re.compile(
-    "\x12(?:"
-    "\x42\x0a\x40.{64}|"
-    "\x44\x0a\x40.{64}\x10[\x00-\x7f]|"
-    "\x45\x0a\x40.{64}\x10[\x80-\xff][\x00-\x7f]|"
-    "\x46\x0a\x40.{64}\x10[\x80-\xff]{2}[\x00-\x7f]|"
-    "\x47\x0a\x40.{64}\x10[\x80-\xff]{3}[\x00-\x7f]|"
-    "\x48\x0a\x40.{64}\x10[\x80-\xff]{4}[\x00-\x7f])",
+# One entry of field 2: its tag (0x12), its length, then a Digest of a SHA-256 hash (field 1:
+# 64 characters) and a size (field 2: a varint of at most 5 bytes, so below 32 GiB; absent
+# when 0). One alternative per varint length ties the entry's length byte to what follows it.
+# Varints are as protobuf writes them, shortest first: a last byte of 0 would be a longer
+# spelling of a smaller number, and its delimited form would not be the one the index holds.
+_TAG: Final = b"\x12"
+_ENTRIES: Final = re.compile(
+    b"(?:\x12(?:"
+    b"\x42\x0a\x40.{64}|"
+    b"\x44\x0a\x40.{64}\x10[\x01-\x7f]|"
+    b"\x45\x0a\x40.{64}\x10[\x80-\xff][\x01-\x7f]|"
+    b"\x46\x0a\x40.{64}\x10[\x80-\xff]{2}[\x01-\x7f]|"
+    b"\x47\x0a\x40.{64}\x10[\x80-\xff]{3}[\x01-\x7f]|"
+    b"\x48\x0a\x40.{64}\x10[\x80-\xff]{4}[\x01-\x7f]"
+    b"))*",
     re.DOTALL,
 )
-_HASH: Final = itemgetter(slice(4, 68))
-_VARINT: Final = itemgetter(slice(69, None))
+_HASH: Final = itemgetter(slice(3, 67))  # of a delimited digest: its length, 0x0a, 0x40, hash
 # Field 3, digest_function, last: absent, UNKNOWN or SHA256.
-_SHA256_TRAILERS: Final = ("\x18\x00", "\x18\x01")
-_MAX_CACHED_SIZES: Final = 1 << 16
-
-_sizes: dict[str, int] = {"": 0}  # varint text -> value; builds reuse few thousand sizes
+_SHA256_TRAILERS: Final = (b"\x18\x00", b"\x18\x01")
 
 
 @dataclass(frozen=True, slots=True)
 class FindMissingBlobsWire:
     instance_name: str
     batch: DigestBatch
-    entries: list[str]
-    """Each digest's field-2 entry, as Latin-1 text, in request order."""
+    """Made with ``DigestBatch.of_delimited``: its ``delimited`` column is the request's own."""
 
     @classmethod
     def parse(cls, body: bytes) -> FindMissingBlobsWire | None:
         """The request in ``body``, or ``None`` when it is not in the shape read here."""
-        text = body.decode("latin-1")
-        start, instance_name = _instance_name(text)
+        start, instance_name = _instance_name(body)
         if instance_name is None:
             return None
-        end = len(text) - 2 if text.endswith(_SHA256_TRAILERS) else len(text)
+        end = len(body) - 2 if body.endswith(_SHA256_TRAILERS) else len(body)
         if end < start:  # the "trailer" lies inside the instance name
             return None
-        region = text[start:end]
-        entries = _ENTRY.findall(region)
-        if not entries:
-            if region:
-                return None
-            return cls(instance_name, DigestBatch(DigestFunction.SHA256, [], []), [])
-        # The matches must tile the region: nothing skipped between them.
-        if sum(map(len, entries)) != len(region):
+        region = body[start:end]
+        if not region:
+            return cls(instance_name, DigestBatch(DigestFunction.SHA256, [], []))
+        if not _ENTRIES.fullmatch(region):
             return None
-        varints = list(map(_VARINT, entries))
-        hashes = list(map(_HASH, entries))
-        hashes_text = "\n".join(hashes)
-        if not is_hash_column(hashes_text, len(hashes), 64):
+        delimited = _cut_at_tags(region)
+        if delimited is None:
             return None
-        sizes = list(map(_sizes.get, varints))  # C-level; a miss decodes them all
-        if None in sizes:
-            sizes = [_size(varint) for varint in varints]
-        batch = DigestBatch(DigestFunction.SHA256, hashes, cast("list[int]", sizes), hashes_text)
-        return cls(instance_name, batch, entries)
+        # The hashes must be hex; this also proves the cut right (see ``_cut_at_tags``).
+        hashes_text = b"\n".join(map(_HASH, delimited))
+        if not is_hash_column(hashes_text, len(delimited), 64):
+            return None
+        batch = DigestBatch.of_delimited(
+            DigestFunction.SHA256, delimited, hashes_text.decode("ascii")
+        )
+        return cls(instance_name, batch)
 
     def answer(self, missing_mask: bytes) -> bytes:
         """FindMissingBlobsResponse naming the digests flagged in ``missing_mask``."""
-        return "".join(compress(self.entries, missing_mask)).encode("latin-1")
+        missing = _TAG.join(compress(self.batch.delimited, missing_mask))
+        return _TAG + missing if missing else b""
 
 
-def _instance_name(text: str) -> tuple[int, str | None]:
+def _cut_at_tags(region: bytes) -> list[bytes] | None:
+    """The delimited digests of a region of well-formed entries, cut apart at 0x12 bytes.
+
+    0x12 is each entry's tag, and appears nowhere else but as the last byte of a size's varint,
+    which then stands right before the next tag (or at the end): cutting there leaves an empty
+    piece after the varint's piece, which gets its 0x12 back. A hash holding 0x12 bytes (not
+    hex, so the request is rejected) leaves a piece with fewer than 64 characters where its hash
+    should be, or with 0x12 among them, which the caller's hex check finds.
+    """
+    pieces = region.split(_TAG)  # the region starts with a tag: pieces[0] is empty
+    del pieces[0]
+    if b"" not in pieces:
+        return pieces
+    joined: list[bytes] = []
+    start = 0
+    while True:
+        try:
+            empty = pieces.index(b"", start)
+        except ValueError:
+            joined += pieces[start:]
+            return joined
+        if empty == start:  # two tags in a row: only a malformed hash does that
+            return None
+        joined += pieces[start : empty - 1]
+        joined.append(pieces[empty - 1] + _TAG)
+        start = empty + 1
+
+
+def _instance_name(body: bytes) -> tuple[int, str | None]:
     """Where field 1 (instance_name) ends, and its value; ``None`` if it is malformed."""
-    if not text.startswith("\x0a"):
+    if not body.startswith(b"\x0a"):
         return 0, ""
-    length, position = _varint(text, 1)
-    if length is None or position + length > len(text):
+    length, position = varint.decode(body, 1, 5)
+    if length is None or position + length > len(body):
         return 0, None
     try:
-        name = text[position : position + length].encode("latin-1").decode("utf-8")
+        name = body[position : position + length].decode("utf-8")
     except UnicodeDecodeError:
         return 0, None
     return position + length, name
-
-
-def _varint(text: str, position: int) -> tuple[int | None, int]:
-    value = shift = 0
-    for offset in range(position, min(position + 5, len(text))):
-        byte = ord(text[offset])
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, offset + 1
-        shift += 7
-    return None, position
-
-
-def _size(varint: str) -> int:
-    size = _sizes.get(varint)
-    if size is None:
-        size = 0
-        for shift, character in enumerate(varint):
-            size |= (ord(character) & 0x7F) << (7 * shift)
-        if len(_sizes) < _MAX_CACHED_SIZES:
-            _sizes[varint] = size
-    return size
 
 
 ReadResult: TypeAlias = tuple[re_pb2.Digest, bytes | None, CasError | None]
@@ -150,12 +153,12 @@ def encode_batch_read_response(results: Iterable[ReadResult]) -> bytes:
         # Response: digest (field 1), data (field 2), status (field 3).
         if data is None or error is not None:
             data = b""
-        data_head = b"\x12" + _encode_varint(len(data)) if data else b""
+        data_head = b"\x12" + varint.encode(len(data)) if data else b""
         status = _status_field(b"\x1a", error)
-        digest_head = b"\x0a" + _encode_varint(len(digest))
+        digest_head = b"\x0a" + varint.encode(len(digest))
         length = len(digest_head) + len(digest) + len(data_head) + len(data) + len(status)
         # BatchReadBlobsResponse.responses is field 1.
-        pieces += (b"\x0a", _encode_varint(length), digest_head, digest, data_head, data, status)
+        pieces += (b"\x0a", varint.encode(length), digest_head, digest, data_head, data, status)
     return b"".join(pieces)
 
 
@@ -166,10 +169,10 @@ def encode_batch_update_response(results: Iterable[UpdateResult]) -> bytes:
         digest = message.SerializeToString()
         # Response: digest (field 1), status (field 2).
         status = _status_field(b"\x12", error)
-        digest_head = b"\x0a" + _encode_varint(len(digest))
+        digest_head = b"\x0a" + varint.encode(len(digest))
         length = len(digest_head) + len(digest) + len(status)
         # BatchUpdateBlobsResponse.responses is field 1.
-        pieces += (b"\x0a", _encode_varint(length), digest_head, digest, status)
+        pieces += (b"\x0a", varint.encode(length), digest_head, digest, status)
     return b"".join(pieces)
 
 
@@ -178,25 +181,7 @@ def _status_field(tag: bytes, error: CasError | None) -> bytes:
     if error is None:
         return _OK_STATUS[tag]
     encoded: bytes = rpc_status(error).SerializeToString()
-    return tag + _encode_varint(len(encoded)) + encoded
+    return tag + varint.encode(len(encoded)) + encoded
 
 
 _OK_STATUS: Final[dict[bytes, bytes]] = {tag: tag + b"\x00" for tag in (b"\x12", b"\x1a")}
-
-
-def _encode_varint(value: int) -> bytes:
-    encoded = _VARINTS.get(value)
-    if encoded is None:
-        digits = bytearray()
-        rest = value
-        while rest >= 0x80:
-            digits.append(rest & 0x7F | 0x80)
-            rest >>= 7
-        digits.append(rest)
-        encoded = bytes(digits)
-        if len(_VARINTS) < _MAX_CACHED_SIZES:  # lengths repeat: blob sizes, digest lengths
-            _VARINTS[value] = encoded
-    return encoded
-
-
-_VARINTS: dict[int, bytes] = {value: bytes([value]) for value in range(0x80)}
