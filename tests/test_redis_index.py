@@ -125,6 +125,7 @@ async def test_total_size_exact_under_concurrent_churn(
     second = another_process(redis_server.url, tmp_path, first)
     async with first, second:
         await check_index_concurrency(first, second)
+        await check_sets_agree(redis_server.url, first)
 
 
 async def test_eviction_racing_reupload(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -132,6 +133,16 @@ async def test_eviction_racing_reupload(redis_server: RedisServer, tmp_path: Pat
     evictor = another_process(redis_server.url, tmp_path, writer)
     async with writer, evictor:
         await check_eviction_racing_uploads(writer, evictor)
+        await check_sets_agree(redis_server.url, writer)
+
+
+async def check_sets_agree(url: str, index: RedisIndex) -> None:
+    """Checks read the set, eviction the sorted set: they must hold the same members."""
+    async with redis.asyncio.Redis.from_url(url) as raw:
+        for bucket in range(index.buckets):
+            tag = f"{{{index.prefix}:{bucket}}}"
+            present = await raw.smembers(f"{tag}:present")
+            assert present == set(await raw.zrange(f"{tag}:lru", 0, -1))
 
 
 async def test_lost_blob_is_reported_missing_and_deindexed(
@@ -267,13 +278,13 @@ async def test_redis_errors_on_the_hot_path_are_reported_and_leave_it_working(
     index = make_index(redis_server.url, tmp_path)
     async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         await index.bulk_update_blobs([(digest, data)])
-        lru = f"{{{index.prefix}:0}}:lru"
-        await raw.rename(lru, "elsewhere")
-        await raw.set(lru, "not a sorted set")
+        present = f"{{{index.prefix}:0}}:present"
+        await raw.rename(present, "elsewhere")
+        await raw.set(present, "not a set")
         with pytest.raises(BackendUnavailable, match="WRONGTYPE"):
             await index.missing_blobs([digest])
-        await raw.delete(lru)
-        await raw.rename("elsewhere", lru)
+        await raw.delete(present)
+        await raw.rename("elsewhere", present)
         absent = blob(301, 2)[0]
         assert await index.missing_blobs([digest, absent]) == [absent]
         # A connection Redis dropped is replaced without the caller noticing.
@@ -294,6 +305,7 @@ async def test_members_of_every_size_width_are_checked_and_touched(
         lru = f"{{{index.prefix}:0}}:lru"
         stale = 3600.0  # an entry last used in 1970: any touch raises it
         await raw.zadd(lru, {d.delimited: stale for d in first})
+        await raw.sadd(f"{{{index.prefix}:0}}:present", *(d.delimited for d in first))
         assert await index.missing_blobs(digests) == later
         assert [await raw.zscore(lru, d.delimited) for d in first] != [stale] * len(first)
         # Now some of the batch was touched in this interval and some was not. (The ones it
@@ -303,6 +315,7 @@ async def test_members_of_every_size_width_are_checked_and_touched(
         ]
         digests = [*first, *later]
         await raw.zadd(lru, {d.delimited: stale for d in digests})
+        await raw.sadd(f"{{{index.prefix}:0}}:present", *(d.delimited for d in later))
         assert await index.missing_blobs(digests) == []
         scores = [await raw.zscore(lru, d.delimited) for d in digests]
         assert [score == stale for score in scores[len(first) :]] == [False] * len(later)

@@ -1,18 +1,21 @@
 """BuildGrid's RedisIndex, rebuilt on redis.asyncio: existence, size and recency of blobs in Redis,
 in front of any storage.
 
-Layout: digests fall into ``buckets`` by hash. Each bucket is a sorted set (member
-``Digest.delimited``, the digest as requests carry it; score = last use, unix time), a byte counter,
-an eviction generation and an "eviction in progress" flag, all under one hash tag
-``{prefix:N}`` so a bucket lives on one Redis Cluster slot and one Lua script can
-update it atomically. A single server needs one bucket; a cluster gets 16 by default, to
+Layout: digests fall into ``buckets`` by hash. Each bucket holds its digests twice, each as
+``Digest.delimited`` (the digest as requests carry it): in a set, which a check asks, and in
+a sorted set scored by last use (unix time), which eviction reads in LRU order. Beside them
+are a byte counter, an eviction generation and an "eviction in progress" flag, all under one
+hash tag ``{prefix:N}`` so a bucket lives on one Redis Cluster slot and one Lua script
+updates it atomically. A single server needs one bucket; a cluster gets 16 by default, to
 spread them over its masters.
 
-Checking N digests (FindMissingBlobs, and the recency refresh of reads) costs one round
-trip and two native commands per bucket: ZMSCORE for presence, ``ZADD XX GT`` for
-recency. Never one command per digest; and on a single server the commands are written in a
-few joins of the request's own bytes (``FindMissingBlobsWire``) rather than by redis-py's
-per-argument encoder, which would dominate.
+Checking N digests (FindMissingBlobs) costs one round trip and at most two native commands
+per bucket: SMISMEMBER for presence, ``ZADD XX GT`` for recency. Never one command per
+digest; and on a single server the commands are written in a few joins of the request's own
+bytes (``FindMissingBlobsWire``) rather than by redis-py's per-argument encoder, which would
+dominate. Holding members twice costs Redis memory, and halves the CPU a check costs it:
+ZMSCORE's replies are scores, which Redis formats as text one by one, where SMISMEMBER's
+are shared integers, which hiredis also reads without making an object each.
 
 Eviction never leaves a blob indexed but missing, without locks on the write path: a
 writer reads the bucket generation before publishing its file, and its ADD script
@@ -31,8 +34,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import chain, compress
-from operator import not_
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio
 
@@ -47,31 +49,33 @@ logger = logging.getLogger(__name__)
 
 # Scripts stay per bucket: every key they touch shares the bucket's hash tag.
 _ADD: Final = """
-if redis.call('EXISTS', KEYS[4]) == 1 or (redis.call('GET', KEYS[3]) or '0') ~= ARGV[1] then
+if redis.call('EXISTS', KEYS[5]) == 1 or (redis.call('GET', KEYS[4]) or '0') ~= ARGV[1] then
   return -1
 end
 local added = 0
 for i = 3, #ARGV, 2 do
   if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i]) == 1 then
+    redis.call('SADD', KEYS[2], ARGV[i])
     added = added + tonumber(ARGV[i + 1])
   end
 end
-if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+if added > 0 then redis.call('INCRBY', KEYS[3], added) end
 return added
 """
 _BEGIN_EVICTION: Final = """
-redis.call('INCR', KEYS[3])
-redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+redis.call('INCR', KEYS[4])
+redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[2])
 local removed, freed = {}, 0
 for i = 3, #ARGV, 3 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) <= tonumber(ARGV[i + 1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('SREM', KEYS[2], ARGV[i])
     freed = freed + tonumber(ARGV[i + 2])
     removed[#removed + 1] = ARGV[i]
   end
 end
-if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
+if freed > 0 then redis.call('DECRBY', KEYS[3], freed) end
 return removed
 """
 _END_EVICTION: Final = """
@@ -84,10 +88,11 @@ for i = 2, #ARGV, 2 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) < tonumber(ARGV[1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('SREM', KEYS[2], ARGV[i])
     freed = freed + tonumber(ARGV[i + 1])
   end
 end
-if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
+if freed > 0 then redis.call('DECRBY', KEYS[3], freed) end
 return freed
 """
 _RELEASE_LOCK: Final = """
@@ -99,8 +104,24 @@ _EVICTION_FLAG_TTL_MS: Final = 60_000
 _PUBLISH_ATTEMPTS: Final = 40
 
 
-_MEMBER_FORM: Final = "delimited-digest"
-"""What the sorted sets hold, recorded with the bucket count; older asynccas wrote text."""
+_MEMBER_FORM: Final = "delimited-digests+presence-set"
+"""What the buckets hold, recorded with their count; older asynccas wrote text members."""
+
+
+class _BucketKeys(NamedTuple):
+    """One bucket's keys, in the order the scripts take them (KEYS[1], KEYS[2], ...)."""
+
+    lru: str
+    """Sorted set: each entry's member and last use (the score), for eviction's LRU order."""
+    present: str
+    """Set of the same members: what a check asks (SMISMEMBER replies in integers, which cost
+    Redis half of what ZMSCORE's scores do to write, and the client nothing to read)."""
+    bytes: str
+    """The sum of the entries' sizes."""
+    generation: str
+    """Incremented when an eviction begins."""
+    evicting: str
+    """Set while an eviction runs."""
 
 
 class _ArgumentHeads:
@@ -135,7 +156,8 @@ def _resp_command(*words: bytes) -> bytes:
     return b"".join(b"\r\n$%d\r\n%s" % (len(word), word) for word in words)
 
 
-_ZMSCORE: Final = _resp_command(b"ZMSCORE")
+_SMISMEMBER: Final = _resp_command(b"SMISMEMBER")
+_ABSENT: Final = bytes.maketrans(b"\x00\x01", b"\x01\x00")
 _ZADD: Final = _resp_command(b"ZADD")
 _XX_GT: Final = _resp_command(b"XX", b"GT")
 
@@ -232,9 +254,11 @@ class RedisIndex(StorageIndex):
         # From the hash itself, so every process and machine agrees on it.
         return self._bucket_of_prefix[digest[0][:2]]
 
-    def _keys(self, bucket: int) -> tuple[str, str, str, str]:
+    def _keys(self, bucket: int) -> _BucketKeys:
         tag = f"{{{self.prefix}:{bucket}}}"
-        return f"{tag}:lru", f"{tag}:bytes", f"{tag}:generation", f"{tag}:evicting"
+        return _BucketKeys(
+            f"{tag}:lru", f"{tag}:present", f"{tag}:bytes", f"{tag}:generation", f"{tag}:evicting"
+        )
 
     def _group(self, digests: Iterable[Digest]) -> dict[int, list[Digest]]:
         groups: dict[int, list[Digest]] = defaultdict(list)
@@ -306,11 +330,11 @@ class RedisIndex(StorageIndex):
         else:
             replies = await self._check_encoded(groups, window)
         if positions is None:
-            return bytes(map(not_, replies[0]))  # a score for each present member, else None
+            return bytes(replies[0]).translate(_ABSENT)  # SMISMEMBER answers 1 for present
         mask = bytearray(len(batch))
-        for where, scores in zip(positions, replies, strict=True):
-            for position, score in zip(where, scores, strict=True):
-                mask[position] = score is None
+        for where, flags in zip(positions, replies, strict=True):
+            for position, flag in zip(where, flags, strict=True):
+                mask[position] = not flag
         return bytes(mask)
 
     async def _check_encoded(
@@ -320,12 +344,15 @@ class RedisIndex(StorageIndex):
         score = _resp_command(repr(window).encode())
         commands: list[bytes] = []
         touching: list[bytes] = []
-        presence_replies: list[int] = []  # where each ZMSCORE's reply will be
+        presence_replies: list[int] = []  # where each SMISMEMBER's reply will be
         replies = 0
         for bucket, members in groups:
-            key = _resp_command(self._keys(bucket)[0].encode())
+            keys = self._keys(bucket)
+            present, lru = _resp_command(keys.present.encode()), _resp_command(keys.lru.encode())
             heads = self._heads.before(members)
-            commands += _interleave(b"*%d%s%s" % (len(members) + 2, _ZMSCORE, key), heads, members)
+            commands += _interleave(
+                b"*%d%s%s" % (len(members) + 2, _SMISMEMBER, present), heads, members
+            )
             presence_replies.append(replies)
             replies += 1
             untouched = self._touched.untouched(window, members)
@@ -338,7 +365,7 @@ class RedisIndex(StorageIndex):
                 touching += stale
                 replies += 1
                 commands += _interleave(
-                    b"\r\n*%d%s%s%s" % (2 * len(stale) + 4, _ZADD, key, _XX_GT),
+                    b"\r\n*%d%s%s%s" % (2 * len(stale) + 4, _ZADD, lru, _XX_GT),
                     [score] * len(stale), heads, stale,
                 )  # fmt: skip
             commands.append(b"\r\n")
@@ -356,15 +383,21 @@ class RedisIndex(StorageIndex):
         touching: list[bytes] = []
         presence_replies: list[int] = []
         for bucket, members in groups:
-            key = self._keys(bucket)[0]
+            keys = self._keys(bucket)
             presence_replies.append(len(calls))
-            calls.append(("ZMSCORE", key, *members))
+            calls.append(("SMISMEMBER", keys.present, *members))
             untouched = self._touched.untouched(window, members)
             stale = members if untouched is None else [members[i] for i in untouched]
             if stale:
                 touching += stale
                 calls.append(
-                    ("ZADD", key, "XX", "GT", *chain.from_iterable((recency, m) for m in stale))
+                    (
+                        "ZADD",
+                        keys.lru,
+                        "XX",
+                        "GT",
+                        *chain.from_iterable((recency, m) for m in stale),
+                    )
                 )
         with self.provider.errors("check blobs"):
             pipe = self.client.pipeline(transaction=False)
@@ -389,7 +422,7 @@ class RedisIndex(StorageIndex):
             pipe = self.client.pipeline(transaction=False)
             for bucket, members in self._group(stale).items():
                 scored: Iterable[Any] = chain.from_iterable((recency, d.delimited) for d in members)
-                pipe.execute_command("ZADD", self._keys(bucket)[0], "XX", "GT", *scored)
+                pipe.execute_command("ZADD", self._keys(bucket).lru, "XX", "GT", *scored)
             await pipe.execute()
         self._touched.add(window, [d[0] for d in stale])
 
@@ -399,7 +432,7 @@ class RedisIndex(StorageIndex):
         Entries used since ``used_before`` belong to a concurrent upload and stay.
         """
         calls = [
-            (_FORGET, self._keys(b)[:2], [used_before, *_with_sizes(members)])
+            (_FORGET, self._keys(b)[:3], [used_before, *_with_sizes(members)])
             for b, members in self._group(digests).items()
         ]
         await self._pipeline("de-index lost blobs", calls)
@@ -440,7 +473,7 @@ class RedisIndex(StorageIndex):
         with self.provider.errors("read eviction generations"):
             pipe = self.client.pipeline(transaction=False)
             for bucket in buckets:
-                pipe.get(self._keys(bucket)[2])
+                pipe.get(self._keys(bucket).generation)
             return list(await pipe.execute())
 
     # -- deletion and clean-up ---------------------------------------------------------------
@@ -479,7 +512,7 @@ class RedisIndex(StorageIndex):
             finally:
                 await self._pipeline(
                     "end eviction",
-                    [(_END_EVICTION, self._keys(b)[3:], [token]) for b in groups],
+                    [(_END_EVICTION, [self._keys(b).evicting], [token]) for b in groups],
                 )
         return removed
 
@@ -487,7 +520,7 @@ class RedisIndex(StorageIndex):
         with self.provider.errors("read the total size"):
             pipe = self.client.pipeline(transaction=False)
             for bucket in range(self.buckets):
-                pipe.get(self._keys(bucket)[1])
+                pipe.get(self._keys(bucket).bytes)
             return sum(int(v or 0) for v in await pipe.execute())
 
     async def least_recent_digests(self) -> AsyncIterator[tuple[Digest, int]]:
@@ -577,7 +610,7 @@ class _BucketPages:
 
     def __init__(self, index: RedisIndex, bucket: int, used_before: float) -> None:
         self._index = index
-        self._key = index._keys(bucket)[0]
+        self._key = index._keys(bucket).lru
         self._max = f"({used_before!r}" if math.isfinite(used_before) else "+inf"
         self._min = "-inf"
         self._skip = 0  # entries already seen at exactly the current minimum score
