@@ -143,12 +143,16 @@ class EncodedLane:
             raise TypeError("an encoded lane needs a single Redis server, not a cluster")
         self._pool = client.connection_pool
         self._timeout = timeout
-        self._max_connections = max_connections
+        # Beyond this many exchanges at once, the rest wait their turn rather than fail.
+        self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_LaneConnection] = []
-        self._open = 0
 
     async def send(self, commands: bytes, replies: int) -> list[Any]:
         """Send ``commands`` and return their ``replies`` replies, in order."""
+        async with self._slots:
+            return await self._send(commands, replies)
+
+    async def _send(self, commands: bytes, replies: int) -> list[Any]:
         for attempt in range(2):
             fresh = not self._idle
             connection = await self._connect() if fresh else self._idle.pop()
@@ -182,12 +186,7 @@ class EncodedLane:
             await self._close(connection)
 
     async def _connect(self) -> _LaneConnection:
-        if self._open >= self._max_connections:
-            raise redis.exceptions.ConnectionError(
-                f"all {self._max_connections} connections are busy"
-            )
         connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-        self._open += 1
         try:
             await connection.connect()
             # The streams redis-py opened and authenticated; from here on only the lane
@@ -196,16 +195,12 @@ class EncodedLane:
             if reader is None or writer is None:
                 raise redis.exceptions.ConnectionError("redis-py opened no streams")
         except BaseException:
-            await self._close_redis_py(connection)
+            await _drop(connection)
             raise
         return _LaneConnection(connection, reader, writer)
 
     async def _close(self, connection: _LaneConnection) -> None:
-        await self._close_redis_py(connection.owner)
-
-    async def _close_redis_py(self, connection: Any) -> None:
-        self._open -= 1
-        await _drop(connection)
+        await _drop(connection.owner)
 
 
 class _LaneConnection:
@@ -234,6 +229,8 @@ class _LaneConnection:
                 parser.feed(data)
             else:
                 answers.append(answer)
+        if parser.has_data():  # more than was asked for: the connection cannot be trusted
+            raise redis.exceptions.ConnectionError("Redis sent replies nobody asked for")
         return answers
 
 

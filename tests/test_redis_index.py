@@ -17,6 +17,7 @@ from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
 from asynccas.index.recency import recency_window
 from asynccas.index.redis import RedisIndex
+from asynccas.redis_provider import RedisProvider
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import (
     blob,
@@ -290,6 +291,25 @@ async def test_redis_errors_on_the_hot_path_are_reported_and_leave_it_working(
         # A connection Redis dropped is replaced without the caller noticing.
         await raw.client_kill_filter(_type="normal", skipme=True)
         assert await index.missing_blobs([digest]) == []
+
+
+async def test_checks_beyond_the_connection_limit_wait_their_turn(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    blobs = [blob(100, i) for i in range(10)]
+    provider = RedisProvider(redis_server.url, max_connections=2)
+    index = RedisIndex(DiskStorage(tmp_path / "data", fsync=False), provider, prefix="limit")
+    answers: list[list[Digest]] = []
+
+    async def check() -> None:
+        answers.append(await index.missing_blobs([d for d, _ in blobs]))
+
+    async with index:
+        await index.bulk_update_blobs(blobs[::2])
+        async with anyio.create_task_group() as tasks:
+            for _ in range(20):
+                tasks.start_soon(check)
+    assert answers == [[d for d, _ in blobs[1::2]]] * 20
 
 
 async def test_members_of_every_size_width_are_checked_and_touched(
