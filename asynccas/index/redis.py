@@ -151,15 +151,16 @@ def _interleave(command: bytes, *columns: list[bytes]) -> list[bytes]:
     return pieces
 
 
-def _resp_command(*words: bytes) -> bytes:
-    """The start of a RESP command: its argument count comes first, so it is left out."""
+def _resp_arguments(*words: bytes) -> bytes:
+    """Arguments in RESP, each after the CRLF that ends the one before it: a command is its
+    ``*<count>``, its arguments so written, then one last CRLF."""
     return b"".join(b"\r\n$%d\r\n%s" % (len(word), word) for word in words)
 
 
-_SMISMEMBER: Final = _resp_command(b"SMISMEMBER")
+_SMISMEMBER: Final = _resp_arguments(b"SMISMEMBER")
 _ABSENT: Final = bytes.maketrans(b"\x00\x01", b"\x01\x00")
-_ZADD: Final = _resp_command(b"ZADD")
-_XX_GT: Final = _resp_command(b"XX", b"GT")
+_ZADD: Final = _resp_arguments(b"ZADD")
+_XX_GT: Final = _resp_arguments(b"XX", b"GT")
 
 
 class RedisIndex(StorageIndex):
@@ -294,12 +295,12 @@ class RedisIndex(StorageIndex):
         return missing
 
     async def missing_mask(self, batch: DigestBatch) -> bytes:
-        """Per bucket, ZMSCORE for presence and ``ZADD XX GT`` for recency, in one round trip.
+        """Per bucket, SMISMEMBER for presence and ``ZADD XX GT`` for recency, in one round trip.
 
         The recency score is the current time rounded down to ``touch_interval``: with GT, a
         hit rewrites an entry at most once per interval. Digests this process has already
         touched in the current interval are left out of the ZADD, which in a steady stream of
-        builds is usually all of them: then Redis only runs the ZMSCORE.
+        builds is usually all of them: then Redis only runs the SMISMEMBER.
         """
         unique = batch.unique()
         if unique is not None:  # repeated digests: answer once, at the first position
@@ -341,14 +342,17 @@ class RedisIndex(StorageIndex):
         self, groups: list[tuple[int, list[bytes]]], window: float
     ) -> list[list[Any]]:
         """The commands as RESP written in joins: this is the hot path of FindMissingBlobs."""
-        score = _resp_command(repr(window).encode())
+        score = _resp_arguments(repr(window).encode())
         commands: list[bytes] = []
         touching: list[bytes] = []
         presence_replies: list[int] = []  # where each SMISMEMBER's reply will be
         replies = 0
         for bucket, members in groups:
             keys = self._keys(bucket)
-            present, lru = _resp_command(keys.present.encode()), _resp_command(keys.lru.encode())
+            present, lru = (
+                _resp_arguments(keys.present.encode()),
+                _resp_arguments(keys.lru.encode()),
+            )
             heads = self._heads.before(members)
             commands += _interleave(
                 b"*%d%s%s" % (len(members) + 2, _SMISMEMBER, present), heads, members
