@@ -173,10 +173,14 @@ class EncodedLane:
             except BaseException:
                 await self._close(connection)  # replies may be left unread
                 raise
-            self._idle.append(connection)
             for answer in answers:
                 if isinstance(answer, redis.exceptions.ResponseError):
+                    # Some errors belong to the connection, not the command: READONLY from a
+                    # primary that Sentinel has since demoted, LOADING from a restarting
+                    # server. A new connection finds the current primary.
+                    await self._close(connection)
                     raise answer
+            self._idle.append(connection)
             return answers
         raise AssertionError("unreachable")
 
