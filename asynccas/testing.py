@@ -59,6 +59,13 @@ async def check_storage(storage: Storage) -> None:
     assert await storage.missing_mask(batch) == bytes([1, 0, 0, 0]), (
         "missing_mask must flag each absent digest once, at its first position"
     )
+    distinct = [digest, absent, Digest(absent.hash, absent.size_bytes + 1)]
+    as_requests_carry_them = DigestBatch.of_delimited(
+        DigestFunction.SHA256, [d.delimited for d in distinct], "\n".join(d.hash for d in distinct)
+    )
+    for batch in (DigestBatch.of(DigestFunction.SHA256, distinct), as_requests_carry_them):
+        assert await storage.missing_mask(batch) == bytes([0, 1, 1]), "missing_mask misread"
+    assert await storage.missing_mask(DigestBatch(DigestFunction.SHA256, [], [])) == b""
     chunks = await _read(storage, digest)
     assert b"".join(chunks) == data, "read back different bytes"
     assert all(len(c) <= CHUNK_SIZE for c in chunks), "a read chunk exceeded CHUNK_SIZE"
