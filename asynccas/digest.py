@@ -426,17 +426,11 @@ def is_hash_column(text: str | bytes, count: int, width: int) -> bool:
     With the length right and a newline after every ``width`` characters, deleting the hex
     digits must leave exactly those newlines: no character can be anything else.
     """
-    if len(text) != count * (width + 1) - 1:
-        return False
     if isinstance(text, str):
-        if text[width :: width + 1] != "\n" * (count - 1):
-            return False
         try:
-            raw = text.encode("ascii")
+            text = text.encode("ascii")
         except UnicodeEncodeError:
             return False
-    else:
-        if text[width :: width + 1] != b"\n" * (count - 1):
-            return False
-        raw = text
-    return len(raw.translate(None, _HEX_DIGITS)) == count - 1
+    if len(text) != count * (width + 1) - 1 or text[width :: width + 1] != b"\n" * (count - 1):
+        return False
+    return len(text.translate(None, _HEX_DIGITS)) == count - 1

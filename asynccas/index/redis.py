@@ -188,7 +188,6 @@ class RedisIndex(StorageIndex):
         # Refreshing recency on every hit would rewrite hot blobs constantly; LRU order
         # only needs it to within this many seconds.
         self.touch_interval = touch_interval
-        # Keyed by hash alone: uploads are verified, so an indexed hash has one size.
         # Named by hash when refreshed after reads, which have Digests at hand, and by
         # delimited digest when refreshed by a check, which has those: one digest may then be
         # refreshed twice in an interval, which changes nothing.
