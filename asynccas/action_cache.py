@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from asynccas.digest import Digest
+from asynccas.index.recency import TouchedThisInterval, recency_window
 from asynccas.sqlite import SqliteDatabase
 
 
@@ -71,10 +72,14 @@ CREATE INDEX IF NOT EXISTS action_results_by_access ON action_results (accessed_
 class SqliteActionCache(ActionCacheStore):
     """Persistent, shareable by several processes (WAL), trimmed to ``max_entries`` on write."""
 
-    def __init__(self, path: str | Path, max_entries: int = 1_000_000) -> None:
+    def __init__(
+        self, path: str | Path, max_entries: int = 1_000_000, *, touch_interval: float = 60.0
+    ) -> None:
         self.max_entries = max_entries
+        self.touch_interval = touch_interval
         self._db = SqliteDatabase(path, _SCHEMA)
         self._writes_since_trim = 0
+        self._touched = TouchedThisInterval()
 
     async def start(self) -> None:
         await self._db.open()
@@ -84,7 +89,8 @@ class SqliteActionCache(ActionCacheStore):
 
     async def get(self, instance_name: str, action: Digest) -> bytes | None:
         args = (instance_name, action.key)
-        row = await self._db.run(
+        # A read connection: lookups run beside each other and beside writes.
+        row = await self._db.read(
             lambda conn: conn.execute(
                 "SELECT result FROM action_results WHERE instance_name = ? AND action_key = ?",
                 args,
@@ -92,12 +98,18 @@ class SqliteActionCache(ActionCacheStore):
         )
         if row is None:
             return None
-        await self._db.run(
-            lambda conn: conn.execute(
-                "UPDATE action_results SET accessed_at = ? WHERE instance_name = ? AND action_key = ?",
-                (time.time(), *args),
+        # Recency to the touch window, as for blobs: a hot entry is not rewritten on every hit.
+        window = recency_window(time.time(), self.touch_interval)
+        name = f"{instance_name}\n{action.key}"
+        if self._touched.untouched(window, [name]) != []:
+            await self._db.run(
+                lambda conn: conn.execute(
+                    "UPDATE action_results SET accessed_at = ?"
+                    " WHERE instance_name = ? AND action_key = ? AND accessed_at < ?",
+                    (window, *args, window),
+                )
             )
-        )
+            self._touched.add(window, [name])
         return bytes(row[0])
 
     async def put(self, instance_name: str, action: Digest, result: bytes) -> None:

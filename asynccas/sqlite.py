@@ -1,22 +1,25 @@
-"""A small async wrapper around one SQLite connection, shared by the SQLite index and action cache.
+"""A small async wrapper around SQLite, shared by the SQLite index, stores and action cache.
 
-Each call is one thread hop. WAL mode and a busy timeout let several server
-processes share a database file; ``BEGIN IMMEDIATE`` transactions serialize writers.
+Each call is one thread hop. Writes (and ``run``) go through one connection, one caller at
+a time; reads (``read``) each take one of a few more connections and run side by side, as
+WAL mode allows, so a burst of lookups neither queues behind a write nor behind each other.
+WAL mode and a busy timeout let several server processes share a database file;
+``BEGIN IMMEDIATE`` transactions serialize writers.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import anyio
-import anyio.to_thread
 
 from asynccas.errors import BackendUnavailable, StorageFull
+from asynccas.threads import in_thread
 
 T = TypeVar("T")
 
@@ -35,7 +38,13 @@ def sqlite_errors(path: Path) -> Iterator[None]:
 
 class SqliteDatabase:
     def __init__(
-        self, path: str | Path, schema: str, *, busy_timeout: float = 30.0, fsync: bool = True
+        self,
+        path: str | Path,
+        schema: str,
+        *,
+        busy_timeout: float = 30.0,
+        fsync: bool = True,
+        readers: int = 4,
     ) -> None:
         self.path = Path(path)
         self._fsync = fsync
@@ -43,10 +52,13 @@ class SqliteDatabase:
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
+        self._readers = anyio.Semaphore(readers)
+        self._reader_count = readers
+        self._idle_readers: list[sqlite3.Connection] = []
 
     async def open(self) -> None:
         with sqlite_errors(self.path):
-            self._conn = await anyio.to_thread.run_sync(self._connect)
+            self._conn = await in_thread(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +81,50 @@ class SqliteDatabase:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             async with self._lock:
-                await anyio.to_thread.run_sync(conn.close)
+                await in_thread(conn.close)
+            for _ in range(self._reader_count):  # wait for reads under way
+                await self._readers.acquire()
+            idle, self._idle_readers = self._idle_readers, []
+            try:
+                for reader in idle:
+                    await in_thread(reader.close)
+            finally:
+                for _ in range(self._reader_count):
+                    self._readers.release()
+
+    @property
+    def write_lock(self) -> anyio.Lock:
+        """Held by whoever uses the write connection; see ``write_connection``."""
+        return self._lock
+
+    def write_connection(self) -> sqlite3.Connection:
+        """The write connection, for a caller that holds ``write_lock`` and works in a worker
+        thread of its own (e.g. an index publishing into this database and its own in one
+        hop). Statements run in autocommit unless the caller begins a transaction."""
+        if self._conn is None:
+            raise BackendUnavailable(f"SQLite database {self.path} is not open")
+        return self._conn
+
+    async def read(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``func`` in a worker thread on a connection of its own, beside
+        other reads and the writer (WAL readers see the last committed state)."""
+        async with self._readers:
+            if self._conn is None:
+                raise BackendUnavailable(f"SQLite database {self.path} is not open")
+            with sqlite_errors(self.path):
+                if self._idle_readers:
+                    reader = self._idle_readers.pop()
+                else:  # made on first use; at most ``readers`` of them
+                    reader = await in_thread(self._connect_reader)
+                try:
+                    return await in_thread(func, reader)
+                finally:
+                    self._idle_readers.append(reader)
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
 
     async def run(self, func: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``func`` with the connection in a worker thread, one caller at a time."""
@@ -81,13 +136,28 @@ class SqliteDatabase:
         if conn is None:
             raise BackendUnavailable(f"SQLite database {self.path} is not open")
         with sqlite_errors(self.path):
-            return await anyio.to_thread.run_sync(func, conn)
+            return await in_thread(func, conn)
 
-    async def write(self, func: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(
+        self,
+        func: Callable[[sqlite3.Connection], T],
+        *,
+        before: Callable[[], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+        also_holding: Sequence[anyio.Lock] = (),
+    ) -> T:
         """Run ``func`` inside one write transaction, begun and ended in one thread hop rather
-        than three: a batch of small blobs pays for every hop."""
-        async with self._lock:
-            return await self._call(partial(_in_transaction, func))
+        than three: a batch of small blobs pays for every hop. ``before`` runs first in the
+        same thread, outside the transaction (if it raises, nothing else runs); if the
+        transaction does not commit, ``on_failure`` runs after the rollback.
+
+        ``also_holding``: further locks (other databases' ``write_lock``, whose connections
+        ``func`` uses) taken after this database's, in the order given.
+        """
+        async with self._lock, AsyncExitStack() as held:
+            for lock in also_holding:
+                await held.enter_async_context(lock)
+            return await self._call(partial(_in_transaction, func, before, on_failure))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[InTransaction]:
@@ -111,12 +181,23 @@ class SqliteDatabase:
                     await self._call(_commit)
 
 
-def _in_transaction(func: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+def _in_transaction(
+    func: Callable[[sqlite3.Connection], T],
+    before: Callable[[], None] | None,
+    on_failure: Callable[[], None] | None,
+    conn: sqlite3.Connection,
+) -> T:
+    if before is not None:
+        before()
     conn.execute("BEGIN IMMEDIATE")
     try:
         return _then_commit(func, conn)
     except BaseException:
-        _rollback(conn)
+        try:
+            _rollback(conn)
+        finally:
+            if on_failure is not None:
+                on_failure()
         raise
 
 

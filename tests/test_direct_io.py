@@ -77,14 +77,16 @@ async def test_disk_storage_streams_large_blobs_around_the_page_cache(tmp_path: 
     digest, data = blob(BUFFER_SIZE * 2 + 777, 7)
     async with DiskStorage(tmp_path, fsync=True, direct_io_above=1 << 20) as storage:
         writer = await storage.open_write(digest)
+        await writer.write(data[: 1 << 20])  # the temp file is made with the first data
         assert isinstance(writer._handle, DirectFile)  # type: ignore[attr-defined]
-        for start in range(0, len(data), 1 << 20):
+        for start in range(1 << 20, len(data), 1 << 20):
             await writer.write(data[start : start + (1 << 20)])
         await writer.commit()
         assert storage.path_for(digest).read_bytes() == data
         small, small_data = blob(1000, 8)
         small_writer = await storage.open_write(small)
-        assert not isinstance(small_writer._handle, DirectFile)  # type: ignore[attr-defined]
         await small_writer.write(small_data)
+        await small_writer.flush()
+        assert not isinstance(small_writer._handle, DirectFile)  # type: ignore[attr-defined]
         await small_writer.commit()
         assert await storage.has_blob(small)

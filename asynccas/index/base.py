@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
+import anyio
+
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, CasError
 from asynccas.storage.base import BlobWriter, Storage
@@ -55,6 +57,12 @@ class StorageIndex(Storage):
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
         await self.storage.release_staged(writers)
+
+    async def commit_writer(self, writer: BlobWriter) -> None:
+        """Verify and publish a writer of the wrapped storage (``IndexedWriter.commit``);
+        indexes that can do both at once override this."""
+        await writer.verify()
+        await self.publish_staged([writer])
 
     @abc.abstractmethod
     async def _touch(self, digests: Iterable[Digest]) -> None:
@@ -138,15 +146,32 @@ class IndexedWriter(BlobWriter):
         await self._inner.write(data)
         self.committed_size = self._inner.committed_size
 
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def release_memory(self) -> None:
+        await self._inner.release_memory()
+
     async def verify(self) -> None:
         await self._inner.verify()
         self._verified = True
 
-    async def _write(self, data: bytes) -> None:  # pragma: no cover - write() delegates
+    async def _write(self, parts: list[bytes]) -> None:  # pragma: no cover - write() delegates
         raise AssertionError("unreachable")
 
     async def _publish(self) -> None:
         await self._index.publish_staged([self._inner])
 
+    async def commit(self) -> None:
+        try:
+            await self._index.commit_writer(self._inner)
+            self._verified = True
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.abort()
+
     async def abort(self) -> None:
         await self._inner.abort()
+
+    async def _abort(self) -> None:  # pragma: no cover - abort() delegates
+        raise AssertionError("unreachable")

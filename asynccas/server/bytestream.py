@@ -21,10 +21,16 @@ HALF_CLOSE_GRACE: Final = 0.1
 """Seconds to wait before parking an upload whose stream ended without finish_write."""
 
 
-def _discard(task: asyncio.Future[Any]) -> None:
-    """Cancel a read-ahead that is no longer wanted, and consume whatever it ends with."""
-    task.cancel()
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+def _reported_stored(lookup: asyncio.Future[bool]) -> bool:
+    """A finished existence lookup's answer; a failed one counts as "not stored": the
+    upload goes on, and meets the same backend error when it commits."""
+    return not lookup.cancelled() and lookup.exception() is None and lookup.result()
+
+
+def _discard(lookup: asyncio.Future[Any]) -> None:
+    """Cancel a lookup whose answer is no longer wanted, and consume whatever it ends with."""
+    lookup.cancel()
+    lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _reject_compression(resource: BlobResource) -> None:
@@ -73,52 +79,65 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         _reject_compression(resource)
         digest = resource.digest
         # REAPI: a blob that is already there (the empty one always is) completes at once.
-        if digest.is_empty or await self.storage.has_blob(digest):
-            return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
+        if digest.is_empty:
+            return bs_pb2.WriteResponse(committed_size=0)
+        # Whether it is there is asked while the data streams in, not before: clients upload
+        # what FindMissingBlobs called missing, so the answer is nearly always no, and
+        # waiting for it would add a lookup to every upload. A blob sent whole in one
+        # message is stored without asking at all (storing is idempotent).
+        whole = first.finish_write and len(first.data) == digest.size_bytes
+        stored = None if whole else asyncio.ensure_future(self.storage.has_blob(digest))
         upload = await self.uploads.begin(resource, first.write_offset)
+        writer = upload.writer
         finished = False
         try:
             request: bs_pb2.WriteRequest | None = first
             while request is not None:
+                if stored is not None and stored.done():
+                    if _reported_stored(stored):
+                        finished = True
+                        await self.uploads.end(upload, abort=True)
+                        return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
+                    stored = None
                 if request.resource_name and request.resource_name != first.resource_name:
                     raise InvalidArgument(
                         f"resource_name changed mid-stream from {first.resource_name!r}"
                         f" to {request.resource_name!r}"
                     )
-                if request.write_offset != upload.writer.committed_size:
+                if request.write_offset != writer.committed_size:
                     raise InvalidArgument(
                         f"write_offset {request.write_offset} should be"
-                        f" {upload.writer.committed_size}, the bytes received so far"
+                        f" {writer.committed_size}, the bytes received so far"
                     )
+                # Writers gather messages in memory and write them out in large pieces, so
+                # most of these return without a thread hop.
+                await writer.write(request.data)
                 if request.finish_write:
-                    await upload.writer.write(request.data)
-                    await upload.writer.commit()
+                    await writer.commit()
                     finished = True
                     return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
-                # Receive the next message while this chunk is hashed and written in a
-                # worker thread: the two overlap instead of taking turns.
-                upcoming = asyncio.ensure_future(anext(request_iterator, None))
-                try:
-                    await upload.writer.write(request.data)
-                except BaseException:
-                    _discard(upcoming)
-                    raise
-                request = await upcoming
+                request = await anext(request_iterator, None)
             # The stream ended without finish_write. A client that cancelled looks the
             # same at this point: gRPC cancels this handler only a moment later. Wait
             # that moment, so a cancelled upload is discarded (below), not parked.
             await anyio.sleep(HALF_CLOSE_GRACE)
+            if stored is not None and (await asyncio.wait([stored]) and _reported_stored(stored)):
+                finished = True
+                await self.uploads.end(upload, abort=True)
+                return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
         except BaseException:
             finished = True
             with anyio.CancelScope(shield=True):
                 await self.uploads.end(upload, abort=True)
             raise
         finally:
+            if stored is not None:
+                _discard(stored)
             if finished:
                 await self.uploads.end(upload, abort=False)
         # The client closed the stream early on purpose: keep the upload to resume.
         await self.uploads.park(upload)
-        return bs_pb2.WriteResponse(committed_size=upload.writer.committed_size)
+        return bs_pb2.WriteResponse(committed_size=writer.committed_size)
 
     @unary_rpc
     async def QueryWriteStatus(

@@ -66,6 +66,11 @@ class UploadSessions:
     async def park(self, upload: Upload) -> None:
         """Keep an unfinished upload for a later stream to resume."""
         self._active.discard(upload.key)
+        try:
+            await upload.writer.release_memory()  # parked data waits on disk, not in memory
+        except BaseException:
+            await _abort(upload)
+            raise
         upload.last_used = time.monotonic()
         self._parked[upload.key] = upload
         while len(self._parked) > self.max_parked:

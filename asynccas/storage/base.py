@@ -10,10 +10,10 @@ layer's business (see ``asynccas.server.cas``).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self, runtime_checkable
 
 import anyio
 
@@ -24,8 +24,31 @@ CHUNK_SIZE: Final = 1024 * 1024
 """Largest piece of a blob held at once while streaming (well under gRPC's 4 MiB default)."""
 
 
+class WriteBuffers:
+    """A byte budget for the data that open writers hold in memory before writing it out.
+
+    Writers gather a stream's small messages (Bazel sends 16 KiB each) and write them out in
+    one go, one thread hop per ``limit_per_writer`` bytes instead of one per message. The
+    budget is shared by every writer of the process, so many open uploads cannot add up to
+    more than ``total`` bytes: past it a writer writes each message out as it comes.
+    """
+
+    def __init__(self, total: int, limit_per_writer: int) -> None:
+        self.total = total
+        self.limit_per_writer = limit_per_writer
+        self.in_use = 0
+
+
+WRITE_BUFFERS: Final = WriteBuffers(total=64 * 1024 * 1024, limit_per_writer=256 * 1024)
+
+
 class BlobWriter(abc.ABC):
     """One upload of one digest. ``write`` appends, ``commit`` verifies then publishes.
+
+    ``write`` gathers data in memory (bounded by ``WRITE_BUFFERS``) and hands it to the
+    backend's ``_write`` in pieces of up to ``WRITE_BUFFERS.limit_per_writer`` bytes;
+    ``flush`` hands over what is gathered, so that a writer kept for later (a parked upload)
+    holds bytes on disk rather than in memory.
 
     Commit is two phases so that an index can do the slow part (``verify``: hash check,
     fsync) outside its lock and only ``publish`` (making the blob visible) inside it.
@@ -34,33 +57,65 @@ class BlobWriter(abc.ABC):
     temporary data (a published blob stays) and is safe to call at any point, repeatedly.
     """
 
-    def __init__(self, digest: Digest) -> None:
+    def __init__(self, digest: Digest, buffers: WriteBuffers = WRITE_BUFFERS) -> None:
         self.digest = digest
         self.committed_size = 0
         self._hasher = digest.function.new_hasher()
         self._verified = False
+        self._buffers = buffers
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     async def write(self, data: bytes) -> None:
         if self.committed_size + len(data) > self.digest.size_bytes:
             raise DigestMismatch(
                 f"received more than the {self.digest.size_bytes} bytes of digest {self.digest}"
             )
-        await self._write(data)
+        buffers = self._buffers
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        buffers.in_use += len(data)
         self.committed_size += len(data)
+        if self._pending_bytes >= buffers.limit_per_writer or buffers.in_use > buffers.total:
+            await self.flush()
+
+    def take_pending(self) -> list[bytes]:
+        """The data gathered since the last flush, which the caller now stores."""
+        parts, self._pending = self._pending, []
+        self._buffers.in_use -= self._pending_bytes
+        self._pending_bytes = 0
+        return parts
+
+    async def flush(self) -> None:
+        """Hand the gathered data to the backend (to disk, for a disk store)."""
+        if self._pending:
+            await self._write(self.take_pending())
+
+    async def release_memory(self) -> None:
+        """Keep no more of the upload in memory than needed (for an upload that waits to be
+        resumed): the gathered data goes to the backend, and backends drop their buffers."""
+        await self.flush()
 
     async def verify(self) -> None:
         """Check size and hash, and make the data durable; raise DigestMismatch if wrong."""
+        self.check_size()
+        await self._finish(self.take_pending())
+        self.check_hash()
+
+    def check_size(self) -> None:
         if self.committed_size != self.digest.size_bytes:
             raise DigestMismatch(
                 f"received {self.committed_size} bytes, digest {self.digest} says "
                 f"{self.digest.size_bytes}"
             )
+
+    def check_hash(self) -> None:
+        """Once all data is written: compare its hash with the digest's."""
         actual = self._hasher.hexdigest()
         if actual != self.digest.hash:
             raise DigestMismatch(
                 f"data hashes to {actual}, not {self.digest.hash} as its digest says"
             )
-        await self._finish()
         self._verified = True
 
     async def publish(self) -> None:
@@ -77,17 +132,49 @@ class BlobWriter(abc.ABC):
                 await self.abort()
 
     @abc.abstractmethod
-    async def _write(self, data: bytes) -> None:
-        """Store ``data`` and feed it to ``self._hasher``."""
+    async def _write(self, parts: list[bytes]) -> None:
+        """Store ``parts`` in order and feed them to ``self._hasher``."""
 
-    async def _finish(self) -> None:
-        """Make the written bytes durable before they are published."""
+    async def _finish(self, tail: list[bytes]) -> None:
+        """Store the last ``tail`` (may be empty) as ``_write`` does, then make the written
+        bytes durable before they are published. One call, so that a backend can do both in
+        one thread hop."""
+        if tail:
+            await self._write(tail)
 
     @abc.abstractmethod
     async def _publish(self) -> None: ...
 
+    async def abort(self) -> None:
+        self.take_pending()
+        await self._abort()
+
     @abc.abstractmethod
-    async def abort(self) -> None: ...
+    async def _abort(self) -> None:
+        """Release the backend's temporary data, if any."""
+
+
+@runtime_checkable
+class CommitsInThread(Protocol):
+    """A writer that can finish and publish from a worker thread, so that an index can end an
+    upload (last data, fsync, hash check, making the blob visible, recording it) in one thread
+    hop and one transaction."""
+
+    digest: Digest
+
+    def check_size(self) -> None: ...
+
+    def take_pending(self) -> list[bytes]: ...
+
+    def publish_lock(self) -> anyio.Lock | None:
+        """A lock to hold around the hop that calls ``publish_in_thread``, if it needs one."""
+
+    def verify_in_thread(self, tail: list[bytes]) -> None:
+        """``verify``, given the writer's pending data, in the calling thread."""
+
+    def publish_in_thread(self) -> Callable[[], None] | None:
+        """Publish and release the temporary data; return how to take the blob back out if
+        this call stored it (None if it was stored already)."""
 
 
 class Storage(abc.ABC):

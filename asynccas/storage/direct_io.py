@@ -50,15 +50,46 @@ class DirectFile:
     def __init__(self, name: str, fd: int) -> None:
         self.name = name
         self._fd = fd
-        # Anonymous mappings are page-aligned, as O_DIRECT needs.
-        self._buffers = [mmap.mmap(-1, BUFFER_SIZE), mmap.mmap(-1, BUFFER_SIZE)]
-        self._views = [memoryview(buffer) for buffer in self._buffers]
+        self._buffers: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
         self._current = 0
         self._filled = 0
         self._in_flight: Future[None] | None = None
         self._direct = True
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held for device writes: 8 MiB while writing, 0 once released."""
+        return len(self._buffers) * BUFFER_SIZE
+
+    def release_buffers(self) -> None:
+        """Write out what is buffered and give the buffers back, for a file that waits (a
+        parked upload): its bytes then wait on disk, not in memory. Later writes map new
+        buffers; after an unaligned tail they go through the page cache."""
+        self.flush()
+        self._unmap()
+
+    def _unmap(self) -> None:
+        try:
+            self._wait()  # never unmap a buffer a background write still reads
+        finally:
+            views, buffers = self._views, self._buffers
+            self._views, self._buffers = [], []
+            for view, buffer in zip(views, buffers, strict=True):
+                try:
+                    view.release()
+                    buffer.close()
+                except BufferError:
+                    # A failed write's traceback still holds a slice of this buffer: leave
+                    # the mapping to the garbage collector rather than hide that error.
+                    pass
+
     def write(self, data: bytes | memoryview) -> int:
+        if not self._buffers:
+            # Anonymous mappings are page-aligned, as O_DIRECT needs.
+            self._buffers = [mmap.mmap(-1, BUFFER_SIZE), mmap.mmap(-1, BUFFER_SIZE)]
+            self._views = [memoryview(buffer) for buffer in self._buffers]
+            self._current = 0
         source = memoryview(data)
         taken = 0
         while taken < len(source):
@@ -121,10 +152,7 @@ class DirectFile:
             self.flush()
         finally:
             try:
-                self._wait()  # never unmap a buffer a background write still reads
+                self._unmap()
             finally:
                 os.close(self._fd)
                 self._fd = -1
-                for view, buffer in zip(self._views, self._buffers, strict=True):
-                    view.release()
-                    buffer.close()

@@ -8,8 +8,8 @@ from validated ``Digest`` values. Safe for several processes on one directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import os
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
@@ -20,12 +20,12 @@ from typing import Final, ParamSpec, Protocol, TypeVar
 import aiofiles
 import aiofiles.os
 import anyio
-import anyio.to_thread
 
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
-from asynccas.storage.direct_io import open_direct
+from asynccas.storage.direct_io import DirectFile, open_direct
+from asynccas.threads import in_thread
 
 _READ_BATCH = 256  # files read per thread hop by bulk_read_blobs
 DEFAULT_DIRECT_IO_ABOVE: Final = 16 * 1024 * 1024
@@ -42,6 +42,8 @@ def _disk_errors(action: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(f"disk full while trying to {action}") from exc
+        if exc.errno == errno.EFBIG:
+            raise StorageFull(f"file too large for the disk while trying to {action}") from exc
         raise BackendUnavailable(f"disk error while trying to {action}: {exc}") from exc
 
 
@@ -53,8 +55,7 @@ def _read_up_to(fd: int, limit: int) -> bytes:
     return data
 
 
-async def _in_thread(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+_in_thread: Final = in_thread
 
 
 class DiskStorage(Storage):
@@ -165,10 +166,9 @@ class DiskStorage(Storage):
         return found
 
     async def open_write(self, digest: Digest) -> BlobWriter:
-        direct = 0 < self.direct_io_above < digest.size_bytes
-        with _disk_errors("create a temporary file"):
-            handle = await _in_thread(self._new_temp, direct)
-        return _DiskWriter(self, digest, handle)
+        # The temp file is made with the first data written: no thread hop here, and none at
+        # all for an upload that turns out to be stored already.
+        return _DiskWriter(self, digest)
 
     def _new_temp(self, direct: bool = False) -> _BlobFile:
         path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -296,25 +296,53 @@ class _BlobFile(Protocol):
 
 
 class _DiskWriter(BlobWriter):
-    def __init__(self, storage: DiskStorage, digest: Digest, handle: _BlobFile) -> None:
+    def __init__(
+        self, storage: DiskStorage, digest: Digest, handle: _BlobFile | None = None
+    ) -> None:
         super().__init__(digest)
         self._storage = storage
         self._handle: _BlobFile | None = handle
-        self._temp_path: Path | None = Path(handle.name)
+        self._temp_path: Path | None = None if handle is None else Path(handle.name)
+        self._closed = False
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, parts: list[bytes]) -> None:
         # Hashing and writing share one thread hop; hashlib releases the GIL on big chunks.
         with _disk_errors(f"write blob {self.digest}"):
-            await _in_thread(self._write_sync, data)
+            await _in_thread(self._write_sync, parts)
 
-    def _write_sync(self, data: bytes) -> None:
-        assert self._handle is not None, "write after commit or abort"
-        self._hasher.update(data)
-        self._handle.write(data)
+    def _write_sync(self, parts: list[bytes]) -> None:
+        assert not self._closed, "write after commit or abort"
+        if self._handle is None:
+            direct = 0 < self._storage.direct_io_above < self.digest.size_bytes
+            self._handle = self._storage._new_temp(direct)
+            self._temp_path = Path(self._handle.name)
+        for part in parts:
+            self._hasher.update(part)
+        self._handle.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
-    async def _finish(self) -> None:
-        with _disk_errors(f"flush blob {self.digest}"):
-            await _in_thread(self.close_sync)
+    async def _finish(self, tail: list[bytes]) -> None:
+        with _disk_errors(f"store blob {self.digest}"):
+            await _in_thread(self._finish_sync, tail)
+
+    def _finish_sync(self, tail: list[bytes]) -> None:
+        """The last data, then flush, fsync and close: one thread hop at the end of an upload."""
+        if tail or self._handle is None:  # the empty blob still gets its (empty) file
+            self._write_sync(tail or [b""])
+        self.close_sync()
+
+    async def release_memory(self) -> None:
+        await self.flush()
+        if isinstance(self._handle, DirectFile):
+            with _disk_errors(f"write blob {self.digest}"):
+                await _in_thread(self._handle.release_buffers)
+
+    def publish_lock(self) -> None:
+        return None  # files are linked into place atomically; no lock needed
+
+    def verify_in_thread(self, tail: list[bytes]) -> None:
+        with _disk_errors(f"store blob {self.digest}"):
+            self._finish_sync(tail)
+        self.check_hash()
 
     def close_sync(self) -> None:
         if self._handle is not None:
@@ -323,6 +351,7 @@ class _DiskWriter(BlobWriter):
                 os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
+        self._closed = True
 
     def mark_verified(self, size: int) -> None:
         self.committed_size = size
@@ -332,16 +361,18 @@ class _DiskWriter(BlobWriter):
         with _disk_errors(f"publish blob {self.digest}"):
             await _in_thread(self.publish_sync)
 
-    def publish_sync(self) -> None:
+    def publish_sync(self) -> bool:
+        """Link the verified temp file into place; True if this call created the blob's file
+        (False: it was there already, or this writer has published and released it)."""
         if self._temp_path is None:
-            return
+            return False
         final = self._storage.path_for(self.digest)
         # Other writers and evictors (in any process) race us on ``final``: retry until our
         # data, or an intact copy of it, is in place.
         while True:
             try:
                 os.link(self._temp_path, final)
-                return
+                return True
             except FileNotFoundError:  # first blob of its shard
                 final.parent.mkdir(parents=True, exist_ok=True)
                 continue
@@ -349,23 +380,42 @@ class _DiskWriter(BlobWriter):
                 pass
             try:
                 if final.stat().st_size == self.digest.size_bytes:
-                    return  # another writer got there first: keep its copy
+                    return False  # another writer got there first: keep its copy
             except FileNotFoundError:
                 continue  # evicted between our link and our look: link again
             # A damaged copy (e.g. truncated by a crash): replace it atomically.
             side = final.with_name(f"{final.name}.{uuid.uuid4().hex}")
             os.link(self._temp_path, side)
             os.replace(side, final)
-            return
+            return True
 
-    async def abort(self) -> None:
+    def publish_in_thread(self) -> Callable[[], None] | None:
+        """Publish, then drop the temp file, in the calling (worker) thread, for an index that
+        makes the blob visible and indexes it in one thread hop, and never publishes again.
+
+        Returns how to take the blob back out (if this call put it there), for when the index
+        could not record it: a blob must never be stored but unindexed.
+        """
+        with _disk_errors(f"publish blob {self.digest}"):
+            created = self.publish_sync()
+            self.discard_sync()
+        if not created:
+            return None
+        final = self._storage.path_for(self.digest)
+        return lambda: final.unlink(missing_ok=True)
+
+    async def _abort(self) -> None:
+        self._closed = True
         if self._temp_path is not None or self._handle is not None:
             await _in_thread(self.discard_sync)
 
     def discard_sync(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._temp_path is not None:
-            self._temp_path.unlink(missing_ok=True)
-            self._temp_path = None
+        try:
+            if self._handle is not None:
+                handle, self._handle = self._handle, None
+                with contextlib.suppress(OSError):  # the data is being thrown away anyway
+                    handle.close()
+        finally:
+            if self._temp_path is not None:
+                self._temp_path.unlink(missing_ok=True)
+                self._temp_path = None

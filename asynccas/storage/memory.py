@@ -95,12 +95,13 @@ class _MemoryWriter(BlobWriter):
         self._storage = storage
         self._parts: list[bytes] = []
 
-    async def _write(self, data: bytes) -> None:
-        self._hasher.update(data)
-        self._parts.append(data)
+    async def _write(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self._hasher.update(part)
+        self._parts += parts
 
     async def _publish(self) -> None:
         self._storage._insert(self.digest, b"".join(self._parts))
 
-    async def abort(self) -> None:
+    async def _abort(self) -> None:
         self._parts = []
