@@ -17,6 +17,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.index.sqlite import SqliteIndex
+from asynccas.server.action_cache import ActionCacheService
 from asynccas.server.app import CasServer
 from asynccas.server.bytestream import ByteStreamService
 from asynccas.server.capabilities import CapabilitiesService
@@ -130,7 +131,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 async def serve_with_bytestream(
     storage: Storage, bytestream: ByteStreamService
 ) -> AsyncIterator[int]:
-    """Capabilities, CAS and a given (fault-injecting) ByteStream on a loopback port, yielded."""
+    """Capabilities, CAS, an in-memory ActionCache and a given (fault-injecting or recording)
+    ByteStream on a loopback port, yielded."""
     server = grpc.aio.server()
     re_grpc.add_CapabilitiesServicer_to_server(
         CapabilitiesService(max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True),
@@ -140,6 +142,9 @@ async def serve_with_bytestream(
         server
     )
     bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    re_grpc.add_ActionCacheServicer_to_server(
+        ActionCacheService(MemoryActionCache(), storage, allow_updates=True), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

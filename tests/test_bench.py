@@ -65,7 +65,12 @@ async def test_every_scenario_runs_clean(scenario: str, tmp_path: Path) -> None:
         for label, stats in data["ops"].items():
             assert stats["errors"] == {}, (label, stats["errors"])
             assert stats["corruptions"] == 0
-        main_label = {"fmb": "FindMissingBlobs", "bazel-like": "action"}.get(scenario)
+        main_label = {
+            "fmb": "FindMissingBlobs",
+            "bazel-like": "action",
+            "bazel-download": "action",
+            "batch-client": "action",
+        }.get(scenario)
         counted = data["ops"][main_label]["histogram"]["count"] if main_label else None
         assert counted in (None, 12)
         assert html.read_text().count("<svg") >= 2
@@ -169,6 +174,71 @@ async def test_corrupted_reads_are_reported(tmp_path: Path) -> None:
         assert result.returncode == 1
         assert "CORRUPTION" in result.stderr
         assert json.loads(report.read_text())["ops"]["ByteStream.Read"]["corruptions"] == 5
+
+
+class RecordingByteStream(ByteStreamService):
+    """Records the data size of every WriteRequest it receives."""
+
+    def __init__(self, storage: MemoryStorage) -> None:
+        super().__init__(storage, UploadSessions(storage))
+        self.message_sizes: list[int] = []
+        self.writes = 0
+
+    async def Write(
+        self, request_iterator: AsyncIterator[bs_pb2.WriteRequest], context: Context
+    ) -> bs_pb2.WriteResponse:
+        self.writes += 1
+
+        async def recorded() -> AsyncIterator[bs_pb2.WriteRequest]:
+            async for request in request_iterator:
+                self.message_sizes.append(len(request.data))
+                yield request
+
+        return await super().Write(recorded(), context)
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])
+@pytest.mark.parametrize(
+    ("chunk_args", "chunk_size"), [((), 16 * 1024), (("--chunk-size", "4K"), 4096)]
+)
+async def test_bazel_like_uploads_every_blob_by_bytestream_in_bazels_chunks(
+    chunk_args: tuple[str, ...], chunk_size: int, tmp_path: Path
+) -> None:
+    storage = MemoryStorage()
+    recording = RecordingByteStream(storage)
+    mix = tmp_path / "mix.json"
+    mix.write_text("[[40000, 40001, 1.0]]")  # every blob ~40 KB: several messages each
+    async with serve_with_bytestream(storage, recording) as port:
+        report = tmp_path / "run.json"
+        result = await anyio.to_thread.run_sync(
+            lambda: bench(
+                f"127.0.0.1:{port}",
+                "--scenario",
+                "bazel-like",
+                "--requests",
+                "5",
+                "--concurrency",
+                "1",
+                "--processes",
+                "1",
+                "--size-mix",
+                str(mix),
+                "--json",
+                str(report),
+                *chunk_args,
+            )
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ops = json.loads(report.read_text())["ops"]
+    # Per action: a miss, one FindMissingBlobs of three digests, three uploads, one update.
+    assert ops["GetActionResult"]["histogram"]["count"] == 5
+    assert ops["FindMissingBlobs"]["items"] == 15
+    assert ops["UpdateActionResult"]["histogram"]["count"] == 5
+    assert "BatchUpdateBlobs" not in ops
+    assert "upload" not in ops
+    assert recording.writes == ops["ByteStream.Write"]["histogram"]["count"] == 15
+    assert max(recording.message_sizes) == chunk_size
+    assert len(recording.message_sizes) > 2 * recording.writes
 
 
 async def test_a_client_that_cannot_prepare_fails_fast_and_says_so() -> None:

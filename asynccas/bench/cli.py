@@ -36,11 +36,14 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--blob-size", type=parse_size, default=4096, help="e.g. 4K, 256M")
     size.add_argument("--size-mix", type=Path, default=None,
-                      help="JSON list of [smallest, largest, share] for bazel-like")  # fmt: skip
+                      help="JSON list of [smallest, largest, share] for bazel-like,"
+                           " bazel-download and batch-client")  # fmt: skip
     bench.add_argument("--batch", type=int, default=None,
                        help="digests or blobs per request (fmb: 1000, batch RPCs: 100, get-tree: 1000 directories)")  # fmt: skip
     bench.add_argument("--present", type=_share, default=0.5,
                        help="fmb: share of the digests stored beforehand, 0 to 1 (default 0.5)")  # fmt: skip
+    bench.add_argument("--chunk-size", type=parse_size, default=16 * 1024,
+                       help="data per ByteStream WriteRequest (default 16K, as Bazel sends)")  # fmt: skip
     bench.add_argument("--instance", default="", help="REAPI instance name")
     bench.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
                        help="client processes (default: up to 2)")  # fmt: skip
@@ -60,7 +63,8 @@ def _share(text: str) -> float:
     return share
 
 
-_DEFAULT_BATCH = {"fmb": 1000, "get-tree": 1000, "bazel-like": 200}
+_DEFAULT_BATCH = {"fmb": 1000, "get-tree": 1000, "batch-client": 200, "bazel-download": 200,
+                  "action-cache": 1000}  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -71,6 +75,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.html:
             args.html.write_text(to_html(results))
         return 0
+    if args.chunk_size <= 0:
+        print("asynccas bench: --chunk-size must be at least 1 byte", file=sys.stderr)
+        return 2
     size_mix = None
     if args.size_mix is not None:
         size_mix = [tuple(row) for row in json.loads(args.size_mix.read_text())]
@@ -81,7 +88,7 @@ def run_bench(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, duration=duration or (10.0 if args.requests is None else None),
         requests=args.requests, processes=max(1, min(args.processes, args.concurrency)),
         settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix,
-                          present=args.present),
+                          present=args.present, chunk_size=args.chunk_size),
         server_pid=args.server_pid,
     )  # fmt: skip
     try:

@@ -120,6 +120,7 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
         "concurrency": config.concurrency, "duration": config.duration, "requests": config.requests,
         "processes": config.processes, "blob_size": config.settings.blob_size,
         "batch": config.settings.batch, "present": config.settings.present,
+        "chunk_size": config.settings.chunk_size,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
     return RunResult(summary, elapsed, merged, client_cpu, server_cpu)
@@ -143,7 +144,10 @@ async def _worker(config: RunConfig, index: int, ready: Any, done: Any) -> dict[
     if config.requests is not None:
         budget = config.requests // config.processes + (index < config.requests % config.processes)
     async with CasClient(
-        config.endpoint, config.instance, max_concurrency=max(1, tasks_here) * 4
+        config.endpoint,
+        config.instance,
+        max_concurrency=max(1, tasks_here) * 4,
+        chunk_size=settings.chunk_size,
     ) as cas:
         await scenario.setup(cas)
         await anyio.to_thread.run_sync(ready.wait)

@@ -14,7 +14,7 @@ import struct
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import grpc
 
@@ -41,6 +41,8 @@ class Settings:
     seed: int = 0
     present: float = 0.5
     """fmb: the share of the digests that are uploaded before timing starts."""
+    chunk_size: int = 16 * 1024
+    """Data per ByteStream WriteRequest: 16 KiB, as Bazel's ``Chunker`` sends."""
 
 
 class Recorder:
@@ -65,25 +67,30 @@ class Recorder:
         stats.per_second[int(now - self.started)] += 1
 
 
+FAILED: Final = object()
+"""What ``measured`` returns for a call that failed (a successful one may return None)."""
+
+
 async def measured(
     recorder: Recorder, label: str, call: object, *, size: int = 0, items: int = 1
 ) -> object:
-    """Await ``call``, recording its latency, or its gRPC status, or a corruption."""
+    """Await ``call``, recording its latency, or its gRPC status, or a corruption; return its
+    result, or ``FAILED``."""
     began = time.perf_counter()
     try:
         result = await call  # type: ignore[misc]
     except grpc.aio.AioRpcError as exc:
         recorder.record(label, began, error=exc.code().name)
-        return None
+        return FAILED
     except DigestMismatch:
         recorder.record(label, began, corrupt=True)
-        return None
+        return FAILED
     except BlobNotFound:
         recorder.record(label, began, error="NOT_FOUND")
-        return None
+        return FAILED
     except CasError as exc:
         recorder.record(label, began, error=type(exc).__name__)
-        return None
+        return FAILED
     recorder.record(label, began, size=size, items=items)
     return result
 
@@ -274,9 +281,10 @@ class GetTree:
                         corrupt=len(directories) != self.count)  # fmt: skip
 
 
-class BazelLike:
-    """What a build does per action: FindMissingBlobs of ~200 inputs, upload of the missing
-    ones, a few output reads, an action cache lookup and update."""
+class BatchClient:
+    """What a batch-RPC client (BuildStream, recc) does per action: FindMissingBlobs of ~200
+    inputs, upload of the missing ones (batches, large ones by ByteStream), a few output
+    reads, an action cache lookup and update."""
 
     def __init__(self, settings: Settings) -> None:
         self.rng = random.Random(settings.seed)
@@ -317,14 +325,14 @@ class BazelLike:
         missing = await measured(
             recorder, "FindMissingBlobs", cas.find_missing(by_digest), items=len(inputs)
         )
-        if missing is None:
+        if missing is FAILED:
             recorder.record("action", began, error="FAILED_STEP")
             return
         blobs = {d: self._payload(d, by_digest[d]) for d in missing}  # type: ignore[attr-defined]
         sent = sum(len(b) for b in blobs.values())
         if (
             await measured(recorder, "upload", cas.upload_blobs(blobs), size=sent, items=len(blobs))
-            is None
+            is FAILED
         ):
             recorder.record("action", began, error="FAILED_STEP")
             return
@@ -343,6 +351,165 @@ class BazelLike:
         recorder.record("action", began, size=sent + size)
 
 
+class _ActionOutputs:
+    """Supplies of fresh blobs in a size mix, and ActionResults naming them."""
+
+    def __init__(self, settings: Settings, rng: random.Random) -> None:
+        self.rng = rng
+        mix = settings.size_mix or SIZE_MIX_BAZEL
+        # Eight sizes per range, spread log-uniformly, each with its own supply of blobs.
+        self.supplies = [
+            (
+                FreshBlobs(int(low * (high / low) ** rng.random()), rng,
+                           settings.worker * 64 + i * 8 + j),
+                share / 8,
+            )
+            for i, (low, high, share) in enumerate(mix)
+            for j in range(8)
+        ]  # fmt: skip
+        self.actions = FreshBlobs(200, rng, 1000 + settings.worker)
+
+    def fresh(self) -> tuple[FreshBlobs, Digest, bytes]:
+        pick = self.rng.random()
+        for supply, share in self.supplies:
+            if pick < share:
+                return (supply, *supply.next())
+            pick -= share
+        supply = self.supplies[0][0]
+        return (supply, *supply.next())
+
+    @staticmethod
+    def result(outputs: Sequence[Digest]) -> re_pb2.ActionResult:
+        return re_pb2.ActionResult(
+            output_files=[
+                re_pb2.OutputFile(path=f"out/{i}", digest=d.to_proto())
+                for i, d in enumerate(outputs)
+            ]
+        )
+
+
+async def _upload_by_bytestream(cas: CasClient, supply: FreshBlobs, digest: Digest,
+                                 data: bytes) -> None:  # fmt: skip
+    if len(data) == digest.size_bytes:
+        await cas.write_blob(digest, data)
+    else:  # large: the shared body plus this blob's suffix, streamed
+        await cas.write_stream(digest, supply.chunks(data))
+
+
+class BazelLike:
+    """Bazel 4.2.3's own sequence per action of an uploading build, from its gRPC log: one
+    GetActionResult (a miss), one FindMissingBlobs of a few digests (the action, its command
+    and its outputs), each missing blob uploaded with ByteStream.Write in ``chunk_size``
+    messages (16 KiB, as Bazel), one UpdateActionResult. No batch RPCs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.outputs = _ActionOutputs(settings, random.Random(settings.seed))
+
+    async def setup(self, cas: CasClient) -> None:
+        pass
+
+    async def run_once(self, cas: CasClient, recorder: Recorder) -> None:
+        began = time.perf_counter()
+        action, action_data = self.outputs.actions.next()
+        await measured(recorder, "GetActionResult", cas.get_action_result(action))
+        blobs = [self.outputs.fresh() for _ in range(2)]  # the command and one output
+        action_supply = self.outputs.actions
+        blobs.append((action_supply, action, action_data))
+        missing = await measured(
+            recorder, "FindMissingBlobs", cas.find_missing([d for _, d, _ in blobs]),
+            items=len(blobs),
+        )  # fmt: skip
+        if missing is FAILED:
+            recorder.record("action", began, error="FAILED_STEP")
+            return
+        sent = 0
+        for supply, digest, data in blobs:
+            if digest in missing:  # type: ignore[operator]
+                call = _upload_by_bytestream(cas, supply, digest, data)
+                if (
+                    await measured(recorder, "ByteStream.Write", call, size=digest.size_bytes)
+                    is FAILED
+                ):
+                    recorder.record("action", began, error="FAILED_STEP")
+                    return
+                sent += digest.size_bytes
+        result = self.outputs.result([blobs[1][1]])
+        await measured(recorder, "UpdateActionResult", cas.update_action_result(action, result))
+        recorder.record("action", began, size=sent)
+
+
+class BazelDownload:
+    """Bazel's sequence per action of a build that downloads everything from a warm cache:
+    one GetActionResult (a hit) and one ByteStream.Read per output. The actions and their
+    outputs (three each, in the size mix) are uploaded before timing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.outputs = _ActionOutputs(settings, random.Random(settings.seed))
+        self.rng = random.Random(settings.seed + 1)
+        self.actions: list[tuple[Digest, list[Digest]]] = []
+        self.blobs: dict[Digest, tuple[FreshBlobs, bytes]] = {}
+        for _ in range(max(1, settings.batch)):
+            action, _ = self.outputs.actions.next()
+            made = [self.outputs.fresh() for _ in range(3)]
+            self.actions.append((action, [d for _, d, _ in made]))
+            self.blobs.update({d: (supply, data) for supply, d, data in made})
+
+    async def setup(self, cas: CasClient) -> None:
+        for digest, (supply, data) in self.blobs.items():
+            await _upload_by_bytestream(cas, supply, digest, data)
+        for action, outputs in self.actions:
+            await cas.update_action_result(action, self.outputs.result(outputs))
+
+    async def run_once(self, cas: CasClient, recorder: Recorder) -> None:
+        began = time.perf_counter()
+        action, outputs = self.rng.choice(self.actions)
+        result = await measured(recorder, "GetActionResult", cas.get_action_result(action))
+        if result is None or result is FAILED:  # a miss fails this scenario too
+            recorder.record("action", began, error="FAILED_STEP")
+            return
+        size = 0
+        for digest in outputs:
+
+            async def read_all(digest: Digest = digest) -> None:
+                async for _ in cas.read_blob(digest):  # verified against the digest
+                    pass
+
+            if await measured(recorder, "ByteStream.Read", read_all(),
+                              size=digest.size_bytes) is FAILED:  # fmt: skip
+                recorder.record("action", began, error="FAILED_STEP")
+                return
+            size += digest.size_bytes
+        recorder.record("action", began, size=size)
+
+
+class ActionCache:
+    """GetActionResult and UpdateActionResult in turn over ``batch`` actions: half the gets
+    of actions updated before timing (hits), half of fresh ones (misses)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.outputs = _ActionOutputs(settings, random.Random(settings.seed))
+        self.rng = random.Random(settings.seed + 1)
+        self.known = [self.outputs.actions.next()[0] for _ in range(max(1, settings.batch))]
+        self.result = self.outputs.result([])  # no outputs: nothing for the server to check
+        self.result.exit_code = 0
+        self.result.stdout_raw = b"ok\n"
+        self.turn = 0
+
+    async def setup(self, cas: CasClient) -> None:
+        for action in self.known:
+            await cas.update_action_result(action, self.result)
+
+    async def run_once(self, cas: CasClient, recorder: Recorder) -> None:
+        self.turn += 1
+        if self.turn % 2:
+            action = self.rng.choice(self.known)
+            await measured(recorder, "GetActionResult", cas.get_action_result(action))
+        else:
+            action = self.outputs.actions.next()[0]
+            await measured(recorder, "UpdateActionResult",
+                           cas.update_action_result(action, self.result))  # fmt: skip
+
+
 SCENARIOS: dict[str, Callable[[Settings], Scenario]] = {
     "fmb": FindMissing,
     "batch-update": BatchUpdate,
@@ -351,4 +518,7 @@ SCENARIOS: dict[str, Callable[[Settings], Scenario]] = {
     "bytestream-read": ByteStreamRead,
     "get-tree": GetTree,
     "bazel-like": BazelLike,
+    "bazel-download": BazelDownload,
+    "batch-client": BatchClient,
+    "action-cache": ActionCache,
 }

@@ -19,6 +19,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -100,7 +101,12 @@ class CasClient:
         timeout: float = 300.0,
         progress: ProgressCallback | None = None,
         cache: ClientCaches | None = None,
+        chunk_size: int = CHUNK_SIZE,
     ) -> None:
+        """``chunk_size``: the data per ByteStream WriteRequest (Bazel sends 16 KiB)."""
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        self.chunk_size = chunk_size
         self.endpoint = endpoint
         self.cache = cache
         self.instance_name = instance_name
@@ -328,14 +334,16 @@ class CasClient:
                 position = start
                 async with aclosing(chunks_from(start)) as chunks:
                     async for chunk in chunks:
-                        end = position + len(chunk)
-                        yield bs_pb2.WriteRequest(
-                            resource_name=name if position == start else "",
-                            write_offset=position,
-                            data=chunk,
-                            finish_write=end == digest.size_bytes,
-                        )
-                        position = end
+                        # Messages of at most chunk_size, whatever size the source yields.
+                        for piece in _pieces(chunk, self.chunk_size):
+                            end = position + len(piece)
+                            yield bs_pb2.WriteRequest(
+                                resource_name=name if position == start else "",
+                                write_offset=position,
+                                data=piece,
+                                finish_write=end == digest.size_bytes,
+                            )
+                            position = end
                 if position == start == digest.size_bytes:
                     yield bs_pb2.WriteRequest(
                         resource_name=name, write_offset=position, finish_write=True
@@ -637,6 +645,15 @@ class CasClient:
             lambda: self._action_cache.UpdateActionResult(request, timeout=self.timeout)
         )
         return stored
+
+
+def _pieces(chunk: bytes, size: int) -> Iterator[bytes]:
+    if len(chunk) <= size:
+        yield chunk
+        return
+    view = memoryview(chunk)
+    for start in range(0, len(chunk), size):
+        yield bytes(view[start : start + size])
 
 
 async def _run_all(jobs: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
