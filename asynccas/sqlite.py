@@ -9,6 +9,7 @@ WAL mode and a busy timeout let several server processes share a database file;
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -51,8 +52,10 @@ class SqliteDatabase:
         self._schema = schema
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
-        self._lock = anyio.Lock()
-        self._readers = anyio.Semaphore(readers)
+        # asyncio's own primitives: anyio's yield to the loop even when uncontended, and
+        # every SQLite call passes through these.
+        self._lock = asyncio.Lock()
+        self._readers = asyncio.Semaphore(readers)
         self._reader_count = readers
         self._idle_readers: list[sqlite3.Connection] = []
 
@@ -93,7 +96,7 @@ class SqliteDatabase:
                     self._readers.release()
 
     @property
-    def write_lock(self) -> anyio.Lock:
+    def write_lock(self) -> asyncio.Lock:
         """Held by whoever uses the write connection; see ``write_connection``."""
         return self._lock
 
@@ -144,7 +147,7 @@ class SqliteDatabase:
         *,
         before: Callable[[], None] | None = None,
         on_failure: Callable[[], None] | None = None,
-        also_holding: Sequence[anyio.Lock] = (),
+        also_holding: Sequence[asyncio.Lock] = (),
     ) -> T:
         """Run ``func`` inside one write transaction, begun and ended in one thread hop rather
         than three: a batch of small blobs pays for every hop. ``before`` runs first in the
@@ -154,10 +157,14 @@ class SqliteDatabase:
         ``also_holding``: further locks (other databases' ``write_lock``, whose connections
         ``func`` uses) taken after this database's, in the order given.
         """
-        async with self._lock, AsyncExitStack() as held:
-            for lock in also_holding:
-                await held.enter_async_context(lock)
-            return await self._call(partial(_in_transaction, func, before, on_failure))
+        call = partial(_in_transaction, func, before, on_failure)
+        async with self._lock:
+            if not also_holding:
+                return await self._call(call)
+            async with AsyncExitStack() as held:
+                for lock in also_holding:
+                    await held.enter_async_context(lock)
+                return await self._call(call)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[InTransaction]:

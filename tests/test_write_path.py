@@ -18,7 +18,7 @@ from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
-from asynccas.errors import StorageFull
+from asynccas.errors import BlobNotFound, StorageFull
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.resource_names import parse_write_name
 from asynccas.server.app import CasServer
@@ -182,3 +182,19 @@ async def test_disk_full_during_a_large_upload_is_resource_exhausted(
         assert "disk full" in (failed.details() or "")
         assert temp_files(small_disk) == [], "the failed upload's temp file was left behind"
         assert not await storage.has_blob(digest)
+
+
+async def test_a_blob_evicted_while_it_is_read_is_still_read_whole(tmp_path: Path) -> None:
+    """Reads keep to the descriptor they opened: an eviction mid-read changes nothing for
+    them, and a blob gone before the read is NOT_FOUND, never a disk error."""
+    digest, data = blob(3 * 1024 * 1024 + 5, 5)
+    async with DiskStorage(tmp_path, fsync=False) as storage:
+        await storage.commit_write(digest, chunks(data, 1 << 20))
+        parts = []
+        reading = storage.get_blob(digest)
+        parts.append(await anext(reading))
+        await anyio.to_thread.run_sync(storage.path_for(digest).unlink)  # evicted
+        parts += [chunk async for chunk in reading]
+        assert b"".join(parts) == data
+        with pytest.raises(BlobNotFound):
+            await anext(storage.get_blob(digest))

@@ -7,6 +7,7 @@ a tiered store routes blobs by that size, so a different one would hide blobs al
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import sqlite3
@@ -15,12 +16,10 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
-import anyio
-
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.sqlite import SqliteDatabase, move_rows_off_without_rowid, sqlite_errors
-from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
+from asynccas.storage.base import CHUNK_SIZE, BlobWriter, CommitsInThread, Storage
 from asynccas.threads import in_thread
 
 # A rowid table: see move_rows_off_without_rowid for why not WITHOUT ROWID.
@@ -188,7 +187,7 @@ def _keys_after(conn: sqlite3.Connection, after: str) -> list[tuple[str]]:
     ).fetchall()
 
 
-class _SqliteWriter(BlobWriter):
+class _SqliteWriter(BlobWriter, CommitsInThread):
     def __init__(
         self, storage: SqliteBlobStorage, digest: Digest, data: bytes | None = None
     ) -> None:
@@ -219,7 +218,7 @@ class _SqliteWriter(BlobWriter):
 
     # CommitsInThread: an index ends the upload with this row in one hop.
 
-    def publish_lock(self) -> anyio.Lock:
+    def publish_lock(self) -> asyncio.Lock:
         return self._storage._db.write_lock
 
     def verify_in_thread(self, tail: list[bytes]) -> None:
