@@ -15,7 +15,7 @@ from asynccas.errors import InvalidArgument, OutOfRange, UnsupportedFeature
 from asynccas.resource_names import BlobResource, parse_read_name, parse_write_name
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
 from asynccas.server.uploads import UploadSessions
-from asynccas.storage.base import Storage
+from asynccas.storage.base import CHUNK_SIZE, Storage
 
 HALF_CLOSE_GRACE: Final = 0.1
 """Seconds to wait before parking an upload whose stream ended without finish_write."""
@@ -81,12 +81,16 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         # REAPI: a blob that is already there (the empty one always is) completes at once.
         if digest.is_empty:
             return bs_pb2.WriteResponse(committed_size=0)
-        # Whether it is there is asked while the data streams in, not before: clients upload
-        # what FindMissingBlobs called missing, so the answer is nearly always no, and
-        # waiting for it would add a lookup to every upload. A blob sent whole in one
-        # message is stored without asking at all (storing is idempotent).
-        whole = first.finish_write and len(first.data) == digest.size_bytes
-        stored = None if whole else asyncio.ensure_future(self.storage.has_blob(digest))
+        # Clients upload what FindMissingBlobs called missing, so whether the blob is there
+        # is nearly always no. For a large blob the question is asked while the data streams
+        # in (a yes saves receiving the rest); a blob of at most a chunk is stored without
+        # asking, since storing is idempotent and the lookup's thread hop cost about as much
+        # as receiving the blob (it measured 0.3-0.5 ms of a 300 KB upload's 4.5 ms).
+        stored = (
+            asyncio.ensure_future(self.storage.has_blob(digest))
+            if digest.size_bytes > CHUNK_SIZE
+            else None
+        )
         upload = await self.uploads.begin(resource, first.write_offset)
         writer = upload.writer
         finished = False
@@ -121,7 +125,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             # same at this point: gRPC cancels this handler only a moment later. Wait
             # that moment, so a cancelled upload is discarded (below), not parked.
             await anyio.sleep(HALF_CLOSE_GRACE)
-            if stored is not None and (await asyncio.wait([stored]) and _reported_stored(stored)):
+            # An upload stopped part-way is rare: ask now whether the blob is there after all.
+            if stored is None:
+                stored = asyncio.ensure_future(self.storage.has_blob(digest))
+            if await asyncio.wait([stored]) and _reported_stored(stored):
                 finished = True
                 await self.uploads.end(upload, abort=True)
                 return bs_pb2.WriteResponse(committed_size=digest.size_bytes)

@@ -40,7 +40,9 @@ class WriteBuffers:
         self.in_use = 0
 
 
-WRITE_BUFFERS: Final = WriteBuffers(total=64 * 1024 * 1024, limit_per_writer=256 * 1024)
+# A writer gathers up to a chunk: uploads up to 1 MiB (nearly all of a build's) then reach
+# the backend in one piece, at their end, in the same thread hop that stores them.
+WRITE_BUFFERS: Final = WriteBuffers(total=128 * 1024 * 1024, limit_per_writer=CHUNK_SIZE)
 
 
 class BlobWriter(abc.ABC):
