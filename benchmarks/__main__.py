@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import client, fmb, harness
+from benchmarks import bazel_traffic, client, fmb, harness
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADER = (
@@ -18,6 +18,7 @@ HEADER = (
     "these machines are shared and noisy: read the ratios, not the absolute numbers.\n"
 )
 BENCHMARKS: dict[str, Callable[..., str]] = {
+    "bazel-traffic": bazel_traffic.run,
     "fmb": fmb.run,
     "client": client.run,
     "harness": harness.run,
@@ -36,13 +37,14 @@ def main() -> int:
     parser.add_argument(
         "--duration",
         type=float,
-        default=15.0,
-        help="seconds per server (fmb: per server and round)",
+        default=None,
+        help="seconds per load (fmb: per server and round; each benchmark has a default)",
     )
     parser.add_argument("--no-record", action="store_true", help="print, do not edit RESULTS.md")
     args = parser.parse_args()
     for name in args.names or list(BENCHMARKS):
-        section = BENCHMARKS[name](duration=args.duration)
+        timing = {} if args.duration is None else {"duration": args.duration}
+        section = BENCHMARKS[name](**timing)
         print(section)
         if not args.no_record:
             record(section)

@@ -83,9 +83,11 @@ def asynccas_server(
     index: str = "redis",
     storage: str = "disk",
     extra: Sequence[str] = (),
+    fsync: bool = False,
 ) -> Iterator[Target]:
     """``asynccas serve`` in its own process: disk over a fresh redis-server or the SQLite
-    default, or (``storage="memory"``) everything in RAM."""
+    default, or (``storage="memory"``) everything in RAM; without fsync unless asked, as
+    BuildGrid does not fsync."""
     redis = RedisServer(work / f"redis-asynccas-{workers}-{index}")
     redis.start()
     port = free_port()
@@ -94,7 +96,8 @@ def asynccas_server(
         "--data-dir", str(work / f"asynccas-{workers}-{index}"),
         "--index", redis.url if index == "redis" and storage == "disk" else "sqlite",
         "--storage", storage, "--max-size", "8G" if storage == "memory" else "0",
-        "--log-level", "WARNING", "--workers", str(workers), "--no-fsync", *extra,
+        "--log-level", "WARNING", "--workers", str(workers),
+        *([] if fsync else ["--no-fsync"]), *extra,
     ]  # fmt: skip
     try:
         with process(args, work / "asynccas.log", port, listeners=workers) as child:

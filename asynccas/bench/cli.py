@@ -12,7 +12,7 @@ from typing import Any
 
 from asynccas.bench.report import summary, to_html
 from asynccas.bench.runner import BenchmarkFailed, RunConfig, RunResult, run
-from asynccas.bench.scenarios import SCENARIOS, Settings
+from asynccas.bench.scenarios import SCENARIOS, Settings, fresh_seed
 
 
 def add_bench_commands(commands: Any, parse_size: Any) -> None:
@@ -44,6 +44,9 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
                        help="fmb: share of the digests stored beforehand, 0 to 1 (default 0.5)")  # fmt: skip
     bench.add_argument("--chunk-size", type=parse_size, default=16 * 1024,
                        help="data per ByteStream WriteRequest (default 16K, as Bazel sends)")  # fmt: skip
+    bench.add_argument("--seed", type=int, default=None,
+                       help="makes the run's blobs and actions; the default, a new one per run,"
+                            " keeps a run from meeting an earlier run's data already stored")  # fmt: skip
     bench.add_argument("--instance", default="", help="REAPI instance name")
     bench.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
                        help="client processes (default: up to 2)")  # fmt: skip
@@ -88,7 +91,8 @@ def run_bench(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, duration=duration or (10.0 if args.requests is None else None),
         requests=args.requests, processes=max(1, min(args.processes, args.concurrency)),
         settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix,
-                          present=args.present, chunk_size=args.chunk_size),
+                          present=args.present, chunk_size=args.chunk_size,
+                          seed=fresh_seed() if args.seed is None else args.seed),
         server_pid=args.server_pid,
     )  # fmt: skip
     try:

@@ -120,7 +120,7 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
         "concurrency": config.concurrency, "duration": config.duration, "requests": config.requests,
         "processes": config.processes, "blob_size": config.settings.blob_size,
         "batch": config.settings.batch, "present": config.settings.present,
-        "chunk_size": config.settings.chunk_size,
+        "chunk_size": config.settings.chunk_size, "seed": config.settings.seed,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
     return RunResult(summary, elapsed, merged, client_cpu, server_cpu)

@@ -45,6 +45,12 @@ class Settings:
     """Data per ByteStream WriteRequest: 16 KiB, as Bazel's ``Chunker`` sends."""
 
 
+def fresh_seed() -> int:
+    """A seed no earlier run is likely to have used: a run that met its own blobs already
+    stored would measure the server's answer to duplicates, not its uploads."""
+    return random.SystemRandom().randrange(1 << 31)
+
+
 class Recorder:
     """Collects OpStats per label for one worker process."""
 

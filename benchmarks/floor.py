@@ -1,0 +1,62 @@
+"""The floor of a grpc.aio server on this machine: a ByteStream.Write handler that does no
+work (it counts the bytes it receives) behind a real Capabilities service, on uvloop, with
+asynccas's transport settings. Whatever a real server
+does per message comes on top of this; ``bazel-traffic`` measures it beside the others.
+
+Run as ``python -m benchmarks.floor PORT``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import uvloop
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
+from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.server.capabilities import CapabilitiesService
+from asynccas.transport import TRANSPORT_OPTIONS
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CountingByteStream(bs_grpc.ByteStreamServicer):
+    async def Write(
+        self, request_iterator: AsyncIterator[bs_pb2.WriteRequest], context: Context
+    ) -> bs_pb2.WriteResponse:
+        received = 0
+        async for request in request_iterator:
+            received += len(request.data)
+        return bs_pb2.WriteResponse(committed_size=received)
+
+    async def Read(
+        self, request: bs_pb2.ReadRequest, context: Context
+    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor server keeps nothing")
+        yield bs_pb2.ReadResponse()  # pragma: no cover  (makes this an async generator)
+
+    async def QueryWriteStatus(
+        self, request: bs_pb2.QueryWriteStatusRequest, context: Context
+    ) -> bs_pb2.QueryWriteStatusResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor server keeps nothing")
+        raise AssertionError("abort returned")
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server(options=TRANSPORT_OPTIONS)
+    re_grpc.add_CapabilitiesServicer_to_server(
+        CapabilitiesService(max_batch_total_size_bytes=4 << 20, allow_action_cache_updates=True),
+        server,
+    )
+    bs_grpc.add_ByteStreamServicer_to_server(CountingByteStream(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    uvloop.run(serve(int(sys.argv[1])))
