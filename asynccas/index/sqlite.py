@@ -26,6 +26,7 @@ from asynccas.index.base import StorageIndex
 from asynccas.index.recency import TouchedThisInterval, recency_window
 from asynccas.sqlite import SqliteDatabase
 from asynccas.storage.base import BlobWriter, CommitsInThread, Storage
+from asynccas.threads import in_thread
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -121,6 +122,8 @@ class SqliteIndex(StorageIndex):
     async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         # Keyed by the key string, whose hash CPython computes in C and caches.
         by_key = {d.key: d for d in digests}
+        if not by_key:
+            return []
         keys = list(by_key)
         present = {keys[i] for i in await self._present(keys, json.dumps(keys))}
         return [d for key, d in by_key.items() if key not in present]
@@ -253,7 +256,15 @@ class SqliteIndex(StorageIndex):
         # may take a while) before the write lock is taken.
         if isinstance(writer, CommitsInThread) and writer.digest.size_bytes <= _ONE_HOP_LIMIT:
             writer.check_size()
-            await self._publish_in_one_hop([writer], verify_first=writer.take_pending())
+            tail = writer.take_pending()
+            lock = writer.publish_lock()
+            if self._db.write_lock.locked() or (lock is not None and lock.locked()):
+                # Other uploads are publishing: writing, hashing and fsyncing this one under
+                # the lock would make them take turns at what can run side by side.
+                await in_thread(writer.verify_in_thread, tail)
+                await self._publish_in_one_hop([writer])
+            else:
+                await self._publish_in_one_hop([writer], verify_first=tail)
         else:
             await super().commit_writer(writer)
 

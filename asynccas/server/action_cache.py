@@ -87,7 +87,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
             for d in result.output_directories
             if d.HasField("tree_digest")
         ]
-        found = await read_small_blobs(self.storage, trees)
+        found = await read_small_blobs(self.storage, trees) if trees else {}
         for tree_digest in trees:
             data = found.get(tree_digest)
             if data is None:
@@ -100,7 +100,9 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
                 wanted += [
                     Digest.from_proto(f.digest, function.proto_value) for f in directory.files
                 ]
-        return await self.storage.missing_blobs(d for d in wanted if not d.is_empty)
+        wanted = [d for d in wanted if not d.is_empty]
+        # Most results name a few outputs; one with none costs no lookup at all.
+        return await self.storage.missing_blobs(wanted) if wanted else []
 
     @unary_rpc
     async def UpdateActionResult(
