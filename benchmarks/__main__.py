@@ -4,20 +4,21 @@ figures in benchmarks/RESULTS.md (newest first). ``python -m benchmarks fmb`` ru
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bazel_traffic, client, fmb, harness
+from benchmarks import bazel_build, bazel_traffic, client, fmb, harness
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
-HEADER = (
-    "# Benchmark results\n\n"
-    "Produced by `make bench`. Every figure compares asynccas with BuildGrid 0.4.4 (from PyPI,\n"
-    "in a throw-away virtual environment) measured in the same run on the same machine, because\n"
-    "these machines are shared and noisy: read the ratios, not the absolute numbers.\n"
-)
+SECTIONS = "## Latest run of each benchmark"
+"""RESULTS.md is one page for users: what is written above this heading is kept as it is
+(the headline figures, the machine, how to reproduce), and below it each benchmark has one
+section, replaced by its newest run. History lives in git."""
+
 BENCHMARKS: dict[str, Callable[..., str]] = {
+    "bazel-build": bazel_build.run,
     "bazel-traffic": bazel_traffic.run,
     "fmb": fmb.run,
     "client": client.run,
@@ -25,10 +26,29 @@ BENCHMARKS: dict[str, Callable[..., str]] = {
 }
 
 
-def record(section: str) -> None:
-    previous = RESULTS.read_text() if RESULTS.exists() else HEADER
-    body = previous[len(HEADER) :] if previous.startswith(HEADER) else "\n" + previous
-    RESULTS.write_text(f"{HEADER}\n{section.rstrip()}\n\n{body.lstrip(chr(10))}")
+def record(section: str, results: Path = RESULTS) -> None:
+    """Put ``section`` (a Markdown block opening with a ``### `` heading) in place of the
+    section of the same benchmark, or after the others if it has none yet."""
+    text = results.read_text() if results.exists() else f"# Benchmark results\n\n{SECTIONS}\n"
+    if SECTIONS not in text:
+        text = text.rstrip() + f"\n\n{SECTIONS}\n"
+    head, _, body = text.partition(SECTIONS)
+    sections = [
+        part.strip() for part in re.split(r"(?m)^(?=### )", body) if part.startswith("### ")
+    ]
+    title = _benchmark_of(section)
+    if title in map(_benchmark_of, sections):
+        sections = [section.strip() if _benchmark_of(s) == title else s for s in sections]
+    else:
+        sections.append(section.strip())
+    results.write_text(f"{head}{SECTIONS}\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _benchmark_of(section: str) -> str:
+    """A section's benchmark: its heading up to the first comma or colon (figures that a
+    heading carries, such as a digest count, do not make it another benchmark)."""
+    heading = section.strip().splitlines()[0]
+    return heading.split(":")[0].split(",")[0].strip()
 
 
 def main() -> int:

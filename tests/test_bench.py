@@ -15,7 +15,9 @@ import pytest
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas.action_cache import MemoryActionCache
+from asynccas.bench.report import _timeline_svg
 from asynccas.bench.scenarios import SCENARIOS
+from asynccas.bench.stats import OpStats
 from asynccas.server.app import CasServer
 from asynccas.server.bytestream import ByteStreamService
 from asynccas.server.errors import Context
@@ -120,18 +122,62 @@ async def test_report_sets_runs_against_several_endpoints_side_by_side(tmp_path:
     page = tmp_path / "both.html"
     command = [sys.executable, "-m", "asynccas.cli", "bench", "report", *map(str, runs)]
     merged = await anyio.to_thread.run_sync(
-        partial(subprocess.run, [*command, "--html", str(page)], capture_output=True, text=True)
+        partial(
+            subprocess.run,
+            [*command, "--label", "first", "--html", str(page)],
+            capture_output=True,
+            text=True,
+        )
     )
     assert merged.returncode == 0, merged.stderr
     assert merged.stdout.count("batch-read against grpc://") == 2
+    # Side by side: each run's ops/s as a ratio of the first's, with p50 and p99.
+    assert "runs: [1] first; [2] the second server" in merged.stdout
+    comparison = merged.stdout.split("runs: [1]", 1)[1]
+    (row,) = [line for line in comparison.splitlines() if line.startswith("BatchReadBlobs ")]
+    cells = row.split()
+    assert cells[2] == "1.00x"
+    first_rate, second_rate = float(cells[1]), float(cells[5])
+    assert cells[6] == f"{second_rate / first_rate:.2f}x"
     text = page.read_text()
-    assert f"Run 1: batch-read against grpc://{first.target}</h2>" in text
-    assert f"Run 2: batch-read against the second server (grpc://{second.target})</h2>" in text
-    # One histogram and one timeline for the operation, each drawing both runs.
+    assert "Run 1: first</h2>" in text
+    assert "Run 2: the second server</h2>" in text
+    assert "<h2>Side by side</h2>" in text
+    # One histogram and one timeline for the operation, each drawing both runs, with a legend.
     assert text.count("<h3>BatchReadBlobs</h3>") == 1
     assert text.count("<svg") == 2
+    assert "&#9632; [1] first" in text
+    assert "latency (log scale)" in text
+    assert "seconds (0 to" in text
     for colour in {text.split("<h2 style='color:")[i].split("'")[0] for i in (1, 2)}:
-        assert text.count(colour) >= 3, f"run in {colour} is missing from a plot"
+        assert text.count(colour) >= 4, f"run in {colour} is missing from a plot"
+    saved = json.loads(runs[0].read_text())
+    assert saved["asynccas_version"] not in ("", None)
+    stats = saved["ops"]["BatchReadBlobs"]
+    assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+
+
+def test_report_has_a_help_of_its_own() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "bench", "report", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("usage: asynccas bench report")
+    assert "--label" in shown.stdout
+
+
+def test_the_timeline_leaves_out_the_last_partial_second() -> None:
+    """A run of 3.5 s has a fourth second with half the completions: plotting it drew a
+    drop to half that never happened."""
+    stats = OpStats()
+    for second, count in ((0, 100), (1, 100), (2, 100), (3, 50)):
+        stats.per_second[second] = count
+    svg = _timeline_svg([(0, stats)], [3])
+    (points,) = [part.split("'")[0] for part in svg.split("points='")[1:]]
+    heights = {float(point.split(",")[1]) for point in points.split()}
+    assert len(points.split()) == 3
+    assert len(heights) == 1, "every full second is drawn at the same height"
 
 
 class CorruptingByteStream(ByteStreamService):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from asynccas.bench.report import summary, to_html
+from asynccas.bench.report import comparison, summary, to_html
 from asynccas.bench.runner import BenchmarkFailed, RunConfig, RunResult, run
 from asynccas.bench.scenarios import SCENARIOS, Settings, fresh_seed
 
@@ -22,10 +22,15 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
         description="Load-test a REAPI CAS (asynccas, BuildGrid, bazel-remote, ...) and report"
         " throughput, latency percentiles, errors by status and CPU use.",
     )
-    bench.add_argument("endpoint", help="grpc://HOST:PORT, or 'report' to merge JSON runs")
     bench.add_argument(
-        "runs", nargs="*", type=Path, help="with 'report': JSON files of earlier runs"
+        "endpoint",
+        help="grpc://HOST:PORT (`asynccas bench report --help`: compare saved runs)",
     )
+    bench.add_argument(
+        "runs", nargs="*", type=Path, help="JSON files of earlier runs, shown beside this one"
+    )
+    bench.add_argument("--label", default=None,
+                       help="what reports call this run (default: its scenario and endpoint)")  # fmt: skip
     bench.add_argument("--scenario", choices=sorted(SCENARIOS), default="fmb")
     bench.add_argument(
         "--concurrency", type=int, default=8, help="operations in flight (default 8)"
@@ -70,14 +75,45 @@ _DEFAULT_BATCH = {"fmb": 1000, "get-tree": 1000, "batch-client": 200, "bazel-dow
                   "action-cache": 1000}  # fmt: skip
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    if args.endpoint == "report":
+def report_parser() -> argparse.ArgumentParser:
+    report = argparse.ArgumentParser(
+        prog="asynccas bench report",
+        description="Show saved runs (`asynccas bench ... --json FILE`) one after the other and,"
+        " for two or more, side by side: each operation's ops/s as a ratio of the first run's,"
+        " with p50 and p99.",
+    )
+    report.add_argument("runs", nargs="+", type=Path, help="JSON files of runs; the first is"
+                        " the baseline of the ratios")  # fmt: skip
+    report.add_argument("--label", action="append", default=[],
+                        help="name the runs in order (repeat once per run)")  # fmt: skip
+    report.add_argument("--html", type=Path, default=None,
+                        help="also write one HTML page with plots of every run")  # fmt: skip
+    return report
+
+
+def run_report(argv: list[str]) -> int:
+    args = report_parser().parse_args(argv)
+    if len(args.label) > len(args.runs):
+        report_parser().error("more --label than runs")
+    try:
         results = [RunResult.from_json(json.loads(path.read_text())) for path in args.runs]
-        for result in results:
-            print(summary(result))
-        if args.html:
-            args.html.write_text(to_html(results))
-        return 0
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"asynccas bench report: cannot read a run: {exc}", file=sys.stderr)
+        return 2
+    for result, label in zip(results, args.label, strict=False):
+        result.config["label"] = label
+    for result in results:
+        print(summary(result))
+    if len(results) > 1:
+        print(comparison(results))
+    if args.html:
+        args.html.write_text(to_html(results))
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.endpoint == "report":  # only without --help: main() hands `bench report` over
+        return run_report([str(path) for path in args.runs])
     if args.chunk_size <= 0:
         print("asynccas bench: --chunk-size must be at least 1 byte", file=sys.stderr)
         return 2
@@ -93,7 +129,7 @@ def run_bench(args: argparse.Namespace) -> int:
         settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix,
                           present=args.present, chunk_size=args.chunk_size,
                           seed=fresh_seed() if args.seed is None else args.seed),
-        server_pid=args.server_pid,
+        server_pid=args.server_pid, label=args.label,
     )  # fmt: skip
     try:
         result = run(config)
@@ -103,8 +139,10 @@ def run_bench(args: argparse.Namespace) -> int:
     print(summary(result))
     if args.json:
         args.json.write_text(json.dumps(result.to_json()))
+    previous = [RunResult.from_json(json.loads(p.read_text())) for p in args.runs]
+    if previous:
+        print(comparison([*previous, result]))
     if args.html:
-        previous = [RunResult.from_json(json.loads(p.read_text())) for p in args.runs]
         args.html.write_text(to_html([*previous, result]))
     failed = any(s.errors or s.corruptions for s in result.ops.values())
     if any(s.corruptions for s in result.ops.values()):

@@ -34,6 +34,32 @@ def summary(result: RunResult) -> str:
     return "\n".join([head, *rows])
 
 
+def comparison(results: Sequence[RunResult]) -> str:
+    """Runs side by side: each operation's ops/s and p50/p99 per run, with each run's ops/s
+    as a ratio of the first run's."""
+    if len(results) < 2:
+        return ""
+    names = [f"[{i + 1}] {r.name}" for i, r in enumerate(results)]
+    lines = ["runs: " + "; ".join(names)]
+    head = f"{'operation':<20}" + "".join(
+        f" {f'[{i + 1}] ops/s':>12} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8}"
+        for i in range(len(results))
+    )
+    lines.append(head)
+    labels = [label for label in results[0].ops if all(label in r.ops for r in results)]
+    for label in labels:
+        base = results[0].ops[label].histogram.count / results[0].seconds
+        row = f"{label:<20}"
+        for result in results:
+            h = result.ops[label].histogram
+            rate = h.count / result.seconds
+            ratio = f"{rate / base:.2f}x" if base else "-"
+            row += (f" {rate:>12.1f} {ratio:>7} {h.percentile(50) * 1e3:>8.2f}"
+                    f" {h.percentile(99) * 1e3:>8.2f}")  # fmt: skip
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def _row(label: str, stats: OpStats, seconds: float) -> str:
     h = stats.histogram
     errors = ", ".join(f"{code}: {n}" for code, n in sorted(stats.errors.items())) or "none"
@@ -57,13 +83,11 @@ def to_html(results: Sequence[RunResult]) -> str:
     for index, result in enumerate(results):
         c = result.config
         colour = _COLOURS[index % len(_COLOURS)]
-        # `make bench` names each server; a bare run has only its endpoint.
         against = html.escape(c["endpoint"])
-        if c.get("server"):
-            against = f"{html.escape(c['server'])} ({against})"
         parts.append(
-            f"<h2 style='color:{colour}'>Run {index + 1}: {html.escape(c['scenario'])} against"
-            f" {against}</h2><p>{html.escape(c['date'])}, {result.seconds:.1f} s,"
+            f"<h2 style='color:{colour}'>Run {index + 1}: {html.escape(result.name)}</h2>"
+            f"<p>{html.escape(c['scenario'])} against {against};"
+            f" {html.escape(c['date'])}, {result.seconds:.1f} s,"
             f" concurrency {c['concurrency']}, {c['processes']} client process(es), client CPU"
             f" {result.client_cpu:.2f} cores"
             + (
@@ -81,13 +105,40 @@ def to_html(results: Sequence[RunResult]) -> str:
             cells = _row(label, stats, result.seconds).split(None, 8)
             parts.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
         parts.append("</table>")
+    if len(results) > 1:
+        parts.append("<h2>Side by side</h2><pre>" + html.escape(comparison(results)) + "</pre>")
     labels = sorted({label for result in results for label in result.ops})
     for label in labels:
         series = [(i, r.ops[label]) for i, r in enumerate(results) if label in r.ops]
+        seconds = [int(results[i].seconds) for i, _ in series]
         parts.append(f"<h3>{html.escape(label)}</h3>")
+        parts.append(_legend([(i, results[i].name) for i, _ in series]))
         parts.append(_histogram_svg(series))
-        parts.append(_timeline_svg(series))
+        parts.append(_timeline_svg(series, seconds))
     return "\n".join(parts)
+
+
+def _legend(entries: Sequence[tuple[int, str]]) -> str:
+    return (
+        "<p>"
+        + " &nbsp; ".join(
+            f"<span style='color:{_COLOURS[i % len(_COLOURS)]}'>&#9632; [{i + 1}] {html.escape(name)}"
+            "</span>"
+            for i, name in entries
+        )
+        + "</p>"
+    )
+
+
+def _axes(width: int, height: int, pad: int, x_label: str, y_label: str) -> str:
+    return (
+        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}'"
+        " stroke='#444'/>"
+        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#444'/>"
+        f"<text x='{width - pad}' y='{height - 2}' font-size='10' text-anchor='end'>"
+        f"{html.escape(x_label)}</text>"
+        f"<text x='4' y='{pad - 6}' font-size='10'>{html.escape(y_label)}</text>"
+    )
 
 
 def _histogram_svg(series: Sequence[tuple[int, OpStats]]) -> str:
@@ -110,33 +161,41 @@ def _histogram_svg(series: Sequence[tuple[int, OpStats]]) -> str:
                 f" fill='{colour}' fill-opacity='0.7'/>"
             )
     ticks = "".join(
-        f"<text x='{pad + (e - low) / (high - low or 1) * (width - 2 * pad):.0f}' y='{height - 8}'"
-        f" font-size='10'>{_ms(10**e)}</text>"
+        f"<text x='{pad + (e - low) / (high - low or 1) * (width - 2 * pad):.0f}'"
+        f" y='{height - pad + 12}' font-size='10'>{_ms(10**e)}</text>"
         for e in range(math.ceil(low), math.floor(high) + 1)
     )
+    axes = _axes(width, height, pad, "latency (log scale)", f"share, top {top:.0%}")
     return (
-        f"<svg width='{width}' height='{height}'><text x='{pad}' y='16' font-size='11'>"
-        f"share of operations by latency (log scale)</text>{ticks}{''.join(shapes)}</svg>"
+        f"<svg width='{width}' height='{height}'><text x='{pad + 60}' y='16' font-size='11'>"
+        f"operations by latency</text>{axes}{ticks}{''.join(shapes)}</svg>"
     )
 
 
-def _timeline_svg(series: Sequence[tuple[int, OpStats]]) -> str:
+def _timeline_svg(series: Sequence[tuple[int, OpStats]], full_seconds: Sequence[int]) -> str:
+    """Completions per second; each run's last, partial second is left out, since plotting it
+    would draw a drop that did not happen."""
     width, height, pad = 520, 200, 30
-    seconds = max((max(s.per_second, default=0) for _, s in series), default=0) + 1
-    peak = max((max(s.per_second.values(), default=0) for _, s in series), default=0) or 1
+    seconds = max(max(full_seconds, default=0), 1)
+    peak = max(
+        (max((n for t, n in s.per_second.items() if t < full), default=0)
+         for (_, s), full in zip(series, full_seconds, strict=True)),
+        default=0,
+    ) or 1  # fmt: skip
     shapes = []
-    for index, stats in series:
+    for (index, stats), full in zip(series, full_seconds, strict=True):
         line = " ".join(
             f"{pad + t / max(seconds - 1, 1) * (width - 2 * pad):.1f},"
             f"{height - pad - stats.per_second.get(t, 0) / peak * (height - 2 * pad):.1f}"
-            for t in range(seconds)
+            for t in range(full)
         )
         shapes.append(
             f"<polyline fill='none' stroke='{_COLOURS[index % len(_COLOURS)]}' points='{line}'/>"
         )
+    axes = _axes(width, height, pad, f"seconds (0 to {seconds})", f"ops/s (top {peak})")
     return (
-        f"<svg width='{width}' height='{height}'><text x='{pad}' y='16' font-size='11'>"
-        f"completions per second over {seconds} s (peak {peak}/s)</text>{''.join(shapes)}</svg>"
+        f"<svg width='{width}' height='{height}'><text x='{pad + 60}' y='16' font-size='11'>"
+        f"completions per second</text>{axes}{''.join(shapes)}</svg>"
     )
 
 

@@ -5,6 +5,7 @@ before a shared start, and each process sends back its merged statistics."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import multiprocessing
 import multiprocessing.synchronize
@@ -34,6 +35,7 @@ class RunConfig:
     processes: int = 1
     settings: Settings = field(default_factory=Settings)
     server_pid: int | None = None
+    label: str | None = None
 
 
 @dataclass
@@ -44,8 +46,16 @@ class RunResult:
     client_cpu: float  # cores busy on average
     server_cpu: float | None
 
+    @property
+    def name(self) -> str:
+        """What reports call this run: its --label, else the server `make bench` named, else
+        the scenario and endpoint."""
+        c = self.config
+        return str(c.get("label") or c.get("server") or f"{c['scenario']} @ {c['endpoint']}")
+
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "seconds": self.seconds, "client_cpu": self.client_cpu,
+        return {"asynccas_version": _version(), "config": self.config, "seconds": self.seconds,
+                "client_cpu": self.client_cpu,
                 "server_cpu": self.server_cpu,
                 "ops": {label: stats.to_json() for label, stats in self.ops.items()}}  # fmt: skip
 
@@ -53,6 +63,13 @@ class RunResult:
     def from_json(cls, data: dict[str, Any]) -> RunResult:
         ops = {label: OpStats.from_json(stats) for label, stats in data["ops"].items()}
         return cls(data["config"], data["seconds"], ops, data["client_cpu"], data["server_cpu"])
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("asynccas")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 class BenchmarkFailed(Exception):
@@ -121,6 +138,7 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
         "processes": config.processes, "blob_size": config.settings.blob_size,
         "batch": config.settings.batch, "present": config.settings.present,
         "chunk_size": config.settings.chunk_size, "seed": config.settings.seed,
+        "label": config.label,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
     return RunResult(summary, elapsed, merged, client_cpu, server_cpu)

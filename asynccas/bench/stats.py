@@ -77,10 +77,14 @@ class OpStats:
         self.per_second.update(other.per_second)
 
     def to_json(self) -> dict[str, Any]:
+        h = self.histogram
         return {
-            "histogram": self.histogram.to_json(), "bytes": self.bytes, "items": self.items,
+            "histogram": h.to_json(), "bytes": self.bytes, "items": self.items,
             "errors": dict(self.errors), "corruptions": self.corruptions,
             "per_second": {str(k): v for k, v in self.per_second.items()},
+            # For readers of the JSON; the histogram above is what reports are made from.
+            "p50_ms": h.percentile(50) * 1e3, "p90_ms": h.percentile(90) * 1e3,
+            "p99_ms": h.percentile(99) * 1e3, "max_ms": h.max * 1e3,
         }  # fmt: skip
 
     @classmethod
