@@ -17,7 +17,7 @@ import grpc
 
 from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.allocator import keep_freed_memory
-from asynccas.bench.cli import add_bench_commands, run_bench
+from asynccas.bench.cli import add_bench_commands, run_bench, run_report
 from asynccas.client.commands import add_cas_commands, run_cas_command
 from asynccas.errors import CasError
 from asynccas.eviction import EvictionPolicy
@@ -302,6 +302,9 @@ def _disk_blobs(args: argparse.Namespace, data_dir: Path, small_blob_limit: int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:2] == ["bench", "report"]:  # its own parser, so that its --help is its own
+        return run_report(given[2:])
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # every command streams blobs
     if args.command == "cas":
