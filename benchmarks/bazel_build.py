@@ -30,7 +30,7 @@ from pathlib import Path
 from benchmarks.fmb import asynccas_server, machine
 from benchmarks.peers import Target, buildgrid_server
 
-ACTIONS = 300
+ACTIONS = 600
 SIZE_MIX = (  # (smallest, largest, share of outputs): Bazel's blobs are mostly small
     (1024, 64 * 1024, 0.80),
     (64 * 1024, 1024 * 1024, 0.17),
@@ -40,7 +40,8 @@ ASYNCCAS = "asynccas (defaults: disk + SQLite, fsync)"
 BUILDGRID = "BuildGrid 0.4.4 (disk + Redis index)"
 # Debian's bazelrc turns on sandbox debugging; sandboxing would time the sandbox, not the cache.
 COMMON = ["--nosandbox_debug", "--spawn_strategy=standalone", "--jobs=8", "--color=no",
-          "--curses=no", "--show_progress_rate_limit=60"]  # fmt: skip
+          "--curses=no", "--show_progress_rate_limit=60",
+          "--symlink_prefix=/"]  # no bazel-* links, which //... would walk into  # fmt: skip
 
 
 def bazel_available() -> bool:
@@ -62,10 +63,10 @@ def make_workspace(root: Path, actions: int = ACTIONS, seed: int = 0) -> int:
                 break
             pick -= share
         total += size
-        # `head -c` of a repeated line: cheap to run, and no two outputs alike.
+        # A line naming the rule, then zeros: cheap to run, and no two outputs alike.
         rules.append(
             f'genrule(name = "g{index}", outs = ["out{index}.bin"],'
-            f' cmd = "yes {seed}-{index} | head -c {size} > $@")'
+            f' cmd = "(echo {seed}-{index}; head -c {size} /dev/zero) > $@")'
         )
     (root / "BUILD").write_text("\n".join(rules) + "\n")
     return total
@@ -133,7 +134,6 @@ def measure(target: Target, name: str, work: Path, round_number: int) -> tuple[f
             raise RuntimeError(f"{name}: only {_hits(output)} of {ACTIONS} actions were hits")
     finally:
         fresh.shutdown()
-    shutil.rmtree(workspace / "bazel-out", ignore_errors=True)
     return uploading - local, downloading - nobuild
 
 
