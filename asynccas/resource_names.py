@@ -62,6 +62,11 @@ class BlobResource:
     metadata: str = ""
 
 
+MAX_INSTANCE_NAME_CHARS: Final = 1024
+"""Longer instance names are refused: names are keys in every store, and REAPI servers in use
+keep them short (a 1 MB name was accepted before)."""
+
+
 def validate_instance_name(instance_name: str) -> str:
     """Return the name if it is usable, else raise InvalidResourceName naming the problem."""
     if instance_name == "":
@@ -71,6 +76,11 @@ def validate_instance_name(instance_name: str) -> str:
 
 
 def _check_instance(segments: Sequence[str]) -> None:
+    length = sum(map(len, segments)) + max(len(segments) - 1, 0)
+    if length > MAX_INSTANCE_NAME_CHARS:
+        raise InvalidResourceName(
+            f"instance name has {length} characters; at most {MAX_INSTANCE_NAME_CHARS} are accepted"
+        )
     for segment in segments:
         if segment in RESERVED_SEGMENTS:
             raise InvalidResourceName(f"instance name may not contain the segment {segment!r}")

@@ -13,8 +13,6 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 from hypothesis import settings
 
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.server.action_cache import ActionCacheService
@@ -134,17 +132,14 @@ async def serve_with_bytestream(
     """Capabilities, CAS, an in-memory ActionCache and a given (fault-injecting or recording)
     ByteStream on a loopback port, yielded."""
     server = grpc.aio.server()
-    re_grpc.add_CapabilitiesServicer_to_server(
-        CapabilitiesService(max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True),
-        server,
-    )
+    CapabilitiesService(
+        max_batch_total_size_bytes=1 << 20, allow_action_cache_updates=True
+    ).add_to_server(server)
     ContentAddressableStorageService(storage, max_batch_total_size_bytes=1 << 20).add_to_server(
         server
     )
-    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
-    re_grpc.add_ActionCacheServicer_to_server(
-        ActionCacheService(MemoryActionCache(), storage, allow_updates=True), server
-    )
+    bytestream.add_to_server(server)
+    ActionCacheService(MemoryActionCache(), storage, allow_updates=True).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

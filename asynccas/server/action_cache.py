@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.action_cache import ActionCacheStore
 from asynccas.digest import Digest, DigestFunction
-from asynccas.errors import ActionResultNotFound, InvalidArgument, UnsupportedFeature
+from asynccas.errors import ActionResultNotFound, CasError, InvalidArgument, UnsupportedFeature
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.cas import read_small_blobs
 from asynccas.server.errors import Context, unary_rpc
+from asynccas.server.registration import register, unary
 from asynccas.storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,20 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         self.storage = storage
         self.allow_updates = allow_updates
         self.check_completeness = check_completeness
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        register(
+            server,
+            "build.bazel.remote.execution.v2.ActionCache",
+            {
+                "GetActionResult": unary(
+                    self.GetActionResult, re_pb2.GetActionResultRequest, re_pb2.ActionResult
+                ),
+                "UpdateActionResult": unary(
+                    self.UpdateActionResult, re_pb2.UpdateActionResultRequest, re_pb2.ActionResult
+                ),
+            },
+        )
 
     @unary_rpc
     async def GetActionResult(
@@ -96,10 +112,15 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
                 tree = re_pb2.Tree.FromString(data)
             except DecodeError:
                 return [tree_digest]
-            for directory in [tree.root, *tree.children]:
-                wanted += [
-                    Digest.from_proto(f.digest, function.proto_value) for f in directory.files
-                ]
+            try:
+                for directory in [tree.root, *tree.children]:
+                    wanted += [
+                        Digest.from_proto(f.digest, function.proto_value) for f in directory.files
+                    ]
+            except CasError:
+                # A tree naming a malformed digest makes the result unusable: a miss, not an
+                # INVALID_ARGUMENT on every later Get (which poisoned the entry for good).
+                return [tree_digest]
         wanted = [d for d in wanted if not d.is_empty]
         # Most results name a few outputs; one with none costs no lookup at all.
         return await self.storage.missing_blobs(wanted) if wanted else []

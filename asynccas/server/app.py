@@ -8,15 +8,13 @@ from typing import Final, Self
 import anyio
 import grpc
 
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.action_cache import ActionCacheStore
 from asynccas.server.action_cache import ActionCacheService
 from asynccas.server.bytestream import ByteStreamService
 from asynccas.server.capabilities import CapabilitiesService
-from asynccas.server.cas import ContentAddressableStorageService
+from asynccas.server.cas import ContentAddressableStorageService, response_limit
 from asynccas.server.uploads import UploadSessions
-from asynccas.storage.base import CHUNK_SIZE, Storage
+from asynccas.storage.base import Storage
 from asynccas.transport import TRANSPORT_OPTIONS
 
 DEFAULT_MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
@@ -43,7 +41,7 @@ class CasServer:
         self.uploads = UploadSessions(storage, idle_timeout=upload_idle_timeout)
         # gRPC's own message limit must sit above the batch limit (plus per-blob framing)
         # so that an oversized batch meets our clear INVALID_ARGUMENT, not a transport error.
-        message_limit = 2 * max(max_batch_total_size_bytes, CHUNK_SIZE) + (1 << 20)
+        message_limit = response_limit(max_batch_total_size_bytes)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),
@@ -51,28 +49,22 @@ class CasServer:
                 *TRANSPORT_OPTIONS,
             ]
         )
-        re_grpc.add_CapabilitiesServicer_to_server(
-            CapabilitiesService(
-                max_batch_total_size_bytes=max_batch_total_size_bytes,
-                allow_action_cache_updates=allow_action_cache_updates,
-            ),
-            self._server,
-        )
-        ContentAddressableStorageService(
-            storage, max_batch_total_size_bytes=max_batch_total_size_bytes
+        CapabilitiesService(
+            max_batch_total_size_bytes=max_batch_total_size_bytes,
+            allow_action_cache_updates=allow_action_cache_updates,
         ).add_to_server(self._server)
-        bs_grpc.add_ByteStreamServicer_to_server(
-            ByteStreamService(storage, self.uploads), self._server
-        )
-        re_grpc.add_ActionCacheServicer_to_server(
-            ActionCacheService(
-                action_cache,
-                storage,
-                allow_updates=allow_action_cache_updates,
-                check_completeness=check_action_results,
-            ),
-            self._server,
-        )
+        ContentAddressableStorageService(
+            storage,
+            max_batch_total_size_bytes=max_batch_total_size_bytes,
+            max_response_bytes=message_limit,
+        ).add_to_server(self._server)
+        ByteStreamService(storage, self.uploads).add_to_server(self._server)
+        ActionCacheService(
+            action_cache,
+            storage,
+            allow_updates=allow_action_cache_updates,
+            check_completeness=check_action_results,
+        ).add_to_server(self._server)
         self.port = 0
         self._task_group: anyio.abc.TaskGroup | None = None
 

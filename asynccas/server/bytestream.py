@@ -8,12 +8,20 @@ from contextlib import aclosing
 from typing import Any, Final
 
 import anyio
+import grpc
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.errors import InvalidArgument, OutOfRange, UnsupportedFeature
 from asynccas.resource_names import BlobResource, parse_read_name, parse_write_name
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
+from asynccas.server.registration import (
+    MalformedRequest,
+    client_streaming,
+    register,
+    server_streaming,
+    unary,
+)
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.base import CHUNK_SIZE, Storage
 
@@ -46,6 +54,21 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self.storage = storage
         self.uploads = uploads
 
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        register(
+            server,
+            "google.bytestream.ByteStream",
+            {
+                "Read": server_streaming(self.Read, bs_pb2.ReadRequest, bs_pb2.ReadResponse),
+                "Write": client_streaming(self.Write, bs_pb2.WriteRequest, bs_pb2.WriteResponse),
+                "QueryWriteStatus": unary(
+                    self.QueryWriteStatus,
+                    bs_pb2.QueryWriteStatusRequest,
+                    bs_pb2.QueryWriteStatusResponse,
+                ),
+            },
+        )
+
     @streaming_rpc
     async def Read(
         self, request: bs_pb2.ReadRequest, context: Context
@@ -75,6 +98,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         first = await anext(request_iterator, None)
         if first is None:
             raise InvalidArgument("write stream carried no requests")
+        if isinstance(first, MalformedRequest):
+            raise first.error()
         resource = parse_write_name(first.resource_name)
         _reject_compression(resource)
         digest = resource.digest
@@ -121,6 +146,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     finished = True
                     return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
                 request = await anext(request_iterator, None)
+                if isinstance(request, MalformedRequest):
+                    raise request.error()
             # The stream ended without finish_write. A client that cancelled looks the
             # same at this point: gRPC cancels this handler only a moment later. Wait
             # that moment, so a cancelled upload is discarded (below), not parked.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import grpc
+
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.build.bazel.semver import semver_pb2
 from asynccas.digest import DigestFunction
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.errors import Context, unary_rpc
+from asynccas.server.registration import register, unary
 
 
 class CapabilitiesService(re_grpc.CapabilitiesServicer):
@@ -33,6 +36,17 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
             deprecated_api_version=semver_pb2.SemVer(major=2),
             low_api_version=semver_pb2.SemVer(major=2),
             high_api_version=semver_pb2.SemVer(major=2, minor=3),
+        )
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        register(
+            server,
+            "build.bazel.remote.execution.v2.Capabilities",
+            {
+                "GetCapabilities": unary(
+                    self.GetCapabilities, re_pb2.GetCapabilitiesRequest, re_pb2.ServerCapabilities
+                )
+            },
         )
 
     @unary_rpc

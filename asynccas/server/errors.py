@@ -11,6 +11,7 @@ import grpc
 from google.rpc import status_pb2
 
 from asynccas import errors
+from asynccas.server.registration import MalformedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,19 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+MAX_MESSAGE_CHARS: Final = 1000
+"""Error messages quote what the client sent; beyond this they are cut, so that a huge name
+neither echoes back in full nor overflows gRPC's metadata limit (8 KiB), which turned an
+INVALID_ARGUMENT into a transport failure."""
+
+
+def message_of(error: BaseException) -> str:
+    text = str(error)
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text)} characters in all)"
+
+
 def status_code(error: errors.CasError) -> grpc.StatusCode:
     for error_type, code in _CODES:
         if isinstance(error, error_type):
@@ -40,14 +54,16 @@ def rpc_status(error: errors.CasError | None) -> status_pb2.Status:
     """A google.rpc.Status for per-item results (batch RPCs); None means OK."""
     if error is None:
         return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
-    return status_pb2.Status(code=status_code(error).value[0], message=str(error))
+    return status_pb2.Status(code=status_code(error).value[0], message=message_of(error))
 
 
 async def _abort(context: Context, exc: BaseException) -> None:
     if isinstance(exc, errors.CasError):
-        await context.abort(status_code(exc), str(exc))
+        await context.abort(status_code(exc), message_of(exc))
     logger.exception("unexpected error in an RPC", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {message_of(exc)}"
+    )
 
 
 def unary_rpc(
@@ -58,6 +74,8 @@ def unary_rpc(
     @functools.wraps(handler)
     async def wrapper(self: S, request: Req, context: Context) -> Resp:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -76,6 +94,8 @@ def streaming_rpc(
     @functools.wraps(handler)
     async def wrapper(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             async for response in handler(self, request, context):
                 yield response
         except grpc.aio.AbortError:
