@@ -12,6 +12,7 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.client import CasClient, Progress
+from asynccas.client.commands import describe
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, InvalidArgument
 from asynccas.server.app import CasServer
@@ -37,9 +38,45 @@ async def test_blobs_round_trip_across_batch_and_bytestream(server: CasServer) -
         assert await cas.download_blobs(blobs) == blobs
         with pytest.raises(BlobNotFound):
             await cas.download_blobs([blob(5, 9)[0]])
-    uploads = seen[: len(sent)]
-    assert uploads[-1].bytes_done == uploads[-1].bytes_total == sum(d.size_bytes for d in sent)
+    total = sum(d.size_bytes for d in sent)
+    uploads = [p for p in seen if p.bytes_total == total and p.blobs_total == 3]
+    assert uploads[-1].bytes_done == uploads[-1].bytes_total
     assert uploads[-1].blobs_done == uploads[-1].blobs_total == 3
+    assert uploads[-1].phase == "done"
+
+
+async def test_progress_moves_within_a_blob(server: CasServer, tmp_path: Path) -> None:
+    """A 500 MiB file showed 0% until it was done: progress now moves with each chunk, and
+    says what the client is doing."""
+    source = tmp_path / "big.bin"
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    await anyio.Path(source).write_bytes(data)
+    seen: list[Progress] = []
+    async with client(server, progress=seen.append, chunk_size=64 * 1024) as cas:
+        digest = await cas.upload_file(source)
+        sent = list(seen)
+        seen.clear()
+        await cas.download_file(digest, tmp_path / "copy.bin")
+    for events, moving in ((sent, "sending"), (seen, "receiving")):
+        phases = [p.phase for p in events]
+        assert phases[-1] == "done"
+        partial = [p for p in events if p.phase == moving and 0 < p.bytes_done < len(data)]
+        assert len(partial) >= 4, f"no progress within the blob while {moving}"
+        assert all(p.blobs_done == 0 for p in partial)
+        done = [p.bytes_done for p in events]
+        assert done == sorted(done), "progress went backwards"
+        assert events[-1].bytes_done == events[-1].bytes_total == len(data)
+    assert list(dict.fromkeys(p.phase for p in sent)) == [
+        "hashing", "checking", "sending", "done"
+    ]  # fmt: skip
+
+
+def test_progress_line_shows_phase_rate_and_time_left() -> None:
+    line = describe(Progress(210 * 2**20, 500 * 2**20, 3, 7, "sending"), elapsed=2.0)
+    assert line.startswith("sending    42.0%")
+    assert "3/7 blobs" in line
+    assert "105.0 MiB/s" in line
+    assert "ETA 3 s" in line
 
 
 async def test_files_stream_both_ways(server: CasServer, tmp_path: Path) -> None:

@@ -66,25 +66,50 @@ _PER_BLOB_OVERHEAD: Final = 200  # bytes of framing per blob inside a batch requ
 
 @dataclass(frozen=True)
 class Progress:
+    """Where a transfer stands. Bytes move as each chunk is sent or received, not only when a
+    whole blob is done; ``phase`` says what the client is doing now: ``hashing`` (digesting a
+    local file), ``checking`` (asking which blobs the server lacks), ``sending``, ``receiving``
+    or ``done``."""
+
     bytes_done: int
     bytes_total: int
     blobs_done: int
     blobs_total: int
+    phase: str = "sending"
 
 
 ProgressCallback = Callable[[Progress], None]
 
 
 class _Tracker:
-    def __init__(self, callback: ProgressCallback | None, blobs: int, total: int) -> None:
+    def __init__(
+        self, callback: ProgressCallback | None, blobs: int, total: int, phase: str = "sending"
+    ) -> None:
         self._callback = callback
         self._state = [0, total, 0, blobs]
+        self._phase = phase
+        self._report()
+
+    def phase(self, phase: str) -> None:
+        self._phase = phase
+        self._report()
+
+    def add_bytes(self, size: int) -> None:
+        """Bytes of a blob under way (its ``advance`` later counts the blob, not its bytes)."""
+        self._state[0] += size
+        self._report()
 
     def advance(self, size: int, blobs: int = 1) -> None:
         self._state[0] += size
         self._state[2] += blobs
+        if self._state[2] >= self._state[3]:
+            self._phase = "done"
+        self._report()
+
+    def _report(self) -> None:
         if self._callback is not None:
-            self._callback(Progress(*self._state))
+            done, total, blobs_done, blobs = self._state
+            self._callback(Progress(done, total, blobs_done, blobs, self._phase))
 
 
 class CasClient:
@@ -323,11 +348,17 @@ class CasClient:
         tracker.advance(digest.size_bytes)
 
     async def _write(
-        self, digest: Digest, chunks_from: Callable[[int], AsyncGenerator[bytes]]
+        self,
+        digest: Digest,
+        chunks_from: Callable[[int], AsyncGenerator[bytes]],
+        tracker: _Tracker | None = None,
     ) -> None:
-        """ByteStream Write, resuming at the server's committed size after transient errors."""
+        """ByteStream Write, resuming at the server's committed size after transient errors.
+        With ``tracker``, each message's bytes count as they are sent; the caller's
+        ``advance(0)`` then counts the blob."""
         name = format_write_name(self.instance_name, str(uuid.uuid4()), digest)
         offset = 0
+        reported = 0  # bytes counted so far: a resume may send some of them again
         for attempt in range(self.max_attempts):
 
             async def requests(start: int = offset) -> AsyncIterator[bs_pb2.WriteRequest]:
@@ -344,6 +375,10 @@ class CasClient:
                                 finish_write=end == digest.size_bytes,
                             )
                             position = end
+                            nonlocal reported
+                            if tracker is not None and end > reported:
+                                tracker.add_bytes(end - reported)
+                                reported = end
                 if position == start == digest.size_bytes:
                     yield bs_pb2.WriteRequest(
                         resource_name=name, write_offset=position, finish_write=True
@@ -461,10 +496,14 @@ class CasClient:
     async def upload_file(self, path: str | os.PathLike[str]) -> Digest:
         """Upload one file, streamed from disk (skipped if the server has it)."""
         source = Path(path)
+        size = (await anyio.Path(source).stat()).st_size
+        tracker = _Tracker(self.progress, 1, size, phase="hashing")
         digest = await anyio.to_thread.run_sync(digest_of_file, source, self.digest_function)
+        tracker.phase("checking")
         if not await self.find_missing([digest]):
+            tracker.advance(digest.size_bytes)
             return digest
-        tracker = _Tracker(self.progress, 1, digest.size_bytes)
+        tracker.phase("sending")
         await self._upload_path(digest, source, tracker)
         return digest
 
@@ -483,8 +522,8 @@ class CasClient:
                     yield chunk
 
         async with self._limiter:
-            await self._write(digest, chunks)
-        tracker.advance(digest.size_bytes)
+            await self._write(digest, chunks, tracker)
+        tracker.advance(0)  # its bytes were counted as they were sent
 
     async def download_file(
         self, digest: Digest, path: str | os.PathLike[str], *, executable: bool = False
@@ -492,8 +531,9 @@ class CasClient:
         """Stream a blob into ``path`` (via a temp file renamed into place once verified)."""
         target = Path(path)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-        tracker = _Tracker(self.progress, 1, digest.size_bytes)
+        tracker = _Tracker(self.progress, 1, digest.size_bytes, phase="receiving")
         cached = None if self.cache is None else await self.cache.blobs.get_path(digest)
+        received = 0
         try:
             if cached is not None:
                 await anyio.to_thread.run_sync(shutil.copyfile, cached, temp)
@@ -501,6 +541,8 @@ class CasClient:
                 async with aiofiles.open(temp, "wb") as handle:
                     async for chunk in self.read_blob(digest):
                         await handle.write(chunk)
+                        tracker.add_bytes(len(chunk))
+                        received += len(chunk)
                 if self.cache is not None:
                     await self.cache.blobs.put_file(digest, temp)
             await anyio.to_thread.run_sync(_finish_file, temp, target, executable)
@@ -508,7 +550,7 @@ class CasClient:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
             raise
-        tracker.advance(digest.size_bytes)
+        tracker.advance(digest.size_bytes - received)
 
     # -- directories -------------------------------------------------------------------------
 

@@ -50,33 +50,44 @@ def add_cas_commands(commands: Any) -> None:
 
 
 class ProgressLine:
-    """A one-line progress display on a terminal; silent when output is not a terminal."""
+    """A one-line progress display on a terminal: phase, share, bytes, rate and time left,
+    refreshed as chunks move; silent when output is not a terminal."""
 
     def __init__(self, stream: TextIO = sys.stderr, interval: float = 0.2) -> None:
         self._stream = stream
         self._enabled = stream.isatty()
         self._interval = interval
         self._last = 0.0
+        self._started = time.monotonic()
         self._shown = False
 
     def __call__(self, progress: Progress) -> None:
-        now = time.monotonic()
-        done = progress.bytes_done >= progress.bytes_total
-        if not self._enabled or (now - self._last < self._interval and not done):
-            return
-        self._last = now
-        percent = 100 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 100
-        self._stream.write(
-            f"\r{percent:5.1f}%  {progress.bytes_done / 2**20:8.1f} / "
-            f"{progress.bytes_total / 2**20:.1f} MiB  {progress.blobs_done}/{progress.blobs_total} blobs"
-        )
-        self._stream.flush()
-        self._shown = True
+        if self._enabled:
+            now = time.monotonic()
+            if now - self._last >= self._interval or progress.phase == "done":
+                self._last = now
+                self._stream.write("\r" + describe(progress, now - self._started) + "\x1b[K")
+                self._stream.flush()
+                self._shown = True
 
     def close(self) -> None:
         if self._shown:
             self._stream.write("\n")
             self._stream.flush()
+
+
+def describe(progress: Progress, elapsed: float) -> str:
+    """``sending   42.0%   210.0 / 500.0 MiB   3/7 blobs   85.2 MiB/s   ETA 3 s``."""
+    done, total = progress.bytes_done, progress.bytes_total
+    percent = 100 * done / total if total else 100.0
+    rate = done / elapsed if elapsed > 0 else 0.0
+    line = (
+        f"{progress.phase:<9} {percent:5.1f}%  {done / 2**20:8.1f} / {total / 2**20:.1f} MiB"
+        f"  {progress.blobs_done}/{progress.blobs_total} blobs"
+    )
+    if rate > 0 and progress.phase in ("sending", "receiving"):
+        line += f"  {rate / 2**20:.1f} MiB/s  ETA {max(total - done, 0) / rate:.0f} s"
+    return line
 
 
 def _emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
