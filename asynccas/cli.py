@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from asynccas.storage.tiered import SizeDifferentiatedStorage
 
 logger = logging.getLogger("asynccas")
 
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 _MEMORY_DEFAULT_BYTES = 1 << 30
 SMALL_BLOBS_FILE = "small-blobs.sqlite"
 # Bazel's blobs are mostly 1-64 KiB; up to here, one SQLite row beats one file each.
@@ -42,11 +43,11 @@ DEFAULT_SMALL_BLOB_LIMIT = 64 * 1024
 
 
 def parse_size(text: str) -> int:
-    """``1048576``, ``512M``, ``10G``, ``2GiB`` -> bytes (suffixes are powers of 1024)."""
+    """``1048576``, ``512M``, ``1.5G``, ``2GiB`` -> bytes (suffixes are powers of 1024)."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 10G")
-    number, unit = int(match.group(1)), match.group(2).lower()
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M, 1.5G or 10G")
+    number, unit = float(match.group(1)), match.group(2).lower()
     exponent = "kmgt".index(unit) + 1 if unit else 0
     return int(number * 1024**exponent)
 
@@ -66,6 +67,7 @@ def _human(n: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asynccas", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"asynccas {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -73,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a REAPI remote cache. With no flags: disk storage and a SQLite index"
         " under $XDG_CACHE_HOME/asynccas, listening on 127.0.0.1:50051.",
     )
-    serve.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to listen on")
+    serve.add_argument(
+        "--address",
+        type=_address,
+        default="127.0.0.1:50051",
+        help="HOST:PORT to listen on; port 0 picks a free one (default 127.0.0.1:50051)",
+    )
     serve.add_argument(
         "--data-dir", type=Path, default=None, help="where disk blobs and SQLite files live"
     )
@@ -122,14 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve action results even if their output blobs are gone from the CAS",
     )
     serve.add_argument(
+        "--max-uploads",
+        type=_positive,
+        default=1000,
+        help="ByteStream uploads streaming at once per process; more get RESOURCE_EXHAUSTED"
+        " and are retried by clients (default 1000)",
+    )
+    serve.add_argument(
+        "--upload-stall-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="abandon an upload stream that sends nothing for this long (default 120)",
+    )
+    serve.add_argument(
         "--workers",
-        type=int,
+        type=_positive,
         default=1,
         help="server processes sharing the address (SO_REUSEPORT) and the store; one per core",
     )
     # Set on the extra worker processes that --workers starts; only the first evicts.
     serve.add_argument("--extra-worker", action="store_true", help=argparse.SUPPRESS)
-    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    _add_log_level_argument(serve)
     reindex = commands.add_parser(
         "reindex",
         help="rebuild the index of a disk store from the blobs it holds",
@@ -146,12 +167,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="only for a data directory made before asynccas recorded it: the"
         f" --small-blob-limit its servers use (their small blobs live in {SMALL_BLOBS_FILE})",
     )
-    reindex.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
+    _add_log_level_argument(reindex)
     add_cas_commands(commands)
     add_bench_commands(commands, parse_size)
     return parser
+
+
+def _add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="DEBUG, INFO, WARNING or ERROR, in any case (default INFO)",
+    )
+
+
+def _address(text: str) -> str:
+    """HOST:PORT with a port grpc can bind (it took 99999 as 34463 and an empty port as 443)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT with a port from 0 to 65535 (0 picks a free one)"
+        )
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("asynccas")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
 
 
 def _add_index_argument(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +243,7 @@ async def _build(
     if args.storage == "memory":
         if args.index != "sqlite":
             raise CasError("--index applies to disk storage; memory storage needs no index")
+
         budget = args.max_size or _MEMORY_DEFAULT_BYTES
         where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
         return MemoryStorage(budget), MemoryActionCache(), where, None
@@ -216,6 +273,8 @@ async def serve(args: argparse.Namespace) -> None:
         address=args.address,
         max_batch_total_size_bytes=args.max_batch_size,
         check_action_results=not args.no_ac_check,
+        stream_idle_timeout=args.upload_stall_timeout,
+        max_active_uploads=args.max_uploads,
     )
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with server, anyio.create_task_group() as tasks:
@@ -305,7 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:2] == ["bench", "report"]:  # its own parser, so that its --help is its own
         return run_report(given[2:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.storage == "memory" and args.workers > 1:
+        parser.error(
+            "--storage memory cannot be shared by --workers: each process would keep a store"
+            " of its own and answer for it alone"
+        )
     keep_freed_memory()  # every command streams blobs
     if args.command == "cas":
         return _run_cas(args)

@@ -13,6 +13,8 @@ CasError
 ├── OutOfRange                   OUT_OF_RANGE: read offsets outside the blob
 ├── UploadConflict               ABORTED: a write offset that does not continue the upload
 ├── StorageFull                  RESOURCE_EXHAUSTED: no room to store
+├── Overloaded                   RESOURCE_EXHAUSTED: too much in progress (e.g. uploads); retry
+├── UploadStalled                DEADLINE_EXCEEDED: an upload stream that stopped sending data
 └── BackendUnavailable           UNAVAILABLE: a backend (disk, database, remote) failed; retry
 """
 
@@ -75,6 +77,14 @@ class UploadConflict(CasError):
 
 
 class StorageFull(CasError):
+    pass
+
+
+class Overloaded(CasError):
+    pass
+
+
+class UploadStalled(CasError):
     pass
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.cli import DEFAULT_SMALL_BLOB_LIMIT, _small_blob_limit, parse_size
+from asynccas.cli import DEFAULT_SMALL_BLOB_LIMIT, _small_blob_limit, build_parser, parse_size
 from asynccas.digest import Digest
 from asynccas.errors import CasError
 from asynccas.storage.disk import DiskStorage
@@ -147,10 +147,47 @@ def test_bad_address_fails_with_a_message(env: dict[str, str], tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0", 0), ("512", 512), ("1K", 1024), ("10G", 10 << 30), ("2GiB", 2 << 30)],
-)
+    [("0", 0), ("512", 512), ("1K", 1024), ("10G", 10 << 30), ("2GiB", 2 << 30),
+     ("1.5G", 3 << 29), ("0.5k", 512)],
+)  # fmt: skip
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--address", "127.0.0.1:99999"], "port from 0 to 65535"),
+        (["--address", "127.0.0.1:"], "port from 0 to 65535"),
+        (["--address", "nocolon"], "port from 0 to 65535"),
+        (["--workers", "0"], "at least 1"),
+        (["--storage", "memory", "--workers", "2"], "cannot be shared by --workers"),
+        (["--log-level", "verbose"], "invalid choice"),
+    ],
+)
+def test_serve_refuses_settings_that_cannot_work(
+    env: dict[str, str], tmp_path: Path, args: list[str], complaint: str
+) -> None:
+    """Each of these was accepted: 99999 listened on 34463, an empty port on 443, and memory
+    storage with two workers kept two stores answering in turn."""
+    result = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "serve", "--data-dir", str(tmp_path / "d"), *args],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert complaint in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_version_and_log_levels_in_any_case(env: dict[str, str]) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "--version"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 0
+    assert re.fullmatch(r"asynccas \S+\n", shown.stdout)
+    args = build_parser().parse_args(["serve", "--log-level", "debug"])
+    assert args.log_level == "DEBUG"
 
 
 def test_two_processes_share_one_data_dir(env: dict[str, str], tmp_path: Path) -> None:

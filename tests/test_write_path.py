@@ -67,7 +67,8 @@ async def test_messages_are_gathered_and_written_out_in_bounded_pieces(tmp_path:
 
 
 async def test_an_upload_parked_for_later_holds_its_bytes_on_disk(tmp_path: Path) -> None:
-    """A parked upload used to keep what it had received in buffers: 8 MiB per large upload."""
+    """A parked upload used to keep what it had received in buffers (8 MiB per large upload)
+    and a descriptor open."""
     digest, data = blob(20 * 1024 * 1024, 2)
     async with DiskStorage(tmp_path, fsync=False, direct_io_above=1 << 20) as storage:
         uploads = UploadSessions(storage)
@@ -81,6 +82,7 @@ async def test_an_upload_parked_for_later_holds_its_bytes_on_disk(tmp_path: Path
         await uploads.park(upload)
         assert WRITE_BUFFERS.in_use == before - 0
         assert handle.buffered_bytes == 0, "the device-write buffers were released"
+        assert upload.writer._handle is None, "a parked upload holds no descriptor"  # type: ignore[attr-defined]
         (temp,) = temp_files(tmp_path)
         assert temp.stat().st_size == 5 * 1024 * 1024 + 100
         resumed = await uploads.begin(resource, upload.writer.committed_size)

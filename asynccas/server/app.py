@@ -33,12 +33,20 @@ class CasServer:
         allow_action_cache_updates: bool = True,
         check_action_results: bool = True,
         upload_idle_timeout: float = 600.0,
+        stream_idle_timeout: float = 120.0,
+        max_active_uploads: int = 1000,
     ) -> None:
+        """``upload_idle_timeout``: seconds a parked upload (a stream that ended early) is kept
+        for a resume; ``stream_idle_timeout``: seconds a Write stream may send nothing before
+        its upload is abandoned; ``max_active_uploads``: Write streams at once, beyond which
+        new ones get RESOURCE_EXHAUSTED (reads are not limited by it)."""
         self.storage = storage
         self.action_cache = action_cache
         self.address = address
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
-        self.uploads = UploadSessions(storage, idle_timeout=upload_idle_timeout)
+        self.uploads = UploadSessions(
+            storage, idle_timeout=upload_idle_timeout, max_active=max_active_uploads
+        )
         # gRPC's own message limit must sit above the batch limit (plus per-blob framing)
         # so that an oversized batch meets our clear INVALID_ARGUMENT, not a transport error.
         message_limit = response_limit(max_batch_total_size_bytes)
@@ -58,7 +66,9 @@ class CasServer:
             max_batch_total_size_bytes=max_batch_total_size_bytes,
             max_response_bytes=message_limit,
         ).add_to_server(self._server)
-        ByteStreamService(storage, self.uploads).add_to_server(self._server)
+        ByteStreamService(
+            storage, self.uploads, stream_idle_timeout=stream_idle_timeout
+        ).add_to_server(self._server)
         ActionCacheService(
             action_cache,
             storage,

@@ -12,7 +12,7 @@ import grpc
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from asynccas.errors import InvalidArgument, OutOfRange, UnsupportedFeature
+from asynccas.errors import InvalidArgument, OutOfRange, UnsupportedFeature, UploadStalled
 from asynccas.resource_names import BlobResource, parse_read_name, parse_write_name
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
 from asynccas.server.registration import (
@@ -50,9 +50,14 @@ def _reject_compression(resource: BlobResource) -> None:
 
 
 class ByteStreamService(bs_grpc.ByteStreamServicer):
-    def __init__(self, storage: Storage, uploads: UploadSessions) -> None:
+    def __init__(
+        self, storage: Storage, uploads: UploadSessions, *, stream_idle_timeout: float = 120.0
+    ) -> None:
+        """``stream_idle_timeout``: seconds a Write stream may send nothing before its upload
+        is abandoned (DEADLINE_EXCEEDED)."""
         self.storage = storage
         self.uploads = uploads
+        self.stream_idle_timeout = stream_idle_timeout
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         register(
@@ -145,7 +150,16 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     await writer.commit()
                     finished = True
                     return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
-                request = await anext(request_iterator, None)
+                # A stream that stops sending holds an upload slot and its buffered data:
+                # give up on it after stream_idle_timeout seconds without a message.
+                try:
+                    async with asyncio.timeout(self.stream_idle_timeout):
+                        request = await anext(request_iterator, None)
+                except TimeoutError:
+                    raise UploadStalled(
+                        f"no data for {self.stream_idle_timeout:g} s after {writer.committed_size}"
+                        f" bytes of {digest}: upload abandoned"
+                    ) from None
                 if isinstance(request, MalformedRequest):
                     raise request.error()
             # The stream ended without finish_write. A client that cancelled looks the

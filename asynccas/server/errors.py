@@ -21,6 +21,8 @@ _CODES: Final[list[tuple[type[errors.CasError], grpc.StatusCode]]] = [
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (errors.UploadConflict, grpc.StatusCode.ABORTED),
     (errors.StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 

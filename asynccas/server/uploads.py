@@ -2,8 +2,10 @@
 
 A write stream that ends without ``finish_write`` parks its upload here under its
 resource name; ``QueryWriteStatus`` reports how far it got and a later stream
-continues at that offset. Parked uploads hold temp files, so they expire after
-``idle_timeout`` seconds and the oldest are dropped beyond ``max_parked``.
+continues at that offset. Parked uploads hold temp files (but no memory and no open
+descriptor), so they expire after ``idle_timeout`` seconds and the oldest are dropped
+beyond ``max_parked``. At most ``max_active`` uploads stream at once: one client opening
+streams and sending nothing cannot take every descriptor or every byte of the write buffers.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from asynccas.errors import InvalidArgument, UploadConflict
+from asynccas.errors import InvalidArgument, Overloaded, UploadConflict
 from asynccas.resource_names import BlobResource
 from asynccas.storage.base import BlobWriter, Storage
 
@@ -34,11 +36,17 @@ class Upload:
 
 class UploadSessions:
     def __init__(
-        self, storage: Storage, *, idle_timeout: float = 600.0, max_parked: int = 1000
+        self,
+        storage: Storage,
+        *,
+        idle_timeout: float = 600.0,
+        max_parked: int = 1000,
+        max_active: int = 1000,
     ) -> None:
         self.storage = storage
         self.idle_timeout = idle_timeout
         self.max_parked = max_parked
+        self.max_active = max_active
         self._parked: OrderedDict[UploadKey, Upload] = OrderedDict()
         self._active: set[UploadKey] = set()
 
@@ -47,6 +55,10 @@ class UploadSessions:
         key = upload_key(resource)
         if key in self._active:
             raise UploadConflict(f"another stream is already writing upload {resource.upload_id}")
+        if len(self._active) >= self.max_active:
+            raise Overloaded(
+                f"{len(self._active)} uploads are in progress, this server's limit; retry later"
+            )
         parked = self._parked.pop(key, None)
         if parked is not None and write_offset == parked.writer.committed_size:
             self._active.add(key)

@@ -62,13 +62,6 @@ class DirectFile:
         """Memory held for device writes: 8 MiB while writing, 0 once released."""
         return len(self._buffers) * BUFFER_SIZE
 
-    def release_buffers(self) -> None:
-        """Write out what is buffered and give the buffers back, for a file that waits (a
-        parked upload): its bytes then wait on disk, not in memory. Later writes map new
-        buffers; after an unaligned tail they go through the page cache."""
-        self.flush()
-        self._unmap()
-
     def _unmap(self) -> None:
         try:
             self._wait()  # never unmap a buffer a background write still reads

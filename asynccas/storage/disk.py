@@ -22,7 +22,7 @@ import anyio
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.storage.base import CHUNK_SIZE, BlobWriter, CommitsInThread, Storage
-from asynccas.storage.direct_io import DirectFile, open_direct
+from asynccas.storage.direct_io import open_direct
 from asynccas.threads import in_thread
 
 _READ_BATCH = 256  # files read per thread hop by bulk_read_blobs
@@ -341,7 +341,9 @@ class _DiskWriter(BlobWriter, CommitsInThread):
 
     def _write_sync(self, parts: list[bytes]) -> None:
         assert not self._closed, "write after commit or abort"
-        if self._handle is None:
+        if self._handle is None and self._temp_path is not None:  # resumed after a park
+            self._handle = open(self._temp_path, "ab")  # noqa: SIM115  (closed by close_sync)
+        elif self._handle is None:
             direct = 0 < self._storage.direct_io_above < self.digest.size_bytes
             self._handle = self._storage._new_temp(direct)
             self._temp_path = Path(self._handle.name)
@@ -360,10 +362,17 @@ class _DiskWriter(BlobWriter, CommitsInThread):
         self.close_sync()
 
     async def release_memory(self) -> None:
+        """Write out what is gathered and close the temp file (a resume reopens it): a parked
+        upload holds bytes on disk, but neither memory nor a descriptor."""
         await self.flush()
-        if isinstance(self._handle, DirectFile):
+        if self._handle is not None:
             with _disk_errors(f"write blob {self.digest}"):
-                await _in_thread(self._handle.release_buffers)
+                await _in_thread(self._close_for_later)
+
+    def _close_for_later(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()  # a DirectFile writes out its buffers and gives them back
 
     def publish_lock(self) -> None:
         return None  # files are linked into place atomically; no lock needed

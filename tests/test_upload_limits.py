@@ -1,0 +1,83 @@
+"""One client must not be able to take the uploads of everyone else: streams that stop sending
+are abandoned after a while, and only so many uploads stream at once (reads go on)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+
+from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
+from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.action_cache import MemoryActionCache
+from asynccas.digest import Digest
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.server.app import CasServer
+from asynccas.storage.disk import DiskStorage
+from asynccas.testing import blob
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def serving(
+    root: Path, *, stream_idle_timeout: float, max_active_uploads: int
+) -> AsyncIterator[grpc.aio.Channel]:
+    storage = SqliteIndex(DiskStorage(root, fsync=False), root / "index.sqlite")
+    async with (
+        CasServer(
+            storage, MemoryActionCache(), address="127.0.0.1:0",
+            stream_idle_timeout=stream_idle_timeout, max_active_uploads=max_active_uploads,
+        ) as server,
+        grpc.aio.insecure_channel(server.target) as channel,
+    ):  # fmt: skip
+        yield channel
+
+
+async def start_upload(
+    channel: grpc.aio.Channel, digest: Digest, data: bytes
+) -> grpc.aio.StreamUnaryCall[bs_pb2.WriteRequest, bs_pb2.WriteResponse]:
+    """A Write stream that sends its first 16 KiB and then nothing."""
+    call = bs_grpc.ByteStreamStub(channel).Write()
+    name = f"uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size_bytes}"
+    await call.write(bs_pb2.WriteRequest(resource_name=name, write_offset=0, data=data[:16384]))
+    return call
+
+
+async def test_an_upload_that_stops_sending_is_abandoned(tmp_path: Path) -> None:
+    """Streams that sent one chunk and then neither finished nor closed held their upload (and
+    a descriptor) for ever: at 256 of them every upload and read failed."""
+    digest, data = blob(100_000, 1)
+    async with serving(tmp_path, stream_idle_timeout=0.5, max_active_uploads=10) as channel:
+        call = await start_upload(channel, digest, data)
+        with anyio.fail_after(10):
+            code = await call.code()
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no data for 0.5 s" in await call.details()
+        assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_uploads_beyond_the_limit_wait_outside_and_reads_go_on(tmp_path: Path) -> None:
+    stored, stored_data = blob(5000, 2)
+    async with serving(tmp_path, stream_idle_timeout=60, max_active_uploads=2) as channel:
+        stub = bs_grpc.ByteStreamStub(channel)
+        await stub.Write(
+            iter([bs_pb2.WriteRequest(resource_name=f"uploads/{uuid.uuid4()}/blobs/{stored.hash}/"
+                  f"{stored.size_bytes}", data=stored_data, finish_write=True)])
+        )  # fmt: skip
+        stalled = [await start_upload(channel, *blob(100_000, 10 + i)) for i in range(2)]
+        third = await start_upload(channel, *blob(100_000, 20))
+        with anyio.fail_after(10):
+            assert await third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "uploads are in progress" in await third.details()
+        read = stub.Read(
+            bs_pb2.ReadRequest(resource_name=f"blobs/{stored.hash}/{stored.size_bytes}")
+        )
+        assert b"".join([r.data async for r in read]) == stored_data
+        for call in stalled:
+            call.cancel()
