@@ -77,8 +77,7 @@ async def test_disk_storage_streams_large_blobs_around_the_page_cache(tmp_path: 
     digest, data = blob(BUFFER_SIZE * 2 + 777, 7)
     async with DiskStorage(tmp_path, fsync=True, direct_io_above=1 << 20) as storage:
         writer = await storage.open_write(digest)
-        await writer.write(data[: 1 << 20])  # the temp file is made with the first piece
-        await writer.settle()  # which is written out in the background
+        await writer.write(data[: 1 << 20])  # the temp file is made with the first data
         assert isinstance(writer._handle, DirectFile)  # type: ignore[attr-defined]
         for start in range(1 << 20, len(data), 1 << 20):
             await writer.write(data[start : start + (1 << 20)])

@@ -149,9 +149,6 @@ class IndexedWriter(BlobWriter):
     async def flush(self) -> None:
         await self._inner.flush()
 
-    async def settle(self) -> None:
-        await self._inner.settle()
-
     async def release_memory(self) -> None:
         await self._inner.release_memory()
 

@@ -256,7 +256,6 @@ class SqliteIndex(StorageIndex):
         # may take a while) before the write lock is taken.
         if isinstance(writer, CommitsInThread) and writer.digest.size_bytes <= _ONE_HOP_LIMIT:
             writer.check_size()
-            await writer.settle()
             tail = writer.take_pending()
             lock = writer.publish_lock()
             if self._db.write_lock.locked() or (lock is not None and lock.locked()):

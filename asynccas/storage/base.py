@@ -39,9 +39,6 @@ class WriteBuffers:
         self.limit_per_writer = limit_per_writer
         self.in_use = 0
 
-    def release(self, size: int) -> None:
-        self.in_use -= size
-
 
 # A writer gathers up to a chunk: uploads up to 1 MiB (nearly all of a build's) then reach
 # the backend in one piece, at their end, in the same thread hop that stores them.
@@ -71,8 +68,6 @@ class BlobWriter(abc.ABC):
         self._buffers = buffers
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        # The piece being written out while the next one is gathered (see ``write``).
-        self._in_flight: asyncio.Future[None] | None = None
 
     async def write(self, data: bytes) -> None:
         if self.committed_size + len(data) > self.digest.size_bytes:
@@ -85,15 +80,7 @@ class BlobWriter(abc.ABC):
         buffers.in_use += len(data)
         self.committed_size += len(data)
         if self._pending_bytes >= buffers.limit_per_writer or buffers.in_use > buffers.total:
-            # Written out in the background while the stream goes on: receiving the next
-            # messages overlaps with hashing and writing this piece (for a 256 MiB upload in
-            # 1 MiB messages, awaiting each piece cost a third of the throughput).
-            await self.settle()
-            size = self._pending_bytes
-            in_flight = asyncio.ensure_future(self._write(self.take_pending()))
-            buffers.in_use += size  # still held until written: it counts against the budget
-            in_flight.add_done_callback(lambda _: buffers.release(size))
-            self._in_flight = in_flight
+            await self.flush()
 
     def take_pending(self) -> list[bytes]:
         """The data gathered since the last flush, which the caller now stores."""
@@ -102,15 +89,8 @@ class BlobWriter(abc.ABC):
         self._pending_bytes = 0
         return parts
 
-    async def settle(self) -> None:
-        """Wait for the piece being written out, if any (raising its error)."""
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            await in_flight
-
     async def flush(self) -> None:
         """Hand the gathered data to the backend (to disk, for a disk store)."""
-        await self.settle()
         if self._pending:
             await self._write(self.take_pending())
 
@@ -122,7 +102,6 @@ class BlobWriter(abc.ABC):
     async def verify(self) -> None:
         """Check size and hash, and make the data durable; raise DigestMismatch if wrong."""
         self.check_size()
-        await self.settle()
         await self._finish(self.take_pending())
         self.check_hash()
 
@@ -171,11 +150,6 @@ class BlobWriter(abc.ABC):
 
     async def abort(self) -> None:
         self.take_pending()
-        if self._in_flight is not None:  # let it finish before its data is thrown away
-            in_flight, self._in_flight = self._in_flight, None
-            await asyncio.wait([in_flight])
-            if not in_flight.cancelled():
-                in_flight.exception()  # retrieved: the upload is being dropped anyway
         await self._abort()
 
     @abc.abstractmethod
