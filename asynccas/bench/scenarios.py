@@ -294,35 +294,17 @@ class BatchClient:
 
     def __init__(self, settings: Settings) -> None:
         self.rng = random.Random(settings.seed)
-        mix = settings.size_mix or SIZE_MIX_BAZEL
-        # Eight sizes per range, spread log-uniformly, each with its own supply of blobs.
-        self.supplies = [
-            (
-                FreshBlobs(int(low * (high / low) ** self.rng.random()), self.rng,
-                           settings.worker * 64 + i * 8 + j),
-                share / 8,
-            )
-            for i, (low, high, share) in enumerate(mix)
-            for j in range(8)
-        ]  # fmt: skip
+        self.outputs = _ActionOutputs(settings, self.rng)
+        self.actions = self.outputs.actions
         self.shared = [self._fresh() for _ in range(400)]  # inputs most actions have in common
-        self.worker = settings.worker
-        self.actions = FreshBlobs(200, self.rng, 1000 + settings.worker)
 
     def _fresh(self) -> tuple[Digest, bytes]:
-        pick = self.rng.random()
-        for supply, share in self.supplies:
-            if pick < share:
-                return supply.next()
-            pick -= share
-        return self.supplies[0][0].next()
-
-    def _payload(self, digest: Digest, data: bytes) -> bytes:
-        supply = next(s for s, _ in self.supplies if s.size == digest.size_bytes)
-        return data if len(data) == digest.size_bytes else supply.body + data
+        """A new blob with its whole payload (large ones are a shared body plus a suffix)."""
+        supply, digest, data = self.outputs.fresh()
+        return digest, data if len(data) == digest.size_bytes else supply.body + data
 
     async def setup(self, cas: CasClient) -> None:
-        await cas.upload_blobs({d: self._payload(d, b) for d, b in self.shared})
+        await cas.upload_blobs(dict(self.shared))
 
     async def run_once(self, cas: CasClient, recorder: Recorder) -> None:
         began = time.perf_counter()
@@ -334,7 +316,7 @@ class BatchClient:
         if missing is FAILED:
             recorder.record("action", began, error="FAILED_STEP")
             return
-        blobs = {d: self._payload(d, by_digest[d]) for d in missing}  # type: ignore[attr-defined]
+        blobs = {d: by_digest[d] for d in missing}  # type: ignore[attr-defined]
         sent = sum(len(b) for b in blobs.values())
         if (
             await measured(recorder, "upload", cas.upload_blobs(blobs), size=sent, items=len(blobs))

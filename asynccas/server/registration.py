@@ -80,17 +80,22 @@ def unary(
 def server_streaming(
     handler: Any, request: type[Message], response: type[Message]
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    return grpc.unary_stream_rpc_method_handler(
-        handler,
-        request_deserializer=lenient(request),
-        response_serializer=response.SerializeToString,
-    )
+    return _streaming(grpc.unary_stream_rpc_method_handler, handler, request, response)
 
 
 def client_streaming(
     handler: Any, request: type[Message], response: type[Message]
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    return grpc.stream_unary_rpc_method_handler(
+    return _streaming(grpc.stream_unary_rpc_method_handler, handler, request, response)
+
+
+def _streaming(
+    make: Callable[..., grpc.RpcMethodHandler[Any, Any]],
+    handler: Any,
+    request: type[Message],
+    response: type[Message],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    return make(
         handler,
         request_deserializer=lenient(request),
         response_serializer=response.SerializeToString,
