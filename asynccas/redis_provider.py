@@ -13,8 +13,8 @@ Every ``redis.exceptions.RedisError`` is translated once, here, into BackendUnav
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -48,6 +48,10 @@ class RedisProvider:
     # up to 0.9 s, so 1 s failed healthy connections under load.
     connect_timeout: float = 5.0
     socket_timeout: float = 5.0
+    # How long a call may wait for one of the max_connections to come free: under a burst
+    # the calls queue (redis-py's pool would fail them with "Too many connections"), but a
+    # call that cannot get a connection in this long reports Redis as unavailable.
+    pool_wait: float = 10.0
 
     @property
     def is_cluster(self) -> bool:
@@ -128,6 +132,38 @@ class RedisProvider:
             raise BackendUnavailable(
                 f"Redis at {self.display_url} is unreachable while trying to {action}: {exc}"
             ) from exc
+
+
+class ConnectionTurns:
+    """Calls through one client take turns on its ``max_connections`` connections.
+
+    redis-py's pools fail a call that finds every connection busy ("Too many connections":
+    79 of 7,600 operations from 500 clients against a healthy Redis); here it waits for a
+    turn instead, up to ``pool_wait`` seconds. One limit for every topology: a cluster's
+    per-node pools then never see more calls than the limit either.
+    """
+
+    def __init__(self, provider: RedisProvider) -> None:
+        self._provider = provider
+        self._turns = asyncio.Semaphore(provider.max_connections)
+
+    @asynccontextmanager
+    async def take(self, action: str) -> AsyncIterator[None]:
+        """Wait for a turn, then run the body with Redis errors translated (``errors``)."""
+        provider = self._provider
+        try:
+            async with asyncio.timeout(provider.pool_wait):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"Redis at {provider.display_url}: all {provider.max_connections} connections"
+                f" stayed busy for {provider.pool_wait:g} s while trying to {action}"
+            ) from None
+        try:
+            with provider.errors(action):
+                yield
+        finally:
+            self._turns.release()
 
 
 class EncodedLane:

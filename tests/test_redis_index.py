@@ -344,3 +344,38 @@ async def test_members_of_every_size_width_are_checked_and_touched(
         assert [score == stale for score in scores[: len(first)]] == [True] * len(first), (
             "entries this process had already touched in the interval were rewritten"
         )
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+async def test_every_operation_beyond_the_connection_limit_waits_its_turn(
+    topology: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Issue 16, defect 6: 500 clients at once got "Too many connections" from a healthy Redis
+    on stores and reads, which use redis-py's own pool: every operation must wait for a
+    connection instead (bounded by the pool's wait), not fail."""
+    server = request.getfixturevalue("redis_server" if topology == "single" else "redis_cluster")
+    provider = RedisProvider(server.url, max_connections=2)
+    index = RedisIndex(DiskStorage(tmp_path / "data", fsync=False), provider, prefix=f"w{topology}")
+    blobs = [blob(200, i) for i in range(300)]
+    failures: list[BaseException] = []
+
+    async def client(position: int) -> None:
+        digest, data = blobs[position]
+        try:
+            [stored] = await index.bulk_update_blobs([(digest, data)])
+            if stored is not None:
+                failures.append(stored)
+                return
+            assert await index.has_blob(digest)
+            async with aclosing(index.get_blob(digest)) as chunks:
+                assert b"".join([chunk async for chunk in chunks]) == data
+            await index.get_total_size()
+        except BackendUnavailable as exc:
+            failures.append(exc)
+
+    async with index:
+        async with anyio.create_task_group() as tasks:
+            for position in range(len(blobs)):
+                tasks.start_soon(client, position)
+        assert failures == [], f"{len(failures)} failed, e.g. {failures[0]}"
+        assert await index.missing_blobs([d for d, _ in blobs]) == []

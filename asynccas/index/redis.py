@@ -42,7 +42,7 @@ from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable
 from asynccas.index.base import StorageIndex
 from asynccas.index.recency import TouchedThisInterval, recency_window
-from asynccas.redis_provider import Client, EncodedLane, RedisProvider
+from asynccas.redis_provider import Client, ConnectionTurns, EncodedLane, RedisProvider
 from asynccas.storage.base import BlobWriter, Storage
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class RedisIndex(StorageIndex):
     ) -> None:
         super().__init__(storage)
         self.provider = RedisProvider(redis) if isinstance(redis, str) else redis
+        self._turns = ConnectionTurns(self.provider)
         if buckets is None:
             # Buckets spread a cluster's keys over its masters; a single server gains nothing
             # from them (an eviction batch spans every bucket anyway) and pays per digest.
@@ -208,7 +209,7 @@ class RedisIndex(StorageIndex):
         # configured otherwise refuses to run.
         layout_key, before = f"{{{self.prefix}}}:layout", f"{{{self.prefix}}}:buckets"
         layout = f"{_MEMBER_FORM} {self.buckets}"
-        with self.provider.errors("connect"):
+        async with self._turns.take("connect"):
             older = await self._client.exists(before)
             await self._client.set(layout_key, layout, nx=True)
             recorded = _decode(await self._client.get(layout_key))
@@ -273,7 +274,7 @@ class RedisIndex(StorageIndex):
         """Run (script, keys, args) calls in one round trip, without MULTI/EXEC."""
         if not calls:
             return []
-        with self.provider.errors(action):
+        async with self._turns.take(action):
             pipe = self.client.pipeline(transaction=False)
             for script, keys, args in calls:
                 pipe.eval(script, len(keys), *keys, *args)
@@ -372,7 +373,7 @@ class RedisIndex(StorageIndex):
                     [score] * len(stale), heads, stale,
                 )  # fmt: skip
             commands.append(b"\r\n")
-        with self.provider.errors("check blobs"):
+        with self.provider.errors("check blobs"):  # the lane waits for its own turns
             answers = await self.lane.send(b"".join(commands), replies)
         self._touched.add(window, touching)
         return [answers[i] for i in presence_replies]  # ZADD's count of changes is not needed
@@ -402,7 +403,7 @@ class RedisIndex(StorageIndex):
                         *chain.from_iterable((recency, m) for m in stale),
                     )
                 )
-        with self.provider.errors("check blobs"):
+        async with self._turns.take("check blobs"):
             pipe = self.client.pipeline(transaction=False)
             for call in calls:
                 pipe.execute_command(*call)
@@ -421,7 +422,7 @@ class RedisIndex(StorageIndex):
         if not stale:
             return
         recency = repr(window)
-        with self.provider.errors("refresh recency"):
+        async with self._turns.take("refresh recency"):
             pipe = self.client.pipeline(transaction=False)
             for bucket, members in self._group(stale).items():
                 scored: Iterable[Any] = chain.from_iterable((recency, d.delimited) for d in members)
@@ -473,7 +474,7 @@ class RedisIndex(StorageIndex):
 
     async def _generations(self, buckets: Sequence[int]) -> list[Any]:
         # GETs in a pipeline rather than one MGET: the keys live on different cluster slots.
-        with self.provider.errors("read eviction generations"):
+        async with self._turns.take("read eviction generations"):
             pipe = self.client.pipeline(transaction=False)
             for bucket in buckets:
                 pipe.get(self._keys(bucket).generation)
@@ -520,7 +521,7 @@ class RedisIndex(StorageIndex):
         return removed
 
     async def get_total_size(self) -> int:
-        with self.provider.errors("read the total size"):
+        async with self._turns.take("read the total size"):
             pipe = self.client.pipeline(transaction=False)
             for bucket in range(self.buckets):
                 pipe.get(self._keys(bucket).bytes)
@@ -561,7 +562,7 @@ class RedisIndex(StorageIndex):
         passes.append((protect, -1))
         lock_key, token = f"{{{self.prefix}}}:eviction-lock", uuid.uuid4().hex
         if not dry_run:
-            with self.provider.errors("take the eviction lock"):
+            async with self._turns.take("take the eviction lock"):
                 if not await self.client.set(lock_key, token, nx=True, px=300_000):
                     logger.info("another process is evicting; skipping this pass")
                     return 0
@@ -622,7 +623,7 @@ class _BucketPages:
 
     async def next(self) -> tuple[float, bytes] | None:
         if not self._page and not self._done:
-            with self._index.provider.errors("list least recently used blobs"):
+            async with self._index._turns.take("list least recently used blobs"):
                 rows: list[Any] = await self._index.client.zrange(
                     self._key, self._min, self._max, byscore=True,
                     offset=self._skip, num=_EVICTION_BATCH, withscores=True,
