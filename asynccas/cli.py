@@ -7,17 +7,23 @@ import importlib.metadata
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
 
+from asynccas import metrics
 from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.allocator import keep_freed_memory
+from asynccas.auth import AccessPolicy, JwtVerifier, TokenFile, new_token
 from asynccas.bench.cli import add_bench_commands, run_bench, run_report
 from asynccas.client.commands import add_cas_commands, run_cas_command
 from asynccas.errors import CasError
@@ -32,6 +38,8 @@ from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.sqlite import SqliteBlobStorage, recorded_max_blob_size
 from asynccas.storage.tiered import SizeDifferentiatedStorage
+from asynccas.threads import in_thread
+from asynccas.transport import ServerTls
 
 logger = logging.getLogger("asynccas")
 
@@ -148,8 +156,58 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="server processes sharing the address (SO_REUSEPORT) and the store; one per core",
     )
-    # Set on the extra worker processes that --workers starts; only the first evicts.
+    # Set on the extra worker processes that --workers starts; only the first evicts. The
+    # parent's pid lets a worker notice that its parent is gone and exit with it.
     serve.add_argument("--extra-worker", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    security = serve.add_argument_group(
+        "TLS and authentication",
+        "Without these, anyone who reaches the address may read and write. See the README.",
+    )
+    security.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate chain"
+    )
+    security.add_argument(
+        "--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert"
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    security.add_argument(
+        "--auth-tokens",
+        type=Path,
+        metavar="TOML",
+        help="require bearer tokens listed (by SHA-256) in this file, each with the instances it"
+        " may read and write; re-read when it changes. `asynccas token` makes entries",
+    )
+    security.add_argument(
+        "--auth-jwks",
+        type=Path,
+        metavar="JSON",
+        help="accept JWTs signed by a key of this JWKS file; rights in their 'asynccas' claim",
+    )
+    security.add_argument("--auth-jwt-issuer", metavar="ISS", help="the 'iss' JWTs must carry")
+    security.add_argument("--auth-jwt-audience", metavar="AUD", help="the 'aud' JWTs must carry")
+    security.add_argument(
+        "--anonymous-reads",
+        action="store_true",
+        help="with --auth-tokens/--auth-jwks: callers without a token may read, not write",
+    )
+    operations = serve.add_argument_group("monitoring")
+    operations.add_argument(
+        "--metrics-address",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (all --workers summed)",
+    )
+    operations.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per RPC: peer, caller, instance, method, status, bytes, duration",
+    )
     _add_log_level_argument(serve)
     reindex = commands.add_parser(
         "reindex",
@@ -168,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
         f" --small-blob-limit its servers use (their small blobs live in {SMALL_BLOBS_FILE})",
     )
     _add_log_level_argument(reindex)
+    token = commands.add_parser(
+        "token",
+        help="make a bearer token and its --auth-tokens entry",
+        description="Print a tokens-file entry (append it to the --auth-tokens file) on standard"
+        " output and the new token, to give to the client, on standard error. The file holds"
+        " only the token's SHA-256.",
+    )
+    token.add_argument("name", help="who the token is for: shown in logs and errors")
+    token.add_argument("--read", action="append", default=[], metavar="INSTANCE",
+                       help="an instance name it may read; `team/*` for a prefix, `*` for all;"
+                            " repeatable")  # fmt: skip
+    token.add_argument("--write", action="append", default=[], metavar="INSTANCE",
+                       help="an instance it may write (and read); repeatable")  # fmt: skip
     add_cas_commands(commands)
     add_bench_commands(commands, parse_size)
     return parser
@@ -265,8 +336,24 @@ async def _build(
     return index, SqliteActionCache(data_dir / "action-cache.sqlite"), where, eviction
 
 
+def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
+    if args.auth_tokens is None and args.auth_jwks is None:
+        return None
+    jwt = None
+    if args.auth_jwks is not None:
+        jwt = JwtVerifier(
+            args.auth_jwks, issuer=args.auth_jwt_issuer, audience=args.auth_jwt_audience
+        )
+    tokens = TokenFile(args.auth_tokens) if args.auth_tokens is not None else None
+    return AccessPolicy(tokens=tokens, jwt=jwt, anonymous_reads=args.anonymous_reads)
+
+
 async def serve(args: argparse.Namespace) -> None:
+    first = not args.extra_worker
+    if first and args.workers > 1:
+        await in_thread(_check_port_is_free, args.address)
     storage, action_cache, where, eviction = await _build(args)
+    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     server = CasServer(
         storage,
         action_cache,
@@ -275,22 +362,120 @@ async def serve(args: argparse.Namespace) -> None:
         check_action_results=not args.no_ac_check,
         stream_idle_timeout=args.upload_stall_timeout,
         max_active_uploads=args.max_uploads,
+        tls=tls,
+        access=_access_policy(args),
+        count_metrics=args.metrics_address is not None,
+        access_log=args.access_log,
+        reuse_port=args.workers > 1,
     )
+    metrics_server = None
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with server, anyio.create_task_group() as tasks:
             if eviction is not None and isinstance(storage, StorageIndex):
-                tasks.start_soon(eviction.run, storage)
-            if not args.extra_worker:
+                tasks.start_soon(eviction.run, storage, action_cache)
+            if args.parent_pid is not None:
+                tasks.start_soon(_exit_with_parent, args.parent_pid)
+            if first:
+                if args.metrics_address is not None:
+                    host, port = args.metrics_address.rsplit(":", 1)
+                    metrics_server, port = await in_thread(_serve_metrics, host, int(port))
+                    where += f"; metrics on http://{host}:{port}/metrics"
+                    if isinstance(storage, StorageIndex):
+                        tasks.start_soon(metrics.sample_store_size, storage.get_total_size)
                 workers = f" with {args.workers} workers" if args.workers > 1 else ""
-                logger.info("asynccas listening on %s%s; %s", server.target, workers, where)
-            async for signum in signals:
-                logger.info("received %s; shutting down", signal.Signals(signum).name)
-                tasks.cancel_scope.cancel()
-                break
+                scheme = "grpcs" if tls is not None else "grpc"
+                logger.info(
+                    "asynccas listening on %s%s; %s",
+                    f"{scheme}://{server.target}" if tls else server.target, workers, where,
+                )  # fmt: skip
+                if args.workers > 1:
+                    tasks.start_soon(_supervise_workers, args, server.target)
+            try:
+                async for signum in signals:
+                    logger.info("received %s; shutting down", signal.Signals(signum).name)
+                    tasks.cancel_scope.cancel()
+                    break
+            finally:
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                    metrics_server.server_close()
+
+
+def _check_port_is_free(address: str) -> None:
+    """Fail unless ``address`` is free: the workers of one server share their port
+    (SO_REUSEPORT), which would otherwise let a second server join the first one's port."""
+    host, port = address.rsplit(":", 1)
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            raise OSError(f"could not listen on {address}: {exc.strerror or exc}") from None
+
+
+def _serve_metrics(host: str, port: int) -> tuple[Any, int]:
+    try:
+        return metrics.start_http_server(host, port)
+    except OSError as exc:
+        raise OSError(f"could not serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def _exit_with_parent(parent_pid: int) -> None:
+    """A worker whose parent died (even by SIGKILL) stops serving: orphans would keep the
+    port, answering for a server that is gone."""
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event tells of a parent's death
+        await anyio.sleep(1.0)
+    logger.error("the asynccas parent process %d is gone; this worker stops", parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+WORKER_RESTART_DELAY_MAX = 30.0
+
+
+async def _supervise_workers(args: argparse.Namespace, target: str) -> None:
+    """Start the extra workers on the port the first one listens on; restart any that die."""
+    command = [
+        sys.executable, "-m", "asynccas.cli", *args.own_argv,
+        "--address", target, "--extra-worker", "--parent-pid", str(os.getpid()),
+    ]  # fmt: skip
+    workers: list[subprocess.Popen[bytes]] = []
+    delays = [0.0] * (args.workers - 1)
+    try:
+        for _ in range(args.workers - 1):
+            workers.append(await in_thread(subprocess.Popen, command))
+        while True:
+            await anyio.sleep(0.5)
+            for number, worker in enumerate(workers):
+                code = worker.poll()
+                if code is None:
+                    continue
+                metrics.worker_exited(worker.pid)
+                delays[number] = min(max(1.0, 2 * delays[number]), WORKER_RESTART_DELAY_MAX)
+                logger.error(
+                    "worker %d (pid %d) exited with status %d; restarting it in %.0f s",
+                    number + 2, worker.pid, code, delays[number],
+                )  # fmt: skip
+                await anyio.sleep(delays[number])
+                workers[number] = await in_thread(subprocess.Popen, command)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                await in_thread(worker.wait)
 
 
 async def reindex(args: argparse.Namespace) -> None:
     data_dir = _data_dir(args)
+    if not await in_thread(_is_data_dir, data_dir):
+        # Reindexing drops every index entry whose blob the directory lacks: a mistyped
+        # path would empty a shared Redis index.
+        raise CasError(
+            f"{data_dir} is not an asynccas data directory (it has no cas/ and no"
+            f" {SMALL_BLOBS_FILE}); check --data-dir: reindexing it would drop every entry"
+            " of the index"
+        )
     storage = _disk_blobs(args, data_dir, await _small_blob_limit(args, data_dir))
     index, where = _build_index(args, storage)
     async with index:
@@ -333,6 +518,10 @@ async def _small_blob_limit(args: argparse.Namespace, data_dir: Path) -> int:
     return asked
 
 
+def _is_data_dir(data_dir: Path) -> bool:
+    return (data_dir / "cas").is_dir() or (data_dir / SMALL_BLOBS_FILE).is_file()
+
+
 def _holds_blob_files(data_dir: Path) -> bool:
     """Whether the disk store in ``data_dir`` has stored any blob (CAS/<function>/<xx>/...)."""
     try:
@@ -366,11 +555,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_report(given[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve" and args.storage == "memory" and args.workers > 1:
-        parser.error(
-            "--storage memory cannot be shared by --workers: each process would keep a store"
-            " of its own and answer for it alone"
-        )
+    if args.command == "serve":
+        _check_serve_arguments(parser, args)
+    if args.command == "token":
+        if not args.read and not args.write:
+            parser.error("give the token some right: --read INSTANCE or --write INSTANCE")
+        secret, entry = new_token(args.name, args.read, args.write)
+        print(entry, end="")
+        print(f"token for {args.name}: {secret}", file=sys.stderr)
+        return 0
     keep_freed_memory()  # every command streams blobs
     if args.command == "cas":
         return _run_cas(args)
@@ -380,18 +573,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     command = serve if args.command == "serve" else reindex
-    extra_workers = _start_extra_workers(args, argv) if args.command == "serve" else []
+    args.own_argv = list(sys.argv[1:] if argv is None else argv)
+    metrics_dir = None
+    serving_metrics = args.command == "serve" and args.metrics_address
+    # With workers, each process counts into files the first one sums; the workers inherit
+    # the directory through the environment.
+    if serving_metrics and args.workers > 1 and not args.extra_worker:
+        metrics_dir = Path(tempfile.mkdtemp(prefix="asynccas-metrics-"))
+        metrics.prepare_multiprocess(metrics_dir)
     try:
         anyio.run(command, args, backend_options={"use_uvloop": True})
-    except (OSError, CasError) as exc:
+    except (OSError, CasError, ValueError) as exc:
         logger.error("cannot %s: %s", args.command, exc)
         return 1
     finally:
-        for worker in extra_workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in extra_workers:
-            worker.wait()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _check_serve_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.storage == "memory" and args.workers > 1:
+        parser.error(
+            "--storage memory cannot be shared by --workers: each process would keep a store"
+            " of its own and answer for it alone"
+        )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if args.anonymous_reads and args.auth_tokens is None and args.auth_jwks is None:
+        parser.error("--anonymous-reads only means something with --auth-tokens or --auth-jwks")
+    if (args.auth_jwt_issuer or args.auth_jwt_audience) and args.auth_jwks is None:
+        parser.error("--auth-jwt-issuer and --auth-jwt-audience need --auth-jwks")
 
 
 def _run_cas(args: argparse.Namespace) -> int:
@@ -407,19 +621,6 @@ def _run_cas(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"asynccas cas {args.verb}: {exc}", file=sys.stderr)
     return 2
-
-
-def _start_extra_workers(
-    args: argparse.Namespace, argv: Sequence[str] | None
-) -> list[subprocess.Popen[bytes]]:
-    """Python runs one core per process: more cores need more processes on the same port."""
-    if args.workers <= 1 or args.extra_worker:
-        return []
-    if args.address.endswith(":0"):
-        raise SystemExit("--workers needs a fixed port: workers cannot share port 0")
-    own = list(sys.argv[1:] if argv is None else argv)
-    command = [sys.executable, "-m", "asynccas.cli", *own, "--extra-worker"]
-    return [subprocess.Popen(command) for _ in range(args.workers - 1)]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ CasError
 ├── StorageFull                  RESOURCE_EXHAUSTED: no room to store
 ├── Overloaded                   RESOURCE_EXHAUSTED: too much in progress (e.g. uploads); retry
 ├── UploadStalled                DEADLINE_EXCEEDED: an upload stream that stopped sending data
-└── BackendUnavailable           UNAVAILABLE: a backend (disk, database, remote) failed; retry
+├── BackendUnavailable           UNAVAILABLE: a backend (disk, database, remote) failed; retry
+├── Unauthenticated              UNAUTHENTICATED: no credentials, or ones that do not verify
+└── PermissionDenied             PERMISSION_DENIED: a known caller without the right to do this
 """
 
 from __future__ import annotations
@@ -89,4 +91,12 @@ class UploadStalled(CasError):
 
 
 class BackendUnavailable(CasError):
+    pass
+
+
+class Unauthenticated(CasError):
+    pass
+
+
+class PermissionDenied(CasError):
     pass

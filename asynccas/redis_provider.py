@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -32,6 +33,7 @@ from redis.driver_info import DriverInfo
 from redis.retry import Retry
 
 from asynccas.errors import BackendUnavailable
+from asynccas.outages import Outages, outages
 
 Client = redis_async.Redis | AsyncRedisCluster
 
@@ -119,19 +121,26 @@ class RedisProvider:
         for sentinel in getattr(manager, "sentinels", ()):
             await sentinel.aclose()
 
+    @cached_property
+    def outages(self) -> Outages:
+        return outages("Redis", self.display_url)
+
     @contextmanager
     def errors(self, action: str) -> Iterator[None]:
         """Translate redis-py errors into asynccas errors at this one boundary."""
         try:
             yield
         except redis.exceptions.RedisError as exc:
+            self.outages.failed(exc)
             raise BackendUnavailable(
                 f"Redis at {self.display_url} failed while trying to {action}: {exc}"
             ) from exc
         except OSError as exc:  # raised by some connection paths instead of ConnectionError
+            self.outages.failed(exc)
             raise BackendUnavailable(
                 f"Redis at {self.display_url} is unreachable while trying to {action}: {exc}"
             ) from exc
+        self.outages.succeeded()
 
 
 class ConnectionTurns:

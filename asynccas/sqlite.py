@@ -20,6 +20,7 @@ from typing import TypeVar
 import anyio
 
 from asynccas.errors import BackendUnavailable, StorageFull
+from asynccas.outages import outages
 from asynccas.threads import in_thread
 
 T = TypeVar("T")
@@ -34,7 +35,9 @@ def sqlite_errors(path: Path) -> Iterator[None]:
         message = str(exc)
         if "full" in message:
             raise StorageFull(f"SQLite database {path} is full: {message}") from exc
+        outages("SQLite", str(path)).failed(exc)
         raise BackendUnavailable(f"SQLite database {path} failed: {message}") from exc
+    outages("SQLite", str(path)).succeeded()
 
 
 class SqliteDatabase:

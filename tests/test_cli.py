@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -455,3 +456,191 @@ def test_cas_commands(env: dict[str, str], tmp_path: Path) -> None:
         assert "not in the CAS" in lost.stderr
     finally:
         stop(process, signal.SIGTERM)
+
+
+def test_cas_usage_errors_and_the_endpoint_from_the_environment(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by a new user: a malformed digest was a traceback, --json after the verb was
+    refused, and the endpoint had to be typed every time."""
+    bad = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "cas", "missing", "zzz/12"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert "'zzz/12' is not a digest HASH/SIZE" in bad.stderr
+    process, target, _ = start(["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d")], env)
+    try:
+        absent = blob(10, 1)[0]
+        missing = subprocess.run(
+            [sys.executable, "-m", "asynccas.cli", "cas", "missing", "--json", str(absent)],
+            env={**env, "ASYNCCAS_ENDPOINT": f"grpc://{target}"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert missing.returncode == 1, missing.stderr
+        assert missing.stdout.strip() == f'{{"missing": ["{absent}"]}}'
+    finally:
+        stop(process, signal.SIGTERM)
+
+
+def test_reindex_refuses_a_directory_that_is_not_a_data_directory(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A mistyped --data-dir once made an empty directory and emptied a shared index."""
+    typo = tmp_path / "tpyo"
+    done = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "reindex", "--data-dir", str(typo)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "is not an asynccas data directory" in done.stderr
+    assert not typo.exists()
+
+
+def listeners(port: int) -> list[str]:
+    return subprocess.run(
+        ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+
+
+def wait_for(condition: Any, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        time.sleep(0.1)
+
+
+def workers_of(parent: int) -> list[int]:
+    found = subprocess.run(
+        ["pgrep", "-f", "--", f"--parent-pid {parent}"], capture_output=True, text=True
+    ).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def test_a_second_server_cannot_join_a_port_in_use(env: dict[str, str], tmp_path: Path) -> None:
+    """SO_REUSEPORT was always on: a second server silently shared the port, splitting the
+    answers between two stores."""
+    process, target, _ = start(
+        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "a"), "--workers", "2"], env
+    )
+    port = int(target.rsplit(":", 1)[1])
+    try:
+        wait_for(lambda: len(listeners(port)) == 2, "the second worker listens")
+        for workers in ("1", "2"):
+            second = subprocess.run(
+                [sys.executable, "-m", "asynccas.cli", "serve", "--address", target,
+                 "--data-dir", str(tmp_path / f"b{workers}"), "--workers", workers],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert second.returncode == 1, second.stderr
+            assert f"could not listen on {target}" in second.stderr
+            assert "in use" in second.stderr
+        assert len(listeners(port)) == 2
+    finally:
+        stop(process, signal.SIGTERM)
+
+
+def test_workers_are_restarted_when_they_die_and_die_with_their_parent(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    process, target, _ = start(
+        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--workers", "2"], env
+    )
+    port = int(target.rsplit(":", 1)[1])
+    try:
+        wait_for(lambda: len(workers_of(process.pid)) == 1, "one extra worker")
+        [first_worker] = workers_of(process.pid)
+        os.kill(first_worker, signal.SIGKILL)
+        wait_for(
+            lambda: workers_of(process.pid) not in ([], [first_worker]), "a replacement worker"
+        )
+        wait_for(lambda: len(listeners(port)) == 2, "the replacement listens")
+        orphans = workers_of(process.pid)
+        os.kill(process.pid, signal.SIGKILL)  # the parent dies without a word to its workers
+        output, _ = process.communicate(timeout=20)
+        assert f"(pid {first_worker}) exited with status -9; restarting" in output
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in orphans),
+                 "the orphaned worker exits")  # fmt: skip
+        assert listeners(port) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_metrics_of_all_workers_on_one_endpoint(env: dict[str, str], tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from asynccas.testing_redis import free_port
+
+    metrics_port = free_port()
+    process, target, where = start(
+        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--workers", "2",
+         "--metrics-address", f"127.0.0.1:{metrics_port}"],
+        env,
+    )  # fmt: skip
+    port = int(target.rsplit(":", 1)[1])
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in where
+    try:
+        wait_for(lambda: len(listeners(port)) == 2, "the second worker listens")
+        calls = 40
+        for _ in range(calls):  # a new connection each: the kernel spreads them over workers
+            with grpc.insecure_channel(target) as channel:
+                re_grpc.CapabilitiesStub(channel).GetCapabilities(re_pb2.GetCapabilitiesRequest())
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as answer:
+            text = answer.read().decode()
+        counted = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "asynccas_rpcs_total"
+            and sample.labels == {"method": "GetCapabilities", "code": "OK"}
+        )
+        assert counted == calls
+    finally:
+        stop(process, signal.SIGTERM)
+
+
+def test_tls_and_tokens_from_the_command_line(env: dict[str, str], tmp_path: Path) -> None:
+    from asynccas.testing_tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    made = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "token", "ci", "--write", "*"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(made.stdout)
+    token_file = tmp_path / "ci.token"
+    token_file.write_text(made.stderr.rsplit(": ", 1)[1])
+    process, target, _ = start(
+        ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"),
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+         "--auth-tokens", str(tokens), "--access-log"],
+        env,
+    )  # fmt: skip
+    assert target.startswith("grpcs://")
+    (tmp_path / "f").write_bytes(b"over TLS, with a token")
+    digest = Digest.of(b"over TLS, with a token")
+
+    def cas(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "asynccas.cli", "cas", "--endpoint", target,
+             "--tls-ca", str(pki.ca), *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    try:
+        refused = cas("upload", str(tmp_path / "f"))
+        assert refused.returncode == 2
+        assert "UNAUTHENTICATED" in refused.stderr
+        uploaded = cas("--token-file", str(token_file), "upload", str(tmp_path / "f"))
+        assert uploaded.returncode == 0, uploaded.stderr
+        assert uploaded.stdout.strip() == str(digest)
+    finally:
+        output = stop(process, signal.SIGTERM)
+    assert re.search(r"ipv4:127\.0\.0\.1:\d+ ci instance='' FindMissingBlobs OK", output), output

@@ -13,6 +13,8 @@ from typing import Any
 from asynccas.bench.report import comparison, summary, to_html
 from asynccas.bench.runner import BenchmarkFailed, RunConfig, RunResult, run
 from asynccas.bench.scenarios import SCENARIOS, Settings, fresh_seed
+from asynccas.client.options import add_connection_arguments, connection_options
+from asynccas.errors import CasError
 
 
 def add_bench_commands(commands: Any, parse_size: Any) -> None:
@@ -58,6 +60,7 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
     bench.add_argument("--server-pid", type=int, default=None,
                        help="PID of a local server, to report its CPU use too")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None, help="write the result as JSON")
+    add_connection_arguments(bench)
     bench.add_argument("--html", type=Path, default=None, help="write an HTML report")
 
 
@@ -120,6 +123,11 @@ def run_bench(args: argparse.Namespace) -> int:
     size_mix = None
     if args.size_mix is not None:
         size_mix = [tuple(row) for row in json.loads(args.size_mix.read_text())]
+    try:
+        tls, token = connection_options(args)
+    except CasError as exc:
+        print(f"asynccas bench: {exc}", file=sys.stderr)
+        return 2
     batch = args.batch or _DEFAULT_BATCH.get(args.scenario, 100)
     duration = args.duration if args.requests is None else None
     config = RunConfig(
@@ -129,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
         settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix,
                           present=args.present, chunk_size=args.chunk_size,
                           seed=fresh_seed() if args.seed is None else args.seed),
-        server_pid=args.server_pid, label=args.label,
+        server_pid=args.server_pid, label=args.label, tls=tls, token=token,
     )  # fmt: skip
     try:
         result = run(config)

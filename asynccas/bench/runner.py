@@ -22,6 +22,7 @@ from asynccas.allocator import keep_freed_memory
 from asynccas.bench.scenarios import SCENARIOS, Recorder, Scenario, Settings
 from asynccas.bench.stats import OpStats
 from asynccas.client.cas import CasClient
+from asynccas.transport import ClientTls
 
 
 @dataclass
@@ -36,6 +37,8 @@ class RunConfig:
     settings: Settings = field(default_factory=Settings)
     server_pid: int | None = None
     label: str | None = None
+    tls: ClientTls | None = None
+    token: str | None = field(default=None, repr=False)  # never in reports
 
 
 @dataclass
@@ -166,6 +169,8 @@ async def _worker(config: RunConfig, index: int, ready: Any, done: Any) -> dict[
         config.instance,
         max_concurrency=max(1, tasks_here) * 4,
         chunk_size=settings.chunk_size,
+        tls=config.tls,
+        token=config.token,
     ) as cas:
         await scenario.setup(cas)
         await anyio.to_thread.run_sync(ready.wait)

@@ -43,10 +43,18 @@ from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.client.caches import INLINE_LIMIT, ClientCaches
 from asynccas.client.merkle import build_tree, digest_of_file
 from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
-from asynccas.errors import BlobNotFound, DigestMismatch, InvalidArgument
+from asynccas.errors import (
+    BackendUnavailable,
+    BlobNotFound,
+    CasError,
+    DigestMismatch,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
 from asynccas.hashing import OverlappedHasher
 from asynccas.resource_names import format_read_name, format_write_name
-from asynccas.transport import TRANSPORT_OPTIONS
+from asynccas.transport import TRANSPORT_OPTIONS, ClientTls
 
 T = TypeVar("T")
 
@@ -127,12 +135,18 @@ class CasClient:
         progress: ProgressCallback | None = None,
         cache: ClientCaches | None = None,
         chunk_size: int = CHUNK_SIZE,
+        tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
-        """``chunk_size``: the data per ByteStream WriteRequest (Bazel sends 16 KiB)."""
+        """``chunk_size``: the data per ByteStream WriteRequest (Bazel sends 16 KiB);
+        ``tls``: the CA to trust and a client certificate (a ``grpcs://`` endpoint without it
+        trusts the system's CAs); ``token``: sent as ``authorization: Bearer TOKEN``."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         self.chunk_size = chunk_size
         self.endpoint = endpoint
+        self.tls = tls
+        self.token = token
         self.cache = cache
         self.instance_name = instance_name
         self.max_attempts = max_attempts
@@ -156,11 +170,14 @@ class CasClient:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             *TRANSPORT_OPTIONS,
         ]
-        channel = (
-            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-            if secure
-            else grpc.aio.insecure_channel(target, options=options)
-        )
+        interceptors = _bearer_token_interceptors(self.token) if self.token else None
+        if secure or self.tls is not None:
+            credentials = await anyio.to_thread.run_sync((self.tls or ClientTls()).credentials)
+            channel = grpc.aio.secure_channel(
+                target, credentials, options=options, interceptors=interceptors
+            )
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         self._channel = channel
         self._cas = re_grpc.ContentAddressableStorageStub(channel)
         self._bytestream = bs_grpc.ByteStreamStub(channel)
@@ -171,12 +188,17 @@ class CasClient:
             response_deserializer=_read_response_data,
         )
         self._action_cache = re_grpc.ActionCacheStub(channel)
-        self.capabilities = await self._retrying(
-            lambda: re_grpc.CapabilitiesStub(channel).GetCapabilities(
-                re_pb2.GetCapabilitiesRequest(instance_name=self.instance_name),
-                timeout=self.timeout,
+        try:
+            self.capabilities = await self._retrying(
+                lambda: re_grpc.CapabilitiesStub(channel).GetCapabilities(
+                    re_pb2.GetCapabilitiesRequest(instance_name=self.instance_name),
+                    timeout=self.timeout,
+                )
             )
-        )
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            self._channel = None
+            raise _connection_error(self.endpoint, exc) from exc
         cache = self.capabilities.cache_capabilities
         self.max_batch_bytes = cache.max_batch_total_size_bytes or DEFAULT_MAX_BATCH
         offered = set(cache.digest_functions)
@@ -716,6 +738,53 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for error in group.exceptions:
         found += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
     return found
+
+
+def _connection_error(endpoint: str, exc: grpc.aio.AioRpcError) -> CasError:
+    """A failed first call to ``endpoint`` as the asynccas error a caller can act on."""
+    code, details = exc.code(), exc.details() or ""
+    text = f"{endpoint} answered {code.name}: {details}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(text)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(text)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return BackendUnavailable(f"cannot reach {endpoint} ({code.name}): {details}")
+    return CasError(text)
+
+
+class _BearerToken(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer TOKEN`` to every call, on plain and TLS channels alike
+    (grpc's call credentials refuse plain ones, and a TLS-terminating proxy is common)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        metadata.append(self._header)
+        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
+def _bearer_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    return [_BearerToken(token)]
 
 
 def _code(value: int) -> grpc.StatusCode:

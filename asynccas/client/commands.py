@@ -14,18 +14,25 @@ import anyio
 
 from asynccas.client.caches import ClientCaches
 from asynccas.client.cas import CasClient, Progress
-from asynccas.digest import Digest
+from asynccas.client.options import (
+    add_connection_arguments,
+    connection_options,
+    default_endpoint,
+    digest_argument,
+)
 
 
 def add_cas_commands(commands: Any) -> None:
     cas = commands.add_parser("cas", help="talk to any REAPI cache: upload, download, missing, cat")
     cas.add_argument(
         "--endpoint",
-        default="grpc://127.0.0.1:50051",
-        help="the cache, grpc://HOST:PORT or grpcs://HOST:PORT (default: the local asynccas)",
+        default=default_endpoint(),
+        help="the cache, grpc://HOST:PORT or grpcs://HOST:PORT (default: $ASYNCCAS_ENDPOINT,"
+        " else the local asynccas at grpc://127.0.0.1:50051)",
     )
     cas.add_argument("--instance", default="", help="REAPI instance name")
     cas.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_connection_arguments(cas)
     cas.add_argument(
         "--cache-dir",
         type=Path,
@@ -33,20 +40,30 @@ def add_cas_commands(commands: Any) -> None:
         help="persistent local cache (default: $XDG_CACHE_HOME/asynccas/client)",
     )
     cas.add_argument("--no-cache", action="store_true", help="do not use the local cache")
+    # --json may also follow the verb: `asynccas cas missing --json DIGEST`.
+    after_verb = argparse.ArgumentParser(add_help=False)
+    after_verb.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     verbs = cas.add_subparsers(dest="verb", required=True)
-    upload = verbs.add_parser("upload", help="upload a file or a directory; prints its digest")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = verbs.add_parser(name, help=help, parents=[after_verb])
+        return parser
+
+    upload = verb("upload", "upload a file or a directory; prints its digest")
     upload.add_argument("path", type=Path)
-    download = verbs.add_parser("download", help="download a blob to a file, or a tree (--dir)")
-    download.add_argument("digest", type=Digest.parse, metavar="HASH/SIZE")
+    download = verb("download", "download a blob to a file, or a tree (--dir)")
+    download.add_argument("digest", type=digest_argument, metavar="HASH/SIZE")
     download.add_argument("path", type=Path)
     download.add_argument(
         "--dir", action="store_true", help="DIGEST is a Directory: fetch the tree"
     )
     download.add_argument("--executable", action="store_true", help="mark the file executable")
-    missing = verbs.add_parser("missing", help="print which digests the cache lacks")
-    missing.add_argument("digests", type=Digest.parse, nargs="+", metavar="HASH/SIZE")
-    cat = verbs.add_parser("cat", help="write a blob to standard output")
-    cat.add_argument("digest", type=Digest.parse, metavar="HASH/SIZE")
+    missing = verb("missing", "print which digests the cache lacks")
+    missing.add_argument("digests", type=digest_argument, nargs="+", metavar="HASH/SIZE")
+    cat = verb("cat", "write a blob to standard output")
+    cat.add_argument("digest", type=digest_argument, metavar="HASH/SIZE")
 
 
 class ProgressLine:
@@ -98,7 +115,10 @@ async def run_cas_command(args: argparse.Namespace) -> int:
     progress = ProgressLine()
     try:
         caches = None if args.no_cache else ClientCaches(args.cache_dir)
-        async with CasClient(args.endpoint, args.instance, progress=progress, cache=caches) as cas:
+        tls, token = connection_options(args)
+        async with CasClient(
+            args.endpoint, args.instance, progress=progress, cache=caches, tls=tls, token=token
+        ) as cas:
             if args.verb == "upload":
                 path: Path = args.path
                 if await anyio.Path(path).is_dir():

@@ -7,6 +7,7 @@ import abc
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -14,10 +15,16 @@ from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, CasError
 from asynccas.storage.base import BlobWriter, Storage
 
+if TYPE_CHECKING:
+    from asynccas.eviction import ByteBudget
+
 
 class StorageIndex(Storage):
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        # Set while an EvictionPolicy keeps this index under a byte budget: uploads charge
+        # their size to it when they open.
+        self.budget: ByteBudget | None = None
 
     # Reads go to the wrapped storage; the index only keeps recency and heals itself.
 
@@ -48,11 +55,15 @@ class StorageIndex(Storage):
     # writers are published (publish_staged), which IndexedWriter routes through too.
 
     async def open_write(self, digest: Digest) -> BlobWriter:
+        if self.budget is not None:
+            await self.budget.charge(digest.size_bytes)
         return IndexedWriter(self, await self.storage.open_write(digest))
 
     async def stage_blobs(
         self, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[BlobWriter | CasError]:
+        if self.budget is not None:
+            await self.budget.charge(sum(len(data) for _, data in blobs))
         return await self.storage.stage_blobs(blobs)
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:

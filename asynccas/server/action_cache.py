@@ -13,12 +13,15 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
+from asynccas import metrics
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.action_cache import ActionCacheStore
+from asynccas.auth import Access
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import ActionResultNotFound, CasError, InvalidArgument, UnsupportedFeature
 from asynccas.resource_names import validate_instance_name
+from asynccas.server.calls import authorize
 from asynccas.server.cas import read_small_blobs
 from asynccas.server.errors import Context, unary_rpc
 from asynccas.server.registration import register, unary
@@ -74,7 +77,20 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
     async def GetActionResult(
         self, request: re_pb2.GetActionResultRequest, context: Context
     ) -> re_pb2.ActionResult:
+        counting = metrics.active()
+        if counting is None:
+            return await self._lookup(request)
+        try:
+            result = await self._lookup(request)
+        except ActionResultNotFound:
+            counting.action_cache.labels("miss").inc()
+            raise
+        counting.action_cache.labels("hit").inc()
+        return result
+
+    async def _lookup(self, request: re_pb2.GetActionResultRequest) -> re_pb2.ActionResult:
         validate_instance_name(request.instance_name)
+        authorize(Access.READ, request.instance_name)
         action = Digest.from_proto(request.action_digest, request.digest_function)
         data = await self.store.get(request.instance_name, action)
         if data is None:
@@ -130,6 +146,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         self, request: re_pb2.UpdateActionResultRequest, context: Context
     ) -> re_pb2.ActionResult:
         validate_instance_name(request.instance_name)
+        authorize(Access.WRITE, request.instance_name)
         if not self.allow_updates:
             raise UnsupportedFeature("this server does not accept action cache updates")
         action = Digest.from_proto(request.action_digest, request.digest_function)

@@ -7,17 +7,29 @@ from typing import Final, Self
 
 import anyio
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from asynccas import metrics
 from asynccas.action_cache import ActionCacheStore
+from asynccas.auth import AccessPolicy
 from asynccas.server.action_cache import ActionCacheService
 from asynccas.server.bytestream import ByteStreamService
+from asynccas.server.calls import CallObserver
 from asynccas.server.capabilities import CapabilitiesService
 from asynccas.server.cas import ContentAddressableStorageService, response_limit
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.base import Storage
-from asynccas.transport import TRANSPORT_OPTIONS
+from asynccas.threads import in_thread
+from asynccas.transport import TRANSPORT_OPTIONS, ServerTls
 
 DEFAULT_MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
+SERVICE_NAMES: Final = (
+    "build.bazel.remote.execution.v2.ContentAddressableStorage",
+    "build.bazel.remote.execution.v2.ActionCache",
+    "build.bazel.remote.execution.v2.Capabilities",
+    "google.bytestream.ByteStream",
+)
 
 
 class CasServer:
@@ -35,11 +47,22 @@ class CasServer:
         upload_idle_timeout: float = 600.0,
         stream_idle_timeout: float = 120.0,
         max_active_uploads: int = 1000,
+        tls: ServerTls | None = None,
+        access: AccessPolicy | None = None,
+        count_metrics: bool = False,
+        access_log: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         """``upload_idle_timeout``: seconds a parked upload (a stream that ended early) is kept
         for a resume; ``stream_idle_timeout``: seconds a Write stream may send nothing before
         its upload is abandoned; ``max_active_uploads``: Write streams at once, beyond which
-        new ones get RESOURCE_EXHAUSTED (reads are not limited by it)."""
+        new ones get RESOURCE_EXHAUSTED (reads are not limited by it).
+
+        ``tls``: serve TLS (mutual TLS if it names a client CA); ``access``: check callers'
+        credentials and rights; ``count_metrics``: count calls in ``asynccas.metrics``;
+        ``access_log``: log one line per call on the ``asynccas.access`` logger;
+        ``reuse_port``: let other processes listen on the same port (``--workers``; off, a
+        second server on a port in use fails instead of silently sharing it)."""
         self.storage = storage
         self.action_cache = action_cache
         self.address = address
@@ -50,12 +73,23 @@ class CasServer:
         # gRPC's own message limit must sit above the batch limit (plus per-blob framing)
         # so that an oversized batch meets our clear INVALID_ARGUMENT, not a transport error.
         message_limit = response_limit(max_batch_total_size_bytes)
+        self.tls = tls
+        self.access = access
+        observer = None
+        if access is not None or count_metrics or access_log:
+            observer = CallObserver(
+                policy=access,
+                metrics=metrics.enable() if count_metrics else None,
+                access_log=access_log,
+            )
         self._server = grpc.aio.server(
+            interceptors=[observer] if observer is not None else None,
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
+                ("grpc.so_reuseport", int(reuse_port)),
                 *TRANSPORT_OPTIONS,
-            ]
+            ],
         )
         CapabilitiesService(
             max_batch_total_size_bytes=max_batch_total_size_bytes,
@@ -75,21 +109,39 @@ class CasServer:
             allow_updates=allow_action_cache_updates,
             check_completeness=check_action_results,
         ).add_to_server(self._server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
         self.port = 0
         self._task_group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
+        credentials = await in_thread(self.tls.credentials) if self.tls is not None else None
+        if self.access is not None:
+            await in_thread(self.access.load)
         await self.storage.start()
         await self.action_cache.start()
         try:
             try:
-                self.port = self._server.add_insecure_port(self.address)
+                if credentials is not None:
+                    self.port = self._server.add_secure_port(self.address, credentials)
+                else:
+                    self.port = self._server.add_insecure_port(self.address)
             except RuntimeError as exc:  # grpc's way of saying the bind failed
-                raise OSError(f"could not listen on {self.address}: {exc}") from exc
+                raise OSError(
+                    f"could not listen on {self.address}: the address is in use or not"
+                    " this machine's"
+                ) from exc
             await self._server.start()
+            for name in ("", *SERVICE_NAMES):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
             self._task_group.start_soon(self.uploads.run_expiry)
+            if self.access is not None:
+                self._task_group.start_soon(self.access.watch)
         except BaseException:
             await self.action_cache.stop()
             await self.storage.stop()
@@ -107,6 +159,7 @@ class CasServer:
             await self._task_group.__aexit__(None, None, None)
             self._task_group = None
         with anyio.CancelScope(shield=True):
+            await self.health.enter_graceful_shutdown()
             await self._server.stop(grace=5.0)
             await self.uploads.close()
             await self.action_cache.stop()

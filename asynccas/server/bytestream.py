@@ -12,8 +12,10 @@ import grpc
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.auth import Access
 from asynccas.errors import InvalidArgument, OutOfRange, UnsupportedFeature, UploadStalled
 from asynccas.resource_names import BlobResource, parse_read_name, parse_write_name
+from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
 from asynccas.server.registration import (
     MalformedRequest,
@@ -79,6 +81,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self, request: bs_pb2.ReadRequest, context: Context
     ) -> AsyncIterator[bs_pb2.ReadResponse]:
         resource = parse_read_name(request.resource_name)
+        authorize(Access.READ, resource.instance_name)
         _reject_compression(resource)
         digest = resource.digest
         if not 0 <= request.read_offset <= digest.size_bytes:
@@ -106,6 +109,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if isinstance(first, MalformedRequest):
             raise first.error()
         resource = parse_write_name(first.resource_name)
+        authorize(Access.WRITE, resource.instance_name)
         _reject_compression(resource)
         digest = resource.digest
         # REAPI: a blob that is already there (the empty one always is) completes at once.
@@ -192,6 +196,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self, request: bs_pb2.QueryWriteStatusRequest, context: Context
     ) -> bs_pb2.QueryWriteStatusResponse:
         resource = parse_write_name(request.resource_name)
+        authorize(Access.WRITE, resource.instance_name)
         _reject_compression(resource)
         digest = resource.digest
         if digest.is_empty or await self.storage.has_blob(digest):

@@ -7,8 +7,10 @@ import grpc
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.build.bazel.semver import semver_pb2
+from asynccas.auth import Access
 from asynccas.digest import DigestFunction
 from asynccas.resource_names import validate_instance_name
+from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, unary_rpc
 from asynccas.server.registration import register, unary
 
@@ -54,4 +56,5 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
         self, request: re_pb2.GetCapabilitiesRequest, context: Context
     ) -> re_pb2.ServerCapabilities:
         validate_instance_name(request.instance_name)
+        authorize(Access.READ, request.instance_name)
         return self._capabilities

@@ -9,8 +9,10 @@ from typing import Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from asynccas import metrics
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.auth import Access
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import (
     BatchTooLarge,
@@ -21,6 +23,7 @@ from asynccas.errors import (
     UnsupportedFeature,
 )
 from asynccas.resource_names import validate_instance_name
+from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
 from asynccas.server.registration import register, server_streaming, unary
 from asynccas.server.tree_cache import CachedTree, TreeCache
@@ -116,12 +119,14 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                 raise InvalidArgument(f"FindMissingBlobsRequest is malformed: {exc}") from None
             return (await self._find_missing_blobs(message)).SerializeToString()
         validate_instance_name(request.instance_name)
+        authorize(Access.READ, request.instance_name)
         return request.answer(await self._missing_mask(request.batch))
 
     async def _find_missing_blobs(
         self, request: re_pb2.FindMissingBlobsRequest
     ) -> re_pb2.FindMissingBlobsResponse:
         validate_instance_name(request.instance_name)
+        authorize(Access.READ, request.instance_name)
         # No per-digest status exists in the response, so one bad digest fails the request.
         batch = DigestBatch.from_protos(request.blob_digests, request.digest_function)
         mask = await self._missing_mask(batch)
@@ -134,6 +139,14 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
 
     async def _missing_mask(self, batch: DigestBatch) -> bytes:
         mask = await self.storage.missing_mask(batch)
+        counting = metrics.active()
+        if counting is not None:  # per distinct digest: a repeat is answered at its first place
+            unique = batch.unique()
+            missing = mask.count(1)
+            counting.find_missing.labels("missing").inc(missing)
+            counting.find_missing.labels("present").inc(
+                len(unique[0] if unique is not None else batch) - missing
+            )
         empty = batch.empty_positions()
         if empty:
             editable = bytearray(mask)
@@ -187,6 +200,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     async def _update_batch(self, request: re_pb2.BatchUpdateBlobsRequest) -> list[UpdateResult]:
         """Store the request's blobs; each one's digest with its error, or None if stored."""
         validate_instance_name(request.instance_name)
+        authorize(Access.WRITE, request.instance_name)
         entries = list(request.requests)
         messages = [entry.digest for entry in entries]
         datas = [entry.data for entry in entries]  # each access copies the bytes out
@@ -234,6 +248,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
     async def _read_batch(self, request: re_pb2.BatchReadBlobsRequest) -> list[ReadResult]:
         """Each requested digest with its data, or the error that stands in for it."""
         validate_instance_name(request.instance_name)
+        authorize(Access.READ, request.instance_name)
         parsed = _parse_digests(request.digests, request.digest_function)
         valid = [d for d in parsed if isinstance(d, Digest)]
         # Every entry counts, repeats too: the answer carries the data once per entry (250
@@ -261,6 +276,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         self, request: re_pb2.GetTreeRequest, context: Context
     ) -> AsyncIterator[re_pb2.GetTreeResponse]:
         validate_instance_name(request.instance_name)
+        authorize(Access.READ, request.instance_name)
         root = Digest.from_proto(request.root_digest, request.digest_function)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")

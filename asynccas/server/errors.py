@@ -24,6 +24,8 @@ _CODES: Final[list[tuple[type[errors.CasError], grpc.StatusCode]]] = [
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from asynccas import metrics
 from asynccas.errors import InvalidArgument, Overloaded, UploadConflict
 from asynccas.resource_names import BlobResource
 from asynccas.storage.base import BlobWriter, Storage
@@ -62,6 +63,7 @@ class UploadSessions:
         parked = self._parked.pop(key, None)
         if parked is not None and write_offset == parked.writer.committed_size:
             self._active.add(key)
+            self._count_active()
             return parked
         if parked is not None:
             await _abort(parked)
@@ -73,11 +75,13 @@ class UploadSessions:
             )
         upload = Upload(key, await self.storage.open_write(resource.digest))
         self._active.add(key)
+        self._count_active()
         return upload
 
     async def park(self, upload: Upload) -> None:
         """Keep an unfinished upload for a later stream to resume."""
         self._active.discard(upload.key)
+        self._count_active()
         try:
             await upload.writer.release_memory()  # parked data waits on disk, not in memory
         except BaseException:
@@ -95,6 +99,12 @@ class UploadSessions:
                 await _abort(upload)
         finally:
             self._active.discard(upload.key)
+            self._count_active()
+
+    def _count_active(self) -> None:
+        counting = metrics.active()
+        if counting is not None:
+            counting.uploads_in_flight.set(len(self._active))
 
     def committed_size(self, resource: BlobResource) -> int:
         parked = self._parked.get(upload_key(resource))

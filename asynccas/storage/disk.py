@@ -21,6 +21,7 @@ import anyio
 
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch, StorageFull
+from asynccas.outages import outages
 from asynccas.storage.base import CHUNK_SIZE, BlobWriter, CommitsInThread, Storage
 from asynccas.storage.direct_io import open_direct
 from asynccas.threads import in_thread
@@ -30,6 +31,9 @@ DEFAULT_DIRECT_IO_ABOVE: Final = 16 * 1024 * 1024
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+_DISK_OUTAGES: Final = outages("disk", "this machine")
 
 
 @contextmanager
@@ -42,7 +46,9 @@ def _disk_errors(action: str) -> Iterator[None]:
             raise StorageFull(f"disk full while trying to {action}") from exc
         if exc.errno == errno.EFBIG:
             raise StorageFull(f"file too large for the disk while trying to {action}") from exc
+        _DISK_OUTAGES.failed(exc)
         raise BackendUnavailable(f"disk error while trying to {action}: {exc}") from exc
+    _DISK_OUTAGES.succeeded()
 
 
 def _read_up_to_at(fd: int, limit: int, offset: int) -> bytes:

@@ -1,0 +1,223 @@
+"""What happens around every RPC when a server checks credentials, counts metrics or keeps an
+access log: one grpc.aio interceptor, installed only when one of them is on (a server with
+none of them pays nothing per call).
+
+The interceptor identifies the caller from the call's metadata before the handler runs; the
+handler, once it has parsed the instance name, calls ``authorize`` (the instance is in the
+request body, which an interceptor does not see). Afterwards the interceptor counts the call
+and logs it, with the status code the handler answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+from google.protobuf.message import Message
+
+from asynccas.auth import EVERYONE, Access, AccessPolicy, Identity
+from asynccas.errors import CasError
+from asynccas.metrics import Metrics
+from asynccas.server.errors import message_of, status_code
+
+access_logger: Final = logging.getLogger("asynccas.access")
+
+
+@dataclass(slots=True)
+class Call:
+    """One RPC under way, as the interceptor and ``authorize`` see it."""
+
+    method: str
+    peer: str
+    identity: Identity
+    policy: AccessPolicy | None
+    instance: str = ""
+    received: int = 0
+    sent: int = 0
+
+
+_current: ContextVar[Call | None] = ContextVar("asynccas_call", default=None)
+
+
+def authorize(access: Access, instance: str) -> None:
+    """Raise Unauthenticated or PermissionDenied unless the current caller may ``access``
+    ``instance``. Handlers call it once they know the instance; outside an observed call
+    (no policy) everyone may do everything."""
+    call = _current.get()
+    if call is None:
+        return
+    call.instance = instance
+    if call.policy is not None:
+        call.policy.authorize(call.identity, access, instance)
+
+
+def _size(message: object) -> int:
+    if isinstance(message, bytes):
+        return len(message)
+    if isinstance(message, Message):
+        return message.ByteSize()
+    return 0  # a MalformedRequest
+
+
+class CallObserver(grpc.aio.ServerInterceptor):
+    """Identifies callers (``policy``), counts calls (``metrics``) and logs them
+    (``access_log``); any of the three may be off."""
+
+    def __init__(
+        self,
+        *,
+        policy: AccessPolicy | None = None,
+        metrics: Metrics | None = None,
+        access_log: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        # grpc's handlers are namedtuples, which its type stubs do not say.
+        handler: Any = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        metadata = details.invocation_metadata
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, method, metadata))
+        if handler.stream_unary is not None:
+            return handler._replace(
+                stream_unary=self._client_streaming(handler.stream_unary, method, metadata)
+            )
+        if handler.unary_stream is not None:
+            return handler._replace(
+                unary_stream=self._server_streaming(handler.unary_stream, method, metadata)
+            )
+        return handler  # no bidirectional RPCs here
+
+    def _begin(self, method: str, metadata: Any, context: Any) -> Call:
+        """The call's record; raises Unauthenticated for credentials that do not verify."""
+        call = Call(method, context.peer(), EVERYONE, self.policy)
+        _current.set(call)  # each RPC runs in a task of its own: this does not leak
+        if self.policy is not None:
+            call.identity = self.policy.identify(metadata)
+        return call
+
+    def _unary(self, behavior: Any, method: str, metadata: Any) -> Any:
+        async def observed(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            call: Call | None = None
+            failure: BaseException | None = None
+            try:
+                call = self._begin(method, metadata, context)
+                call.received = _size(request)
+                response = await behavior(request, context)
+                call.sent = _size(response)
+                return response
+            except CasError as exc:  # the credentials did not verify
+                failure = exc
+                await context.abort(status_code(exc), message_of(exc))
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._end(call, method, context, started, failure)
+
+        return observed
+
+    def _client_streaming(self, behavior: Any, method: str, metadata: Any) -> Any:
+        async def observed(requests: AsyncIterator[Any], context: Any) -> Any:
+            started = time.perf_counter()
+            call: Call | None = None
+            failure: BaseException | None = None
+            try:
+                call = self._begin(method, metadata, context)
+                response = await behavior(_counted(requests, call), context)
+                call.sent = _size(response)
+                return response
+            except CasError as exc:
+                failure = exc
+                await context.abort(status_code(exc), message_of(exc))
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._end(call, method, context, started, failure)
+
+        return observed
+
+    def _server_streaming(self, behavior: Any, method: str, metadata: Any) -> Any:
+        async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            call: Call | None = None
+            failure: BaseException | None = None
+            try:
+                call = self._begin(method, metadata, context)
+                call.received = _size(request)
+                async for response in behavior(request, context):
+                    call.sent += _size(response)
+                    yield response
+            except CasError as exc:
+                failure = exc
+                await context.abort(status_code(exc), message_of(exc))
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._end(call, method, context, started, failure)
+
+        return observed
+
+    def _end(
+        self,
+        call: Call | None,
+        method: str,
+        context: Any,
+        started: float,
+        failure: BaseException | None,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        code = _code(context, failure)
+        if self.metrics is not None:
+            self.metrics.rpcs.labels(method, code).inc()
+            self.metrics.rpc_seconds.labels(method).observe(seconds)
+            if call is not None:
+                self.metrics.received_bytes.labels(method).inc(call.received)
+                self.metrics.sent_bytes.labels(method).inc(call.sent)
+        if self.access_log:
+            peer = call.peer if call is not None else context.peer()
+            who = call.identity.name if call is not None and call.identity.name else "-"
+            instance = call.instance if call is not None else ""
+            received = call.received if call is not None else 0
+            sent = call.sent if call is not None else 0
+            access_logger.info(
+                "%s %s instance=%r %s %s in=%d out=%d %.1fms",
+                peer, who, instance, method, code, received, sent, seconds * 1000,
+            )  # fmt: skip
+
+
+def _code(context: Any, failure: BaseException | None) -> str:
+    if isinstance(failure, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    if code is None:
+        return "OK" if failure is None else "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return str(code)
+
+
+async def _counted(requests: AsyncIterator[Any], call: Call) -> AsyncIterator[Any]:
+    async for request in requests:
+        call.received += _size(request)
+        yield request

@@ -1,0 +1,140 @@
+"""Bazel 4.2.3 (Debian's ``bazel-bootstrap``) against a server that requires bearer tokens, as
+a team would run it: a writer's token fills the cache, a reader's gets full hits, and Bazel
+without a token is refused and stores nothing. CI installs Bazel (``.ci/run``); elsewhere the
+test is skipped when there is no ``bazel`` on the PATH.
+
+Over plain gRPC: Debian's Bazel 4.2.3 cannot speak TLS at all. Any ``grpcs://`` remote crashes
+it ("Failed to init TLS infrastructure: JDK provider does not support ALPN protocol", exit 37,
+with JDK 17 and JDK 25 alike): its unbundled Netty finds no ALPN provider. TLS and mutual TLS
+are tested with gRPC's own clients (tests/test_security.py, tests/test_cli.py)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asynccas.action_cache import SqliteActionCache
+from asynccas.auth import AccessPolicy, TokenFile, token_hash
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.server.app import CasServer
+from asynccas.storage.disk import DiskStorage
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(shutil.which("bazel") is None, reason="needs bazel (bazel-bootstrap)"),
+    pytest.mark.timeout(600),
+]
+
+RULES = 6
+WRITER, READER = "bazel-writer-token", "bazel-reader-token"
+# Debian's bazelrc turns on sandbox debugging; the rest keeps Bazel quiet and local.
+COMMON = ["--nosandbox_debug", "--spawn_strategy=standalone", "--color=no", "--curses=no",
+          "--symlink_prefix=/", "--remote_timeout=60"]  # fmt: skip
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # Bazel's run time dwarfs the event loop's: one backend is enough
+
+
+def make_workspace(root: Path) -> None:
+    root.mkdir(parents=True)
+    (root / "WORKSPACE").write_text('workspace(name = "secured")\n')
+    rules = [
+        f'genrule(name = "g{i}", outs = ["out{i}.bin"],'
+        f' cmd = "(echo rule {i}; head -c {2000 * (i + 1) ** 3} /dev/zero) > $@")'
+        for i in range(RULES)
+    ]
+    (root / "BUILD").write_text("\n".join(rules) + "\n")
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[tuple[CasServer, SqliteIndex]]:
+    tokens = tmp_path / "tokens.toml"
+    await anyio.Path(tokens).write_text(
+        f'[[token]]\nname = "ci"\nsha256 = "{token_hash(WRITER)}"\nwrite = ["*"]\n\n'
+        f'[[token]]\nname = "dev"\nsha256 = "{token_hash(READER)}"\nread = ["*"]\n'
+    )
+    storage = SqliteIndex(DiskStorage(tmp_path / "data", fsync=False), tmp_path / "index.sqlite")
+    async with CasServer(
+        storage,
+        SqliteActionCache(tmp_path / "ac.sqlite"),
+        address="127.0.0.1:0",
+        access=AccessPolicy(tokens=TokenFile(tokens)),
+    ) as server:
+        yield server, storage
+
+
+async def bazel(workspace: Path, output_base: Path, *args: str) -> tuple[int, str]:
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bazel", f"--output_base={output_base}", *args],
+            cwd=workspace, capture_output=True, text=True, timeout=500,
+        )  # fmt: skip
+
+    done = await anyio.to_thread.run_sync(run)
+    return done.returncode, done.stderr
+
+
+async def build(workspace: Path, output_base: Path, remote: list[str]) -> tuple[int, str]:
+    try:
+        return await bazel(workspace, output_base, "build", *COMMON, *remote, "//...")
+    finally:
+        await bazel(workspace, output_base, "shutdown")
+
+
+def hits(output: str) -> int:
+    match = re.search(r"(\d+) remote cache hit", output)
+    return int(match.group(1)) if match else 0
+
+
+@pytest.fixture
+def output_bases() -> Iterator[Path]:
+    """Bazel's output bases, under a short path: its server's Unix socket lives there, and a
+    pytest temp path is longer than a socket path may be (Bazel then exits with status 37)."""
+    root = Path(tempfile.mkdtemp(prefix="asynccas-bazel-", dir="/tmp"))
+    yield root
+    subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)  # Bazel's are read-only
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_bazel_with_tokens(
+    secured: tuple[CasServer, SqliteIndex], tmp_path: Path, output_bases: Path
+) -> None:
+    server, storage = secured
+    workspace = tmp_path / "ws"
+    await anyio.to_thread.run_sync(make_workspace, workspace)
+    remote = [f"--remote_cache=grpc://{server.target}"]
+
+    # No token: Bazel is refused at its first call (Capabilities), says why, stores nothing.
+    code, output = await build(workspace, output_bases / "anonymous", remote)
+    assert code != 0
+    assert "UNAUTHENTICATED" in output, output[-3000:]
+    assert "needs a bearer token" in output
+    assert await storage.get_total_size() == 0
+
+    # A reader's token: Bazel builds, but its uploads are refused; nothing is stored.
+    reader = [*remote, f"--remote_header=Authorization=Bearer {READER}"]
+    code, output = await build(workspace, output_bases / "reader-first", reader)
+    assert code == 0, output[-3000:]
+    assert "WARNING: Writing to Remote Cache" in output, output[-3000:]
+    assert await storage.get_total_size() == 0
+
+    # The writer's token fills the cache.
+    writer = [*remote, f"--remote_header=Authorization=Bearer {WRITER}"]
+    code, output = await build(workspace, output_bases / "writer", writer)
+    assert code == 0, output[-3000:]
+    assert "WARNING" not in output, output[-3000:]
+    assert await storage.get_total_size() >= sum(2000 * (i + 1) ** 3 for i in range(RULES))
+
+    # A reader's token, in a fresh output base: every action is a hit.
+    code, output = await build(workspace, output_bases / "reader", reader)
+    assert code == 0, output[-3000:]
+    assert hits(output) == RULES, output[-3000:]

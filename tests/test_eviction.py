@@ -1,0 +1,66 @@
+"""The byte budget (--max-size): enforced between the periodic passes too, with the action
+cache counted, on a real SQLite index over a disk store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asynccas.action_cache import SqliteActionCache
+from asynccas.digest import Digest
+from asynccas.eviction import EvictionPolicy
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.storage.disk import DiskStorage
+from asynccas.testing import blob
+
+pytestmark = pytest.mark.anyio
+
+BLOB = 100_000
+
+
+async def store(index: SqliteIndex, digest: Digest, data: bytes) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data
+
+    await index.commit_write(digest, chunks())
+
+
+def open_index(root: Path) -> SqliteIndex:
+    return SqliteIndex(DiskStorage(root / "data", fsync=False), root / "index.sqlite")
+
+
+async def test_uploads_past_the_budget_start_eviction_at_once(tmp_path: Path) -> None:
+    """Checked only every 5 s, usage overshot without bound: here the periodic pass never
+    comes (an hour), and 40 uploads of 100 KB against a 1 MB budget must still not pile up."""
+    policy = EvictionPolicy(1_000_000, interval=3600)
+    async with open_index(tmp_path) as index, anyio.create_task_group() as tasks:
+        tasks.start_soon(policy.run, index)
+        await anyio.sleep(0.1)  # the first pass measures the room
+        peak = 0
+        for seed in range(40):
+            await store(index, *blob(BLOB, seed))
+            peak = max(peak, await index.get_total_size())
+        tasks.cancel_scope.cancel()
+    # The budget, its slack (5%) and the upload that crossed it, never 4 MB.
+    assert peak <= 1_000_000 + 50_000 + BLOB, peak
+
+
+async def test_action_results_count_toward_the_budget(tmp_path: Path) -> None:
+    policy = EvictionPolicy(1_000_000, interval=3600)
+    action_cache = SqliteActionCache(tmp_path / "ac.sqlite")
+    await action_cache.start()
+    async with open_index(tmp_path) as index:
+        for seed in range(8):
+            await store(index, *blob(BLOB, seed))
+        assert await policy.enforce_once(index, action_cache) == 0  # 800 KB fit
+        for number in range(100):  # a few hundred KB of action results
+            await action_cache.put("", Digest.of(b"%d" % number), bytes(2000))
+        results = await action_cache.stored_bytes()
+        assert 200_000 <= results < 1_000_000
+        freed = await policy.enforce_once(index, action_cache)
+        assert freed > 0
+        assert await index.get_total_size() + results <= 1_000_000
+    await action_cache.stop()
