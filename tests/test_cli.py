@@ -641,6 +641,16 @@ def test_tls_and_tokens_from_the_command_line(env: dict[str, str], tmp_path: Pat
         uploaded = cas("--token-file", str(token_file), "upload", str(tmp_path / "f"))
         assert uploaded.returncode == 0, uploaded.stderr
         assert uploaded.stdout.strip() == str(digest)
+        bench = subprocess.run(
+            [sys.executable, "-m", "asynccas.cli", "bench", target, "--scenario", "bazel-like",
+             "--requests", "10", "--concurrency", "2", "--processes", "1",
+             "--tls-ca", str(pki.ca), "--json", str(tmp_path / "run.json")],
+            env={**env, "ASYNCCAS_TOKEN": token_file.read_text()},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stderr + bench.stdout
+        assert "none" in bench.stdout  # the errors column
+        assert token_file.read_text() not in (tmp_path / "run.json").read_text()
     finally:
         output = stop(process, signal.SIGTERM)
     assert re.search(r"ipv4:127\.0\.0\.1:\d+ ci instance='' FindMissingBlobs OK", output), output

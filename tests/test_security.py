@@ -21,7 +21,7 @@ from asynccas.action_cache import MemoryActionCache
 from asynccas.auth import AccessPolicy, JwtVerifier, TokenFile, token_hash
 from asynccas.client.cas import CasClient
 from asynccas.digest import Digest
-from asynccas.errors import BackendUnavailable, PermissionDenied, Unauthenticated
+from asynccas.errors import BackendUnavailable, Unauthenticated
 from asynccas.resource_names import format_read_name, format_write_name
 from asynccas.server.app import CasServer
 from asynccas.storage.memory import MemoryStorage
@@ -282,13 +282,38 @@ async def test_tls_and_tokens_together_through_the_client(tmp_path: Path) -> Non
     async with serving(tls=ServerTls(pki.server_cert, pki.server_key), access=policy) as server:
         endpoint = f"grpcs://{server.target}"
         async with CasClient(endpoint, tls=ClientTls(ca=pki.ca), token=WRITER) as client:
-            digest, data = blob(300_000, 2)  # ByteStream, not a batch
+            # Over the batch limit: ByteStream both ways, whose streaming calls carry the token
+            # too (the client once sent it on unary calls only).
+            digest, data = blob(5 << 20, 2)
             await client.upload_blobs([(digest, data)])
+            assert await client.download_blobs([digest]) == {digest: data}
+        # A token the server does not know fails the client's first call.
         with pytest.raises(Unauthenticated, match="UNAUTHENTICATED"):
-            async with CasClient(endpoint, tls=ClientTls(ca=pki.ca), max_attempts=1):
+            async with CasClient(
+                endpoint, tls=ClientTls(ca=pki.ca), token="forged", max_attempts=1
+            ):
                 pass
+        # Without a token, Capabilities answers (see below) and the first read is refused.
+        async with CasClient(endpoint, tls=ClientTls(ca=pki.ca), max_attempts=1) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                await client.find_missing([digest])
+            assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
         async with CasClient(endpoint, "main", tls=ClientTls(ca=pki.ca), token=READER) as client:
             assert await client.download_blobs([digest]) == {digest: data}
-        with pytest.raises(PermissionDenied, match="'team' may not read instance 'x'"):
-            async with CasClient(endpoint, "x", tls=ClientTls(ca=pki.ca), token=TEAM):
-                pass
+        async with CasClient(endpoint, "x", tls=ClientTls(ca=pki.ca), token=TEAM) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await client.find_missing([digest])
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert denied.value.details() == "'team' may not read instance 'x'"
+
+
+async def test_capabilities_need_no_token(tmp_path: Path) -> None:
+    """Capabilities holds nothing but the server's settings, and Bazel before 3 sends no
+    --remote_header on it: it answers every caller whose credentials, if any, verify."""
+    policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
+    async with serving(access=policy) as server, grpc.aio.insecure_channel(server.target) as ch:
+        stub = re_grpc.CapabilitiesStub(ch)
+        answer = await stub.GetCapabilities(re_pb2.GetCapabilitiesRequest(instance_name="any"))
+        assert answer.cache_capabilities.max_batch_total_size_bytes > 0
+        forged = stub.GetCapabilities(re_pb2.GetCapabilitiesRequest(), metadata=metadata("forged"))
+        assert await code_of(forged) == grpc.StatusCode.UNAUTHENTICATED

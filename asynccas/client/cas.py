@@ -143,6 +143,10 @@ class CasClient:
         trusts the system's CAs); ``token``: sent as ``authorization: Bearer TOKEN``."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        if token is not None and not (
+            token.isprintable() and token.isascii() and token.strip() == token and token
+        ):
+            raise ValueError("a bearer token must be printable ASCII without surrounding spaces")
         self.chunk_size = chunk_size
         self.endpoint = endpoint
         self.tls = tls
@@ -753,12 +757,7 @@ def _connection_error(endpoint: str, exc: grpc.aio.AioRpcError) -> CasError:
     return CasError(text)
 
 
-class _BearerToken(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _BearerToken:
     """Adds ``authorization: Bearer TOKEN`` to every call, on plain and TLS channels alike
     (grpc's call credentials refuse plain ones, and a TLS-terminating proxy is common)."""
 
@@ -770,21 +769,32 @@ class _BearerToken(
         metadata.append(self._header)
         return details._replace(metadata=grpc.aio.Metadata(*metadata))
 
+
+# One class per kind of call: grpc.aio files an interceptor under the first kind it is an
+# instance of, so a single class of all four would only ever see unary-unary calls.
+class _UnaryUnaryToken(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _UnaryStreamToken(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _StreamUnaryToken(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._with_token(details), requests)
 
+
+class _StreamStreamToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._with_token(details), requests)
 
 
 def _bearer_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    return [_BearerToken(token)]
+    kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    return [kind(token) for kind in kinds]
 
 
 def _code(value: int) -> grpc.StatusCode:

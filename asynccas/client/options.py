@@ -45,7 +45,9 @@ def connection_options(args: argparse.Namespace) -> tuple[ClientTls | None, str 
             tls = ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
         except ValueError as exc:
             raise CasError(str(exc)) from None
-    token = os.environ.get(TOKEN_VARIABLE) or None
+    # Stripped, like a token file: `export ASYNCCAS_TOKEN=$(cat file)` keeps no newline, but
+    # other ways of setting it do, and a newline is not allowed in a gRPC header.
+    token = os.environ.get(TOKEN_VARIABLE, "").strip() or None
     if args.token_file is not None:
         try:
             token = args.token_file.read_text().strip()

@@ -57,6 +57,13 @@ def authorize(access: Access, instance: str) -> None:
         call.policy.authorize(call.identity, access, instance)
 
 
+def record_instance(instance: str) -> None:
+    """Name the instance of a call that needs no rights (Capabilities), for the access log."""
+    call = _current.get()
+    if call is not None:
+        call.instance = instance
+
+
 def _size(message: object) -> int:
     if isinstance(message, bytes):
         return len(message)

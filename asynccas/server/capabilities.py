@@ -7,10 +7,9 @@ import grpc
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.build.bazel.semver import semver_pb2
-from asynccas.auth import Access
 from asynccas.digest import DigestFunction
 from asynccas.resource_names import validate_instance_name
-from asynccas.server.calls import authorize
+from asynccas.server.calls import record_instance
 from asynccas.server.errors import Context, unary_rpc
 from asynccas.server.registration import register, unary
 
@@ -56,5 +55,8 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
         self, request: re_pb2.GetCapabilitiesRequest, context: Context
     ) -> re_pb2.ServerCapabilities:
         validate_instance_name(request.instance_name)
-        authorize(Access.READ, request.instance_name)
+        # Open to every caller: the answer holds nothing but this server's settings, and
+        # Bazel before 3 sends no --remote_header on this call (nor on ByteStream), so
+        # requiring a token here would lock such clients out of reads they may make.
+        record_instance(request.instance_name)
         return self._capabilities
