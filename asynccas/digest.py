@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Final
 
+import blake3
 from google.protobuf.message import DecodeError
 
 from asynccas import varint
@@ -29,8 +30,12 @@ _HEX = re.compile(r"[0-9a-f]+")
 class DigestFunction(enum.Enum):
     """The digest functions asynccas supports, with REAPI's enum value and hex length.
 
-    Each has a distinct hex length, which is how REAPI lets a server infer the
-    function when a request leaves ``digest_function`` unset.
+    The legacy functions (SHA256, SHA1, MD5, SHA384, SHA512) each have a distinct hex length,
+    which is how REAPI lets a server infer one when a request leaves ``digest_function`` unset
+    and a resource name has no function segment. Newer ones (BLAKE3) share a length with a
+    legacy function, so requests must name them, and a blob's identity (keys, paths, index
+    members) always includes its function: a BLAKE3 and a SHA256 digest with the same 64 hex
+    characters are different blobs.
     """
 
     SHA256 = (re_pb2.DigestFunction.SHA256, 64)
@@ -38,6 +43,7 @@ class DigestFunction(enum.Enum):
     MD5 = (re_pb2.DigestFunction.MD5, 32)
     SHA384 = (re_pb2.DigestFunction.SHA384, 96)
     SHA512 = (re_pb2.DigestFunction.SHA512, 128)
+    BLAKE3 = (re_pb2.DigestFunction.BLAKE3, 64)
 
     lower_name: str
     """The spelling used in resource names and storage paths, e.g. ``sha256``."""
@@ -47,6 +53,11 @@ class DigestFunction(enum.Enum):
     def __init__(self, proto_value: int, hex_length: int) -> None:
         self.proto_value = proto_value
         self.hex_length = hex_length
+
+    @property
+    def is_legacy(self) -> bool:
+        """Whether REAPI infers this function from a hash's length (no segment, no field)."""
+        return self in LEGACY_FUNCTIONS
 
     @classmethod
     def from_proto(cls, value: int) -> DigestFunction:
@@ -65,6 +76,7 @@ class DigestFunction(enum.Enum):
 
     @classmethod
     def for_hex_length(cls, length: int) -> DigestFunction:
+        """The legacy function with hashes of ``length`` characters."""
         function = _BY_LENGTH.get(length)
         if function is None:
             raise InvalidDigest(f"no supported digest function has {length}-character hashes")
@@ -73,9 +85,11 @@ class DigestFunction(enum.Enum):
 
 for _function in DigestFunction:
     _function.lower_name = _function.name.lower()
-    _function.new_hasher = getattr(hashlib, _function.lower_name)
+    _function.new_hasher = getattr(hashlib, _function.lower_name, None)  # type: ignore[assignment]
+DigestFunction.BLAKE3.new_hasher = blake3.blake3  # type: ignore[assignment]  # hashlib's API
+LEGACY_FUNCTIONS: Final = frozenset(f for f in DigestFunction if f is not DigestFunction.BLAKE3)
 _BY_PROTO: Final = {f.proto_value: f for f in DigestFunction}
-_BY_LENGTH: Final = {f.hex_length: f for f in DigestFunction}
+_BY_LENGTH: Final = {f.hex_length: f for f in LEGACY_FUNCTIONS}
 _HEX_DIGITS: Final = b"0123456789abcdef"
 
 
@@ -205,24 +219,39 @@ class Digest(tuple[str, int, DigestFunction, str]):
     @property
     def delimited(self) -> bytes:
         """The digest as a request carries it: its ``Digest`` message as protobuf writes it (the
-        hash, then the size unless 0), after the message's length as a varint.
-
-        Unique per digest, since every supported function has its own hash length. It is what
-        ``RedisIndex`` stores: a FindMissingBlobs request holds its digests in this very form,
-        so they are looked up without being decoded.
-        """
+        hash, then the size unless 0), after the message's length as a varint. Two functions
+        with hashes of one length (SHA256, BLAKE3) share this form: see ``member``."""
         return delimited_digest(self[0], self[1])
 
+    @property
+    def member(self) -> bytes:
+        """The digest as an index stores it (``RedisIndex``): ``delimited``, after a prefix
+        naming the function for the functions that are not legacy ones. A legacy digest is
+        just its ``delimited`` form, so a FindMissingBlobs request's own bytes are looked up
+        without being decoded, and indexes written before BLAKE3 stay valid as they are."""
+        return _MEMBER_PREFIXES.get(self[2], b"") + delimited_digest(self[0], self[1])
+
     @classmethod
-    def from_delimited(cls, data: bytes) -> Digest:
-        """Inverse of ``delimited``; only the exact bytes ``delimited`` writes are accepted."""
+    def from_member(cls, data: bytes) -> Digest:
+        """Inverse of ``member``; only the exact bytes ``member`` writes are accepted."""
+        function = None
+        if data[:1] == b"\x00":  # a delimited Digest starts with its length, never 0
+            name, separator, data = data[1:].partition(b"\x00")
+            if not separator:
+                raise InvalidDigest(f"{data!r} is not an index member")
+            function = DigestFunction.from_name(name.decode("ascii", "replace"))
         length, start = varint.decode(data, 0, 2)
         if length is None or start + length != len(data):
             raise InvalidDigest(f"{data!r} is not a length-delimited Digest")
         try:
-            digest = cls.from_proto(re_pb2.Digest.FromString(data[start:]))
+            message = re_pb2.Digest.FromString(data[start:])
         except DecodeError:
             raise InvalidDigest(f"{data!r} is not a length-delimited Digest") from None
+        digest = cls(
+            message.hash,
+            message.size_bytes,
+            function or DigestFunction.for_hex_length(len(message.hash)),
+        )
         if digest.delimited != data:
             raise InvalidDigest(f"{data!r} is not a Digest as protobuf writes it")
         return digest
@@ -242,6 +271,9 @@ def delimited_digest(hash: str, size_bytes: int) -> bytes:
     return varint.encode(len(message)) + message
 
 
+_MEMBER_PREFIXES: Final = {
+    f: b"\x00" + f.lower_name.encode() + b"\x00" for f in DigestFunction if not f.is_legacy
+}
 _EMPTY_HASHES: Final = {f: f.new_hasher().hexdigest() for f in DigestFunction}
 _EMPTY_DELIMITED: Final = {f: delimited_digest(h, 0) for f, h in _EMPTY_HASHES.items()}
 
@@ -371,6 +403,14 @@ class DigestBatch:
         if self._delimited is None:
             self._delimited = list(map(delimited_digest, self.hashes, self.sizes))
         return self._delimited
+
+    @property
+    def members(self) -> list[bytes]:
+        """Each digest's ``Digest.member`` form: for a legacy function, ``delimited`` itself."""
+        prefix = _MEMBER_PREFIXES.get(self.function)
+        if prefix is None:
+            return self.delimited
+        return [prefix + each for each in self.delimited]
 
     @property
     def hashes_text(self) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from asynccas.digest import MAX_SIZE, Digest, DigestFunction
+from asynccas.digest import LEGACY_FUNCTIONS, MAX_SIZE, Digest, DigestFunction
 from asynccas.errors import InvalidDigest, InvalidResourceName
 
 RESERVED_SEGMENTS: Final = frozenset(
@@ -45,7 +45,7 @@ def _enum_names(message: str) -> frozenset[str]:
 COMPRESSORS: Final = _enum_names("Compressor")  # identity (0) is never named in a path
 _FUNCTION_NAMES: Final = _enum_names("DigestFunction")
 # Functions whose segment REAPI says to omit: the server infers them from hash length.
-_IMPLIED_FUNCTIONS: Final = frozenset(DigestFunction)
+_IMPLIED_FUNCTIONS: Final = LEGACY_FUNCTIONS
 _SEGMENT = re.compile(r"[\x21-\x7e\u00a0-\U0010ffff]+")  # printable, no spaces or controls
 _UUID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 _SIZE = re.compile(r"0|[1-9][0-9]{0,18}")

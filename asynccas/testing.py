@@ -127,6 +127,42 @@ async def check_storage(storage: Storage) -> None:
     await storage.commit_write(sha1, _chunks(b"sha1 blob"))
     assert b"".join(await _read(storage, sha1)) == b"sha1 blob"
     await storage.bulk_delete([digest, sha1])
+    await check_blake3(storage)
+
+
+async def check_blake3(storage: Storage) -> None:
+    """BLAKE3 blobs, streamed and batched; and a BLAKE3 digest with the same 64 hex
+    characters as a stored SHA256 blob is another, absent blob (and the other way round)."""
+    data = os.urandom(2 * CHUNK_SIZE + 77)
+    streamed = Digest.of(data, DigestFunction.BLAKE3)
+    await storage.commit_write(streamed, _chunks(data))
+    assert b"".join(await _read(storage, streamed)) == data, "a BLAKE3 blob read back wrong"
+    small = [(Digest.of(b"b3 %d" % i, DigestFunction.BLAKE3), b"b3 %d" % i) for i in range(3)]
+    assert await storage.bulk_update_blobs(small) == [None] * 3
+    assert await storage.bulk_read_blobs([d for d, _ in small]) == dict(small)
+    wrong = Digest(Digest.of(b"other").hash, 5, DigestFunction.BLAKE3)
+    assert isinstance((await storage.bulk_update_blobs([(wrong, b"wrong")]))[0], DigestMismatch)
+
+    sha256 = Digest.of(b"same hex")
+    await storage.commit_write(sha256, _chunks(b"same hex"))
+    twins = [
+        (sha256, Digest(sha256.hash, sha256.size_bytes, DigestFunction.BLAKE3)),
+        (streamed, Digest(streamed.hash, streamed.size_bytes, DigestFunction.SHA256)),
+    ]
+    for stored, twin in twins:
+        assert twin != stored
+        assert not await storage.has_blob(twin), f"{twin!r} was taken for {stored!r}"
+        assert await storage.missing_blobs([stored, twin]) == [twin]
+        batch = DigestBatch.of(twin.function, [twin])
+        assert await storage.missing_mask(batch) == b"\x01", "missing_mask mixed up functions"
+        assert await storage.bulk_read_blobs([twin]) == {}
+        try:
+            await _read(storage, twin)
+        except BlobNotFound:
+            pass
+        else:
+            raise AssertionError(f"read {twin!r} as {stored!r}")
+    await storage.bulk_delete([streamed, sha256, *(d for d, _ in small)])
 
 
 async def check_index(index: StorageIndex) -> None:

@@ -7,13 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from asynccas.digest import Digest
+from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable
 from asynccas.index.recency import recency_window
 from asynccas.index.redis import RedisIndex
@@ -348,12 +351,12 @@ async def test_members_of_every_size_width_are_checked_and_touched(
 
 @pytest.mark.parametrize("topology", ["single", "cluster"])
 async def test_every_operation_beyond_the_connection_limit_waits_its_turn(
-    topology: str, request: pytest.FixtureRequest, tmp_path: Path
+    topology: str, redis_server: RedisServer, redis_cluster: RedisCluster, tmp_path: Path
 ) -> None:
     """Issue 16, defect 6: 500 clients at once got "Too many connections" from a healthy Redis
     on stores and reads, which use redis-py's own pool: every operation must wait for a
     connection instead (bounded by the pool's wait), not fail."""
-    server = request.getfixturevalue("redis_server" if topology == "single" else "redis_cluster")
+    server = redis_server if topology == "single" else redis_cluster
     provider = RedisProvider(server.url, max_connections=2)
     index = RedisIndex(DiskStorage(tmp_path / "data", fsync=False), provider, prefix=f"w{topology}")
     blobs = [blob(200, i) for i in range(300)]
@@ -379,3 +382,51 @@ async def test_every_operation_beyond_the_connection_limit_waits_its_turn(
                 tasks.start_soon(client, position)
         assert failures == [], f"{len(failures)} failed, e.g. {failures[0]}"
         assert await index.missing_blobs([d for d, _ in blobs]) == []
+
+
+class RecordingLane:
+    """Stands in for the encoded lane: keeps the bytes a check would send, answers nothing."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+
+    async def send(self, commands: bytes, replies: int) -> list[Any]:
+        self.sent = commands
+        return [[1] * 10_000] * replies
+
+
+@settings(max_examples=60)
+@given(
+    sizes=st.lists(st.integers(0, 2**40), min_size=1, max_size=40),
+    touched=st.sets(st.integers(0, 39)),
+    function=st.sampled_from(list(DigestFunction)),
+)
+def test_hand_encoded_checks_are_the_resp_redis_py_would_send(
+    sizes: list[int], touched: set[int], function: DigestFunction
+) -> None:
+    """The hot path writes SMISMEMBER and ZADD in RESP by hand (joins of cached pieces): the
+    bytes must be exactly what hiredis.pack_command makes of the same commands, for members
+    of every length (each varint width, BLAKE3's prefix)."""
+    import hiredis
+
+    index = RedisIndex(DiskStorage(Path("/nonexistent"), fsync=False), "redis://127.0.0.1:1/0")
+    lane = RecordingLane()
+    index._lane = lane  # type: ignore[assignment]
+    digests = [
+        Digest(f"{i:0{function.hex_length}x}", size, function) for i, size in enumerate(sizes)
+    ]
+    batch = DigestBatch.of(function, digests)
+    members = batch.members
+    window = recency_window(time.time(), index.touch_interval)
+    index._touched.add(window, [members[i] for i in touched if i < len(members)])
+
+    anyio.run(index.missing_mask, batch)
+
+    keys = index._keys(0)
+    stale = [m for i, m in enumerate(members) if i not in touched]
+    pack: Any = hiredis.pack_command
+    expected = pack(("SMISMEMBER", keys.present, *members))
+    if stale:
+        scored = [part for member in stale for part in (repr(window).encode(), member)]
+        expected += pack(("ZADD", keys.lru, "XX", "GT", *scored))
+    assert lane.sent == expected

@@ -51,6 +51,7 @@ from asynccas.errors import (
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
+    UnsupportedFeature,
 )
 from asynccas.hashing import OverlappedHasher
 from asynccas.resource_names import format_read_name, format_write_name
@@ -137,10 +138,13 @@ class CasClient:
         chunk_size: int = CHUNK_SIZE,
         tls: ClientTls | None = None,
         token: str | None = None,
+        digest_function: DigestFunction | None = None,
     ) -> None:
         """``chunk_size``: the data per ByteStream WriteRequest (Bazel sends 16 KiB);
         ``tls``: the CA to trust and a client certificate (a ``grpcs://`` endpoint without it
-        trusts the system's CAs); ``token``: sent as ``authorization: Bearer TOKEN``."""
+        trusts the system's CAs); ``token``: sent as ``authorization: Bearer TOKEN``;
+        ``digest_function``: hash new blobs with this one (e.g. BLAKE3), which the server must
+        offer; by default SHA256, or the first function the server offers."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         if token is not None and not (
@@ -149,6 +153,7 @@ class CasClient:
             raise ValueError("a bearer token must be printable ASCII without surrounding spaces")
         self.chunk_size = chunk_size
         self.endpoint = endpoint
+        self._wanted_function = digest_function
         self.tls = tls
         self.token = token
         self.cache = cache
@@ -206,7 +211,15 @@ class CasClient:
         cache = self.capabilities.cache_capabilities
         self.max_batch_bytes = cache.max_batch_total_size_bytes or DEFAULT_MAX_BATCH
         offered = set(cache.digest_functions)
-        if offered and DEFAULT_FUNCTION.proto_value not in offered:
+        wanted = self._wanted_function
+        if wanted is not None:
+            if offered and wanted.proto_value not in offered:
+                await self.__aexit__(None, None, None)
+                raise UnsupportedFeature(
+                    f"{self.endpoint} does not offer digest function {wanted.lower_name}"
+                )
+            self.digest_function = wanted
+        elif offered and DEFAULT_FUNCTION.proto_value not in offered:
             self.digest_function = next(
                 (f for f in DigestFunction if f.proto_value in offered), DEFAULT_FUNCTION
             )
@@ -246,16 +259,27 @@ class CasClient:
 
     async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         unique = list(dict.fromkeys(d for d in digests if not d.is_empty))
+        # One request per digest function (REAPI: a request's digests share one), which is
+        # also how its answers are read back.
+        by_function: dict[DigestFunction, list[Digest]] = {}
+        for digest in unique:
+            by_function.setdefault(digest.function, []).append(digest)
         missing: list[Digest] = []
-        for start in range(0, len(unique), _FIND_MISSING_CHUNK):
-            chunk = unique[start : start + _FIND_MISSING_CHUNK]
-            request = re_pb2.FindMissingBlobsRequest(
-                instance_name=self.instance_name, blob_digests=[d.to_proto() for d in chunk]
-            )
-            response = await self._retrying(
-                partial(self._cas.FindMissingBlobs, request, timeout=self.timeout)
-            )
-            missing += [Digest.from_proto(d) for d in response.missing_blob_digests]
+        for function, group in by_function.items():
+            for start in range(0, len(group), _FIND_MISSING_CHUNK):
+                chunk = group[start : start + _FIND_MISSING_CHUNK]
+                request = re_pb2.FindMissingBlobsRequest(
+                    instance_name=self.instance_name,
+                    blob_digests=[d.to_proto() for d in chunk],
+                    digest_function=_function_field(chunk),
+                )
+                response = await self._retrying(
+                    partial(self._cas.FindMissingBlobs, request, timeout=self.timeout)
+                )
+                missing += [
+                    Digest.from_proto(d, function.proto_value)
+                    for d in response.missing_blob_digests
+                ]
         return missing
 
     async def upload_blobs(
@@ -288,7 +312,9 @@ class CasClient:
         """One BatchReadBlobs call, each blob verified; raises BlobNotFound for an absent one."""
         wanted = list(digests)
         request = re_pb2.BatchReadBlobsRequest(
-            instance_name=self.instance_name, digests=[d.to_proto() for d in wanted]
+            instance_name=self.instance_name,
+            digests=[d.to_proto() for d in wanted],
+            digest_function=_function_field(wanted),
         )
         response = await self._retrying(
             partial(self._cas.BatchReadBlobs, request, timeout=self.timeout)
@@ -338,6 +364,7 @@ class CasClient:
             for attempt in range(self.max_attempts):
                 request = re_pb2.BatchUpdateBlobsRequest(
                     instance_name=self.instance_name,
+                    digest_function=_function_field([d for d, _ in pending]),
                     requests=[
                         re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=b)
                         for d, b in pending
@@ -452,7 +479,9 @@ class CasClient:
         async def read_batch(batch: list[Digest]) -> None:
             async with self._limiter:
                 request = re_pb2.BatchReadBlobsRequest(
-                    instance_name=self.instance_name, digests=[d.to_proto() for d in batch]
+                    instance_name=self.instance_name,
+                    digests=[d.to_proto() for d in batch],
+                    digest_function=_function_field(batch),
                 )
                 response = await self._retrying(
                     lambda: self._cas.BatchReadBlobs(request, timeout=self.timeout)
@@ -624,7 +653,10 @@ class CasClient:
         token = ""
         while True:
             request = re_pb2.GetTreeRequest(
-                instance_name=self.instance_name, root_digest=root.to_proto(), page_token=token
+                instance_name=self.instance_name,
+                root_digest=root.to_proto(),
+                page_token=token,
+                digest_function=_function_field([root]),
             )
             token = ""
             try:
@@ -691,7 +723,9 @@ class CasClient:
 
     async def get_action_result(self, action: Digest) -> re_pb2.ActionResult | None:
         request = re_pb2.GetActionResultRequest(
-            instance_name=self.instance_name, action_digest=action.to_proto()
+            instance_name=self.instance_name,
+            action_digest=action.to_proto(),
+            digest_function=_function_field([action]),
         )
         try:
             result: re_pb2.ActionResult = await self._retrying(
@@ -707,7 +741,10 @@ class CasClient:
         self, action: Digest, result: re_pb2.ActionResult
     ) -> re_pb2.ActionResult:
         request = re_pb2.UpdateActionResultRequest(
-            instance_name=self.instance_name, action_digest=action.to_proto(), action_result=result
+            instance_name=self.instance_name,
+            action_digest=action.to_proto(),
+            action_result=result,
+            digest_function=_function_field([action]),
         )
         stored: re_pb2.ActionResult = await self._retrying(
             lambda: self._action_cache.UpdateActionResult(request, timeout=self.timeout)
@@ -742,6 +779,14 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for error in group.exceptions:
         found += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
     return found
+
+
+def _function_field(digests: Sequence[Digest]) -> Any:
+    """A request's ``digest_function``: unset for the legacy functions, which a server infers
+    from the hashes (servers older than REAPI 2.3 know no such field), else the function."""
+    if not digests or digests[0].function.is_legacy:
+        return 0
+    return digests[0].function.proto_value
 
 
 def _connection_error(endpoint: str, exc: grpc.aio.AioRpcError) -> CasError:

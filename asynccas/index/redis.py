@@ -2,7 +2,8 @@
 in front of any storage.
 
 Layout: digests fall into ``buckets`` by hash. Each bucket holds its digests twice, each as
-``Digest.delimited`` (the digest as requests carry it): in a set, which a check asks, and in
+``Digest.member`` (the digest as requests carry it, with a prefix naming the function for
+BLAKE3, whose hashes are as long as SHA256's): in a set, which a check asks, and in
 a sorted set scored by last use (unix time), which eviction reads in LRU order. Beside them
 are a byte counter, an eviction generation and an "eviction in progress" flag, all under one
 hash tag ``{prefix:N}`` so a bucket lives on one Redis Cluster slot and one Lua script
@@ -313,7 +314,7 @@ class RedisIndex(StorageIndex):
             return bytes(mask)
         if not len(batch):
             return b""
-        members = batch.delimited
+        members = batch.members
         window = recency_window(time.time(), self.touch_interval)
         groups: list[tuple[int, list[bytes]]]
         positions: list[list[int]] | None = None
@@ -417,18 +418,20 @@ class RedisIndex(StorageIndex):
         blobs that is none, and then a read costs Redis nothing."""
         unique = list(dict.fromkeys(digests))
         window = recency_window(time.time(), self.touch_interval)
-        untouched = self._touched.untouched(window, [d[0] for d in unique])  # [0] is .hash
+        # Keyed by member, as checks key it: a blob read is then not refreshed again by a check.
+        members = [d.member for d in unique]
+        untouched = self._touched.untouched(window, members)
         stale = unique if untouched is None else [unique[i] for i in untouched]
         if not stale:
             return
         recency = repr(window)
         async with self._turns.take("refresh recency"):
             pipe = self.client.pipeline(transaction=False)
-            for bucket, members in self._group(stale).items():
-                scored: Iterable[Any] = chain.from_iterable((recency, d.delimited) for d in members)
+            for bucket, group in self._group(stale).items():
+                scored: Iterable[Any] = chain.from_iterable((recency, d.member) for d in group)
                 pipe.execute_command("ZADD", self._keys(bucket).lru, "XX", "GT", *scored)
             await pipe.execute()
-        self._touched.add(window, [d[0] for d in stale])
+        self._touched.add(window, members if untouched is None else [members[i] for i in untouched])
 
     async def _forget(self, digests: Iterable[Digest], used_before: float) -> None:
         """Self-healing: de-index blobs the storage no longer has.
@@ -458,7 +461,7 @@ class RedisIndex(StorageIndex):
                 for bucket, generation in zip(buckets, generations, strict=True):
                     args: list[Any] = [_decode(generation) or "0", now]
                     for writer in groups[bucket]:
-                        args += [writer.digest.delimited, writer.digest.size_bytes]
+                        args += [writer.digest.member, writer.digest.size_bytes]
                     calls.append((_ADD, self._keys(bucket), args))
                 results = await self._pipeline("index new blobs", calls)
                 pending = [
@@ -506,11 +509,11 @@ class RedisIndex(StorageIndex):
                 args: list[Any] = [token, _EVICTION_FLAG_TTL_MS]
                 for score, digest in members:
                     used = "inf" if math.isinf(score) else repr(score)
-                    args += [digest.delimited, used, digest.size_bytes]
+                    args += [digest.member, used, digest.size_bytes]
                 calls.append((_BEGIN_EVICTION, self._keys(bucket), args))
             try:
                 for result in await self._pipeline("begin eviction", calls):
-                    removed.update(map(Digest.from_delimited, result))
+                    removed.update(map(Digest.from_member, result))
                 if removed:
                     await self.storage.bulk_delete(removed)
             finally:
@@ -542,7 +545,7 @@ class RedisIndex(StorageIndex):
         heapq.heapify(heap)
         while heap:
             score, member, bucket = heapq.heappop(heap)
-            yield score, Digest.from_delimited(member)
+            yield score, Digest.from_member(member)
             entry = await pages[bucket].next()
             if entry is not None:
                 heapq.heappush(heap, (entry[0], entry[1], bucket))
@@ -600,7 +603,7 @@ class RedisIndex(StorageIndex):
         calls = []
         for digest, used in blobs:  # one entry per call: each keeps its own last-use time
             bucket = self.bucket_of(digest)
-            args = [_decode(generations[bucket]) or "0", used, digest.delimited, digest.size_bytes]
+            args = [_decode(generations[bucket]) or "0", used, digest.member, digest.size_bytes]
             calls.append((_ADD, self._keys(bucket), args))
         for start in range(0, len(calls), 1000):
             await self._pipeline("index existing blobs", calls[start : start + 1000])
@@ -645,7 +648,7 @@ def _decode(value: Any) -> str:
 def _with_sizes(digests: Iterable[Digest]) -> Iterator[Any]:
     """Each digest's member, then its size (which the scripts count freed bytes by)."""
     for digest in digests:
-        yield digest.delimited
+        yield digest.member
         yield digest.size_bytes
 
 
