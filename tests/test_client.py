@@ -186,3 +186,16 @@ def test_the_message_types_a_library_user_needs_are_public() -> None:
 
     assert asynccas.reapi.ActionResult is re_pb2.ActionResult
     assert asynccas.reapi.DigestMessage is re_pb2.Digest
+
+
+def test_importing_the_client_loads_no_server() -> None:
+    """Build tools that import the client should not pay for (or depend on) the server."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, asynccas.client.cas\n"
+        "print(sorted(m for m in sys.modules if m.startswith('asynccas.server')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -11,7 +11,6 @@ from google.protobuf.message import DecodeError
 
 from asynccas import metrics
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.auth import Access
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import (
@@ -50,8 +49,8 @@ async def read_small_blobs(storage: Storage, digests: Sequence[Digest]) -> dict[
 
 
 def batch_update_response(results: Iterable[UpdateResult]) -> re_pb2.BatchUpdateBlobsResponse:
-    """The response message for ``results``; the server sends ``encode_batch_update_response``,
-    the same bytes built without it."""
+    """The response message for ``results``: what ``encode_batch_update_response``, which the
+    server sends, must equal byte for byte (the property tests' reference)."""
     return re_pb2.BatchUpdateBlobsResponse(
         responses=[
             re_pb2.BatchUpdateBlobsResponse.Response(digest=message, status=rpc_status(error))
@@ -61,8 +60,8 @@ def batch_update_response(results: Iterable[UpdateResult]) -> re_pb2.BatchUpdate
 
 
 def batch_read_response(results: Iterable[ReadResult]) -> re_pb2.BatchReadBlobsResponse:
-    """The response message for ``results``; the server sends ``encode_batch_read_response``,
-    the same bytes built without it."""
+    """The response message for ``results``: what ``encode_batch_read_response``, which the
+    server sends, must equal byte for byte (the property tests' reference)."""
     responses = []
     for message, data, error in results:
         response = re_pb2.BatchReadBlobsResponse.Response(digest=message)
@@ -85,7 +84,10 @@ def response_limit(max_batch_total_size_bytes: int) -> int:
     return 2 * max(max_batch_total_size_bytes, CHUNK_SIZE) + (1 << 20)
 
 
-class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer):
+class ContentAddressableStorageService:
+    """FindMissingBlobs and the batch RPCs as wire bytes (``wire``), and GetTree; registered
+    by ``add_to_server``, not through the generated servicer, whose methods take messages."""
+
     def __init__(
         self,
         storage: Storage,
@@ -101,12 +103,6 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
         self.max_response_bytes = max_response_bytes or response_limit(max_batch_total_size_bytes)
         self.tree_cache = tree_cache if tree_cache is not None else TreeCache()
-
-    @unary_rpc
-    async def FindMissingBlobs(
-        self, request: re_pb2.FindMissingBlobsRequest, context: Context
-    ) -> re_pb2.FindMissingBlobsResponse:
-        return await self._find_missing_blobs(request)
 
     @unary_rpc
     async def find_missing_blobs_wire(self, body: bytes, context: Context) -> bytes:
@@ -185,12 +181,6 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
             )
 
     @unary_rpc
-    async def BatchUpdateBlobs(
-        self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
-    ) -> re_pb2.BatchUpdateBlobsResponse:
-        return batch_update_response(await self._update_batch(request))
-
-    @unary_rpc
     async def batch_update_blobs_wire(
         self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
     ) -> bytes:
@@ -230,12 +220,6 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         ):
             results[position] = error
         return list(zip(messages, results, strict=True))
-
-    @unary_rpc
-    async def BatchReadBlobs(
-        self, request: re_pb2.BatchReadBlobsRequest, context: Context
-    ) -> re_pb2.BatchReadBlobsResponse:
-        return batch_read_response(await self._read_batch(request))
 
     @unary_rpc
     async def batch_read_blobs_wire(
