@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
@@ -112,104 +113,71 @@ class CallObserver(grpc.aio.ServerInterceptor):
             )
         return handler  # no bidirectional RPCs here
 
-    def _begin(self, method: str, metadata: Any, context: Any) -> Call:
-        """The call's record; raises Unauthenticated for credentials that do not verify."""
+    @asynccontextmanager
+    async def _observing(self, method: str, metadata: Any, context: Any) -> AsyncIterator[Call]:
+        """Identify the caller, run the body as the current call, then count and log it; a
+        caller whose credentials do not verify gets UNAUTHENTICATED before the body runs."""
         call = Call(method, context.peer(), EVERYONE, self.policy)
         _current.set(call)  # each RPC runs in a task of its own: this does not leak
-        if self.policy is not None:
-            call.identity = self.policy.identify(metadata)
-        return call
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            if self.policy is not None:
+                call.identity = self.policy.identify(metadata)
+            yield call
+        except CasError as exc:  # from identify: handlers answer their own errors
+            failure = exc
+            await context.abort(status_code(exc), message_of(exc))
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self._end(call, context, time.perf_counter() - started, failure)
 
     def _unary(self, behavior: Any, method: str, metadata: Any) -> Any:
         async def observed(request: Any, context: Any) -> Any:
-            started = time.perf_counter()
-            call: Call | None = None
-            failure: BaseException | None = None
-            try:
-                call = self._begin(method, metadata, context)
+            async with self._observing(method, metadata, context) as call:
                 call.received = _size(request)
                 response = await behavior(request, context)
                 call.sent = _size(response)
                 return response
-            except CasError as exc:  # the credentials did not verify
-                failure = exc
-                await context.abort(status_code(exc), message_of(exc))
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self._end(call, method, context, started, failure)
+            raise AssertionError("unreachable: _observing re-raises or aborts")
 
         return observed
 
     def _client_streaming(self, behavior: Any, method: str, metadata: Any) -> Any:
         async def observed(requests: AsyncIterator[Any], context: Any) -> Any:
-            started = time.perf_counter()
-            call: Call | None = None
-            failure: BaseException | None = None
-            try:
-                call = self._begin(method, metadata, context)
+            async with self._observing(method, metadata, context) as call:
                 response = await behavior(_counted(requests, call), context)
                 call.sent = _size(response)
                 return response
-            except CasError as exc:
-                failure = exc
-                await context.abort(status_code(exc), message_of(exc))
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self._end(call, method, context, started, failure)
+            raise AssertionError("unreachable: _observing re-raises or aborts")
 
         return observed
 
     def _server_streaming(self, behavior: Any, method: str, metadata: Any) -> Any:
         async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            call: Call | None = None
-            failure: BaseException | None = None
-            try:
-                call = self._begin(method, metadata, context)
+            async with self._observing(method, metadata, context) as call:
                 call.received = _size(request)
                 async for response in behavior(request, context):
                     call.sent += _size(response)
                     yield response
-            except CasError as exc:
-                failure = exc
-                await context.abort(status_code(exc), message_of(exc))
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self._end(call, method, context, started, failure)
 
         return observed
 
-    def _end(
-        self,
-        call: Call | None,
-        method: str,
-        context: Any,
-        started: float,
-        failure: BaseException | None,
-    ) -> None:
-        seconds = time.perf_counter() - started
+    def _end(self, call: Call, context: Any, seconds: float, failure: BaseException | None) -> None:
         code = _code(context, failure)
+        method = call.method
         if self.metrics is not None:
             self.metrics.rpcs.labels(method, code).inc()
             self.metrics.rpc_seconds.labels(method).observe(seconds)
-            if call is not None:
-                self.metrics.received_bytes.labels(method).inc(call.received)
-                self.metrics.sent_bytes.labels(method).inc(call.sent)
+            self.metrics.received_bytes.labels(method).inc(call.received)
+            self.metrics.sent_bytes.labels(method).inc(call.sent)
         if self.access_log:
-            peer = call.peer if call is not None else context.peer()
-            who = call.identity.name if call is not None and call.identity.name else "-"
-            instance = call.instance if call is not None else ""
-            received = call.received if call is not None else 0
-            sent = call.sent if call is not None else 0
             access_logger.info(
                 "%s %s instance=%r %s %s in=%d out=%d %.1fms",
-                peer, who, instance, method, code, received, sent, seconds * 1000,
+                call.peer, call.identity.name or "-", call.instance, method, code,
+                call.received, call.sent, seconds * 1000,
             )  # fmt: skip
 
 
