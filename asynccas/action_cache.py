@@ -7,6 +7,7 @@ these stores only keep bytes, bounded by an entry count, least recently used out
 from __future__ import annotations
 
 import abc
+import math
 import sqlite3
 import time
 from collections import OrderedDict
@@ -37,6 +38,9 @@ class ActionCacheStore(abc.ABC):
     async def stored_bytes(self) -> int:
         """About how many bytes the stored results take: they count toward ``--max-size``."""
         return 0
+
+    async def shrink_to(self, target_bytes: int) -> None:
+        """Drop least recently used results until ``stored_bytes`` is about ``target_bytes``."""
 
 
 class MemoryActionCache(ActionCacheStore):
@@ -130,13 +134,8 @@ class SqliteActionCache(ActionCacheStore):
 
     def _trim_sync(self, conn: sqlite3.Connection) -> None:
         (count,) = conn.execute("SELECT count(*) FROM action_results").fetchone()
-        excess = count - self.max_entries
-        if excess > 0:
-            conn.execute(
-                "DELETE FROM action_results WHERE (instance_name, action_key) IN"
-                " (SELECT instance_name, action_key FROM action_results ORDER BY accessed_at LIMIT ?)",
-                (excess,),
-            )
+        if count > self.max_entries:
+            _drop_least_recent(conn, count - self.max_entries)
 
     async def stored_bytes(self) -> int:
         """The pages in use: a constant-time answer, unlike summing every result."""
@@ -149,6 +148,20 @@ class SqliteActionCache(ActionCacheStore):
 
         return await self._db.read(pages_in_use)
 
+    async def shrink_to(self, target_bytes: int) -> None:
+        def shrink(conn: sqlite3.Connection) -> None:
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            in_use = (pages - free) * page_size
+            if in_use <= target_bytes:
+                return
+            (count,) = conn.execute("SELECT count(*) FROM action_results").fetchone()
+            # Results are of similar size: drop the oldest share that brings the pages down.
+            _drop_least_recent(conn, math.ceil(count * (1 - target_bytes / in_use)))
+
+        await self._db.write(shrink)
+
     async def delete(self, instance_name: str, action: Digest) -> None:
         await self._db.write(
             lambda conn: conn.execute(
@@ -156,3 +169,11 @@ class SqliteActionCache(ActionCacheStore):
                 (instance_name, action.key),
             )
         )
+
+
+def _drop_least_recent(conn: sqlite3.Connection, entries: int) -> None:
+    conn.execute(
+        "DELETE FROM action_results WHERE (instance_name, action_key) IN"
+        " (SELECT instance_name, action_key FROM action_results ORDER BY accessed_at LIMIT ?)",
+        (entries,),
+    )

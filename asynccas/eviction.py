@@ -65,6 +65,9 @@ class EvictionPolicy:
     interval: float = 5.0
     # Uploads past the budget by more than this share of it wait for the eviction pass.
     slack_share: float = 0.05
+    # Action results may take at most this share of the budget; beyond it their least recently
+    # used entries go, so that they can never crowd every blob out.
+    action_results_share: float = 0.5
     budget: ByteBudget = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,7 +77,13 @@ class EvictionPolicy:
         self, index: StorageIndex, action_cache: ActionCacheStore | None = None
     ) -> int:
         blobs = await index.get_total_size()
-        results = await action_cache.stored_bytes() if action_cache is not None else 0
+        results = 0
+        if action_cache is not None:
+            results = await action_cache.stored_bytes()
+            allowed = int(self.max_bytes * self.action_results_share)
+            if results > allowed:
+                await action_cache.shrink_to(int(allowed * self.low_watermark))
+                results = await action_cache.stored_bytes()
         total = blobs + results
         counting = metrics.active()
         if counting is not None:

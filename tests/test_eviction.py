@@ -64,3 +64,25 @@ async def test_action_results_count_toward_the_budget(tmp_path: Path) -> None:
         assert freed > 0
         assert await index.get_total_size() + results <= 1_000_000
     await action_cache.stop()
+
+
+async def test_action_results_never_crowd_out_every_blob(tmp_path: Path) -> None:
+    """Counted but not evicted, action results beyond the budget would have every blob
+    evicted on every pass: past half the budget their least recently used entries go."""
+    policy = EvictionPolicy(1_000_000, interval=3600)
+    action_cache = SqliteActionCache(tmp_path / "ac.sqlite")
+    await action_cache.start()
+    try:
+        async with open_index(tmp_path) as index:
+            for seed in range(4):
+                await store(index, *blob(BLOB, seed))
+            for number in range(600):  # well over the whole budget
+                await action_cache.put("", Digest.of(b"%d" % number), bytes(2000))
+            assert await action_cache.stored_bytes() > 1_000_000
+            await policy.enforce_once(index, action_cache)
+            assert await action_cache.stored_bytes() <= 500_000
+            assert await index.get_total_size() == 4 * BLOB, "blobs were evicted for results"
+            newest = Digest.of(b"599")
+            assert await action_cache.get("", newest) is not None, "the newest result went"
+    finally:
+        await action_cache.stop()
