@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +24,18 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
 from asynccas.index.redis import RedisIndex
 from asynccas.redis_provider import RedisProvider
 from asynccas.resource_names import format_write_name
-from asynccas.server.app import SERVICE_NAMES, CasServer
+from asynccas.server.app import SERVICE_NAMES
 from asynccas.storage.disk import DiskStorage
-from asynccas.storage.memory import MemoryStorage
 from asynccas.testing import blob
 from asynccas.testing_redis import RedisServer
+from tests.servers import memory_server
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def serving(**options: Any) -> AsyncIterator[CasServer]:
-    async with CasServer(
-        MemoryStorage(64 << 20), MemoryActionCache(), address="127.0.0.1:0", **options
-    ) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +58,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_metrics_count_what_the_server_does(metrics_port: int) -> None:
     async with (
-        serving(count_metrics=True) as server,
+        memory_server(count_metrics=True) as server,
         grpc.aio.insecure_channel(server.target) as ch,
     ):
         before = await anyio.to_thread.run_sync(scrape, metrics_port)
@@ -117,7 +107,10 @@ async def test_metrics_count_what_the_server_does(metrics_port: int) -> None:
 
 async def test_the_access_log_has_a_line_per_rpc(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="asynccas.access")
-    async with serving(access_log=True) as server, grpc.aio.insecure_channel(server.target) as ch:
+    async with (
+        memory_server(access_log=True) as server,
+        grpc.aio.insecure_channel(server.target) as ch,
+    ):
         await re_grpc.CapabilitiesStub(ch).GetCapabilities(
             re_pb2.GetCapabilitiesRequest(instance_name="team/a")
         )
@@ -133,7 +126,7 @@ async def test_the_access_log_has_a_line_per_rpc(caplog: pytest.LogCaptureFixtur
 
 
 async def test_health_and_reflection_list_the_services() -> None:
-    async with serving() as server:
+    async with memory_server() as server:
 
         def ask() -> tuple[list[str], list[str], int]:
             with grpc.insecure_channel(server.target) as channel:

@@ -4,8 +4,6 @@ rights, all on real grpc.aio servers and channels over loopback."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +15,15 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.auth import AccessPolicy, JwtVerifier, TokenFile, token_hash
 from asynccas.client.cas import CasClient
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable, Unauthenticated
 from asynccas.resource_names import format_read_name, format_write_name
-from asynccas.server.app import CasServer
-from asynccas.storage.memory import MemoryStorage
 from asynccas.testing import blob
 from asynccas.testing_tls import JwtIssuer, make_pki
 from asynccas.transport import ClientTls, ServerTls
+from tests.servers import memory_server
 
 pytestmark = pytest.mark.anyio
 
@@ -54,14 +50,6 @@ write = ["team/*"]
 {extra}"""
     )
     return path
-
-
-@asynccontextmanager
-async def serving(**options: Any) -> AsyncIterator[CasServer]:
-    async with CasServer(
-        MemoryStorage(64 << 20), MemoryActionCache(), address="127.0.0.1:0", **options
-    ) as server:
-        yield server
 
 
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -99,7 +87,10 @@ async def eventually(call: Any, expected: grpc.StatusCode) -> None:
 
 async def test_tokens_decide_who_may_read_and_write_which_instance(tmp_path: Path) -> None:
     policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
-    async with serving(access=policy) as server, grpc.aio.insecure_channel(server.target) as ch:
+    async with (
+        memory_server(access=policy) as server,
+        grpc.aio.insecure_channel(server.target) as ch,
+    ):
         cas = re_grpc.ContentAddressableStorageStub(ch)
         data = b"shared by a team"
         digest = Digest.of(data)
@@ -160,7 +151,10 @@ async def test_tokens_decide_who_may_read_and_write_which_instance(tmp_path: Pat
 
 async def test_a_denial_says_who_and_what(tmp_path: Path) -> None:
     policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
-    async with serving(access=policy) as server, grpc.aio.insecure_channel(server.target) as ch:
+    async with (
+        memory_server(access=policy) as server,
+        grpc.aio.insecure_channel(server.target) as ch,
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await upload(ch, READER, b"data", instance="main")
         assert denied.value.details() == "'developer' may not write instance 'main'"
@@ -180,7 +174,10 @@ async def test_anonymous_reads_but_no_anonymous_writes(tmp_path: Path) -> None:
     policy = AccessPolicy(
         tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")), anonymous_reads=True
     )
-    async with serving(access=policy) as server, grpc.aio.insecure_channel(server.target) as ch:
+    async with (
+        memory_server(access=policy) as server,
+        grpc.aio.insecure_channel(server.target) as ch,
+    ):
         digest = await upload(ch, WRITER, b"public")
         cas = re_grpc.ContentAddressableStorageStub(ch)
         answer = await cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[digest.to_proto()]))
@@ -194,7 +191,10 @@ async def test_a_changed_tokens_file_is_reloaded_and_a_broken_one_ignored(
     monkeypatch.setattr("asynccas.auth.RELOAD_INTERVAL", 0.05)
     path = write_tokens(tmp_path / "tokens.toml")
     policy = AccessPolicy(tokens=TokenFile(path))
-    async with serving(access=policy) as server, grpc.aio.insecure_channel(server.target) as ch:
+    async with (
+        memory_server(access=policy) as server,
+        grpc.aio.insecure_channel(server.target) as ch,
+    ):
         newcomer = "a-new-token"
         assert await code_of(upload(ch, newcomer, b"x")) == grpc.StatusCode.UNAUTHENTICATED
         write_tokens(
@@ -225,7 +225,7 @@ async def test_jwts_signed_by_a_trusted_key_carry_their_rights(tmp_path: Path) -
     issuer = await anyio.to_thread.run_sync(JwtIssuer, tmp_path / "jwks.json")
     verifier = JwtVerifier(issuer.jwks, issuer=issuer.issuer, audience="asynccas")
     async with (
-        serving(access=AccessPolicy(jwt=verifier)) as server,
+        memory_server(access=AccessPolicy(jwt=verifier)) as server,
         grpc.aio.insecure_channel(server.target) as ch,
     ):
         writer = issuer.token("ci", write=["*"])
@@ -247,7 +247,7 @@ async def test_jwts_signed_by_a_trusted_key_carry_their_rights(tmp_path: Path) -
 async def test_tls_serves_clients_that_trust_its_ca(tmp_path: Path) -> None:
     pki = await anyio.to_thread.run_sync(make_pki, tmp_path / "pki")
     tls = ServerTls(pki.server_cert, pki.server_key)
-    async with serving(tls=tls) as server:
+    async with memory_server(tls=tls) as server:
         endpoint = f"grpcs://{server.target}"
         async with CasClient(endpoint, tls=ClientTls(ca=pki.ca)) as client:
             [(digest, data)] = [blob(5000, 1)]
@@ -266,7 +266,7 @@ async def test_tls_serves_clients_that_trust_its_ca(tmp_path: Path) -> None:
 async def test_mutual_tls_needs_a_client_certificate(tmp_path: Path) -> None:
     pki = await anyio.to_thread.run_sync(make_pki, tmp_path / "pki")
     tls = ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca)
-    async with serving(tls=tls) as server:
+    async with memory_server(tls=tls) as server:
         endpoint = f"grpcs://{server.target}"
         with pytest.raises(BackendUnavailable):
             async with CasClient(endpoint, tls=ClientTls(ca=pki.ca), max_attempts=1):
@@ -279,7 +279,9 @@ async def test_mutual_tls_needs_a_client_certificate(tmp_path: Path) -> None:
 async def test_tls_and_tokens_together_through_the_client(tmp_path: Path) -> None:
     pki = await anyio.to_thread.run_sync(make_pki, tmp_path / "pki")
     policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
-    async with serving(tls=ServerTls(pki.server_cert, pki.server_key), access=policy) as server:
+    async with memory_server(
+        tls=ServerTls(pki.server_cert, pki.server_key), access=policy
+    ) as server:
         endpoint = f"grpcs://{server.target}"
         async with CasClient(endpoint, tls=ClientTls(ca=pki.ca), token=WRITER) as client:
             # Over the batch limit: ByteStream both ways, whose streaming calls carry the token
@@ -311,7 +313,10 @@ async def test_capabilities_need_no_token(tmp_path: Path) -> None:
     """Capabilities holds nothing but the server's settings, and Bazel before 3 sends no
     --remote_header on it: it answers every caller whose credentials, if any, verify."""
     policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
-    async with serving(access=policy) as server, grpc.aio.insecure_channel(server.target) as ch:
+    async with (
+        memory_server(access=policy) as server,
+        grpc.aio.insecure_channel(server.target) as ch,
+    ):
         stub = re_grpc.CapabilitiesStub(ch)
         answer = await stub.GetCapabilities(re_pb2.GetCapabilitiesRequest(instance_name="any"))
         assert answer.cache_capabilities.max_batch_total_size_bytes > 0
