@@ -36,8 +36,8 @@ from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite import SqliteBlobStorage, recorded_max_blob_size
-from asynccas.storage.tiered import SizeDifferentiatedStorage
 from asynccas.threads import in_thread
 from asynccas.transport import ServerTls
 
@@ -479,7 +479,7 @@ async def reindex(args: argparse.Namespace) -> None:
     storage = _disk_blobs(args, data_dir, await _small_blob_limit(args, data_dir))
     index, where = _build_index(args, storage)
     async with index:
-        listed, dropped = await index.reindex(storage.list_blobs())
+        listed, dropped = await index.reindex(index.list_blobs())
     logger.info("reindexed %s into %s: %d blobs indexed, %d stale entries dropped",
                 data_dir, where, listed, dropped)  # fmt: skip
 

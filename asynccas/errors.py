@@ -18,6 +18,9 @@ CasError
 ├── BackendUnavailable           UNAVAILABLE: a backend (disk, database, remote) failed; retry
 ├── Unauthenticated              UNAUTHENTICATED: no credentials, or ones that do not verify
 └── PermissionDenied             PERMISSION_DENIED: a known caller without the right to do this
+
+ConfigurationError (a ValueError, not a CasError): a storage graph or option that cannot work,
+raised while a server is set up, before any request.
 """
 
 from __future__ import annotations
@@ -100,3 +103,8 @@ class Unauthenticated(CasError):
 
 class PermissionDenied(CasError):
     pass
+
+
+class ConfigurationError(ValueError):
+    """A storage graph or option that cannot work, found when the server is set up (not a
+    gRPC error: no request is involved)."""

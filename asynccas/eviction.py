@@ -20,6 +20,7 @@ import anyio
 from asynccas import metrics
 from asynccas.action_cache import ActionCacheStore
 from asynccas.index.base import StorageIndex
+from asynccas.storage.context import NO_CONTEXT, RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class ByteBudget:
         self._wanted = asyncio.Event()
         self._passed = asyncio.Event()
 
-    async def charge(self, size: int) -> None:
-        """Count an upload of ``size`` bytes; wait for eviction if far over budget."""
+    async def charge(self, size: int, ctx: RequestContext = NO_CONTEXT) -> None:
+        """Count an upload of ``size`` bytes; wait for eviction if far over budget (no longer
+        than the caller's deadline allows)."""
         self.room -= size
         if self.room >= 0:
             return
@@ -43,7 +45,7 @@ class ByteBudget:
         if self.room < -self.slack:
             # One pass, whatever it freed: if it could not make room, waiting longer would
             # only stall every upload.
-            with anyio.move_on_after(self.max_wait):
+            with anyio.move_on_after(ctx.bounded(self.max_wait)):
                 await self._passed.wait()
 
     def pass_done(self, room: int) -> None:

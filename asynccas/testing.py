@@ -1,5 +1,5 @@
 """Conformance checks any Storage (or StorageIndex) must pass, in the spirit of trio's
-``check_one_way_stream``. Backends, indexes and tiers run them in their own tests::
+``check_one_way_stream``. Backends, indexes and wrappers run them in their own tests::
 
     async with MyStorage(...) as storage:
         await check_storage(storage)
@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
+from typing import Final, cast
 
 import anyio
 import anyio.lowlevel
@@ -19,7 +20,17 @@ import anyio.lowlevel
 from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BlobNotFound, DigestMismatch
 from asynccas.index.base import StorageIndex
-from asynccas.storage.base import CHUNK_SIZE, Storage
+from asynccas.storage.base import (
+    CHUNK_SIZE,
+    Deletable,
+    Listable,
+    Storage,
+    contains,
+    deletion_marker,
+    missing_digests,
+    put_chunks,
+)
+from asynccas.storage.context import RequestContext
 
 
 def blob(size: int, seed: int = 0) -> tuple[Digest, bytes]:
@@ -34,15 +45,38 @@ async def _chunks(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
 
 
 async def _read(storage: Storage, digest: Digest, offset: int = 0, limit: int = 0) -> list[bytes]:
-    async with aclosing(storage.get_blob(digest, offset, limit)) as chunks:
+    async with aclosing(storage.get(CTX, digest, offset, limit)) as chunks:
         return [chunk async for chunk in chunks]
 
 
+CTX: Final = RequestContext(instance_name="conformance")
+
+
+async def _has(storage: Storage, digest: Digest) -> bool:
+    return await contains(storage, CTX, digest)
+
+
+async def _missing(storage: Storage, digests: list[Digest]) -> list[Digest]:
+    return await missing_digests(storage, CTX, digests)
+
+
+async def _put(storage: Storage, digest: Digest, data: bytes, chunk_size: int = 64 * 1024) -> None:
+    await put_chunks(storage, CTX, digest, _chunks(data, chunk_size))
+
+
+async def _delete(storage: Storage, digests: list[Digest]) -> list[Digest] | None:
+    """Delete where the storage can (None where it cannot)."""
+    if not storage.offers(Deletable):
+        return None
+    return await cast(Deletable, storage).delete(digests)
+
+
 async def check_storage(storage: Storage) -> None:
-    """Exercise the whole Storage contract; raises AssertionError naming what broke."""
+    """Exercise the whole Storage contract (and each optional capability the storage offers);
+    raises AssertionError naming what broke."""
     absent, _ = blob(100, 1)
-    assert not await storage.has_blob(absent), "absent blob reported present"
-    assert await storage.missing_blobs([absent, absent]) == [absent], "missing_blobs must dedupe"
+    assert not await _has(storage, absent), "absent blob reported present"
+    assert await _missing(storage, [absent, absent]) == [absent], "missing digests must dedupe"
     try:
         await _read(storage, absent)
     except BlobNotFound:
@@ -52,20 +86,21 @@ async def check_storage(storage: Storage) -> None:
 
     # Streamed write of a multi-chunk blob, then reads with offsets and limits.
     digest, data = blob(2 * CHUNK_SIZE + 12345, 2)
-    await storage.commit_write(digest, _chunks(data))
-    assert await storage.has_blob(digest), "committed blob not found"
-    assert await storage.missing_blobs([digest, absent]) == [absent]
+    await _put(storage, digest, data)
+    assert await _has(storage, digest), "committed blob not found"
+    assert await _missing(storage, [digest, absent]) == [absent]
     batch = DigestBatch.of(DigestFunction.SHA256, [absent, digest, absent, digest])
-    assert await storage.missing_mask(batch) == bytes([1, 0, 0, 0]), (
-        "missing_mask must flag each absent digest once, at its first position"
+    assert await storage.find_missing(CTX, batch) == bytes([1, 0, 0, 0]), (
+        "find_missing must flag each absent digest once, at its first position"
     )
     distinct = [digest, absent, Digest(absent.hash, absent.size_bytes + 1)]
     as_requests_carry_them = DigestBatch.of_delimited(
         DigestFunction.SHA256, [d.delimited for d in distinct], "\n".join(d.hash for d in distinct)
     )
     for batch in (DigestBatch.of(DigestFunction.SHA256, distinct), as_requests_carry_them):
-        assert await storage.missing_mask(batch) == bytes([0, 1, 1]), "missing_mask misread"
-    assert await storage.missing_mask(DigestBatch(DigestFunction.SHA256, [], [])) == b""
+        assert await storage.find_missing(CTX, batch) == bytes([0, 1, 1]), "find_missing misread"
+    empty_batch = DigestBatch(DigestFunction.SHA256, [], [])
+    assert await storage.find_missing(CTX, empty_batch) == b""
     chunks = await _read(storage, digest)
     assert b"".join(chunks) == data, "read back different bytes"
     assert all(len(c) <= CHUNK_SIZE for c in chunks), "a read chunk exceeded CHUNK_SIZE"
@@ -76,57 +111,66 @@ async def check_storage(storage: Storage) -> None:
 
     # The size is part of the identity.
     wrong_size = Digest(digest.hash, digest.size_bytes + 1)
-    assert not await storage.has_blob(wrong_size), "same hash with another size is another blob"
+    assert not await _has(storage, wrong_size), "same hash with another size is another blob"
 
     # Wrong data never becomes visible.
     bad, bad_data = blob(5000, 3)
     flipped = bad_data[:-1] + bytes([bad_data[-1] ^ 1])  # always differs from the original
     for corrupt in (flipped, bad_data[:-1], bad_data + b"x"):
         try:
-            await storage.commit_write(bad, _chunks(corrupt, 1000))
+            await _put(storage, bad, corrupt, 1000)
         except DigestMismatch:
             pass
         else:
             raise AssertionError("a mismatching upload was accepted")
-    assert not await storage.has_blob(bad), "a mismatching upload became visible"
+    assert not await _has(storage, bad), "a mismatching upload became visible"
 
     # An aborted writer leaves nothing behind.
-    writer = await storage.open_write(bad)
+    writer = await storage.put(CTX, bad)
     await writer.write(bad_data[:100])
     await writer.abort()
     await writer.abort()
-    assert not await storage.has_blob(bad), "an aborted upload became visible"
+    assert not await _has(storage, bad), "an aborted upload became visible"
 
     # Batches answer per blob.
     good = [blob(1000 + i, 10 + i) for i in range(5)]
     mismatch_digest, _ = blob(50, 20)
-    results = await storage.bulk_update_blobs([*good, (mismatch_digest, b"not it")])
+    results = await storage.bulk_update(CTX, [*good, (mismatch_digest, b"not it")])
     assert results[:5] == [None] * 5, f"good blobs failed: {results[:5]}"
     assert isinstance(results[5], DigestMismatch), "bad blob in a batch was not rejected"
-    assert not await storage.has_blob(mismatch_digest)
-    found = await storage.bulk_read_blobs([d for d, _ in good] + [absent])
-    assert found == dict(good), "bulk_read_blobs returned wrong blobs"
+    assert not await _has(storage, mismatch_digest)
+    found = await storage.bulk_read(CTX, [d for d, _ in good] + [absent])
+    assert found == dict(good), "bulk_read returned wrong blobs"
 
     # Concurrent writes of one digest all succeed and leave one readable copy.
     shared, shared_data = blob(300_000, 30)
     async with anyio.create_task_group() as tasks:
         for _ in range(20):
-            tasks.start_soon(storage.commit_write, shared, _chunks(shared_data, 50_000))
+            tasks.start_soon(_put, storage, shared, shared_data, 50_000)
     assert b"".join(await _read(storage, shared)) == shared_data
 
-    # Deleting.
-    assert await storage.delete_blob(shared)
-    assert not await storage.has_blob(shared)
-    assert not await storage.delete_blob(shared), "deleting twice reported success"
-    deleted = await storage.bulk_delete([d for d, _ in good] + [absent])
-    assert set(deleted) == {d for d, _ in good}, "bulk_delete reported the wrong digests"
-    assert await storage.missing_blobs([d for d, _ in good]) == [d for d, _ in good]
+    # Deleting, where the storage can.
+    if storage.offers(Deletable):
+        marker = await deletion_marker(storage)
+        assert await _delete(storage, [shared]) == [shared]
+        assert not await _has(storage, shared)
+        assert await _delete(storage, [shared]) == [], "deleting twice reported success"
+        if marker is not None:
+            assert await deletion_marker(storage) != marker, "a deletion left the marker as it was"
+        deleted = await _delete(storage, [d for d, _ in good] + [absent])
+        assert set(deleted or []) == {d for d, _ in good}, "delete reported the wrong digests"
+        assert await _missing(storage, [d for d, _ in good]) == [d for d, _ in good]
+
+    # Listing, where the storage can: every stored blob is listed.
+    if storage.offers(Listable):
+        listed = {d async for d, _ in cast(Listable, storage).list_blobs()}
+        assert digest in listed, "a stored blob was not listed"
 
     # Other digest functions live side by side.
     sha1 = Digest.of(b"sha1 blob", DigestFunction.SHA1)
-    await storage.commit_write(sha1, _chunks(b"sha1 blob"))
+    await _put(storage, sha1, b"sha1 blob")
     assert b"".join(await _read(storage, sha1)) == b"sha1 blob"
-    await storage.bulk_delete([digest, sha1])
+    await _delete(storage, [digest, sha1])
     await check_blake3(storage)
 
 
@@ -135,34 +179,34 @@ async def check_blake3(storage: Storage) -> None:
     characters as a stored SHA256 blob is another, absent blob (and the other way round)."""
     data = os.urandom(2 * CHUNK_SIZE + 77)
     streamed = Digest.of(data, DigestFunction.BLAKE3)
-    await storage.commit_write(streamed, _chunks(data))
+    await _put(storage, streamed, data)
     assert b"".join(await _read(storage, streamed)) == data, "a BLAKE3 blob read back wrong"
     small = [(Digest.of(b"b3 %d" % i, DigestFunction.BLAKE3), b"b3 %d" % i) for i in range(3)]
-    assert await storage.bulk_update_blobs(small) == [None] * 3
-    assert await storage.bulk_read_blobs([d for d, _ in small]) == dict(small)
+    assert await storage.bulk_update(CTX, small) == [None] * 3
+    assert await storage.bulk_read(CTX, [d for d, _ in small]) == dict(small)
     wrong = Digest(Digest.of(b"other").hash, 5, DigestFunction.BLAKE3)
-    assert isinstance((await storage.bulk_update_blobs([(wrong, b"wrong")]))[0], DigestMismatch)
+    assert isinstance((await storage.bulk_update(CTX, [(wrong, b"wrong")]))[0], DigestMismatch)
 
     sha256 = Digest.of(b"same hex")
-    await storage.commit_write(sha256, _chunks(b"same hex"))
+    await _put(storage, sha256, b"same hex")
     twins = [
         (sha256, Digest(sha256.hash, sha256.size_bytes, DigestFunction.BLAKE3)),
         (streamed, Digest(streamed.hash, streamed.size_bytes, DigestFunction.SHA256)),
     ]
     for stored, twin in twins:
         assert twin != stored
-        assert not await storage.has_blob(twin), f"{twin!r} was taken for {stored!r}"
-        assert await storage.missing_blobs([stored, twin]) == [twin]
+        assert not await _has(storage, twin), f"{twin!r} was taken for {stored!r}"
+        assert await _missing(storage, [stored, twin]) == [twin]
         batch = DigestBatch.of(twin.function, [twin])
-        assert await storage.missing_mask(batch) == b"\x01", "missing_mask mixed up functions"
-        assert await storage.bulk_read_blobs([twin]) == {}
+        assert await storage.find_missing(CTX, batch) == b"\x01", "find_missing mixed up functions"
+        assert await storage.bulk_read(CTX, [twin]) == {}
         try:
             await _read(storage, twin)
         except BlobNotFound:
             pass
         else:
             raise AssertionError(f"read {twin!r} as {stored!r}")
-    await storage.bulk_delete([streamed, sha256, *(d for d, _ in small)])
+    await _delete(storage, [streamed, sha256, *(d for d, _ in small)])
 
 
 async def check_index(index: StorageIndex) -> None:
@@ -228,7 +272,7 @@ async def check_index_concurrency(first: StorageIndex, second: StorageIndex) -> 
     present = [d for d, _ in blobs if await first.has_blob(d)]
     assert await first.get_total_size() == sum(d.size_bytes for d in present), "total drifted"
     assert await second.get_total_size() == await first.get_total_size()
-    assert await first.storage.missing_blobs(present) == [], "indexed but missing"
+    assert await missing_digests(first.storage, CTX, present) == [], "indexed but missing"
 
 
 async def check_eviction_racing_uploads(writer: StorageIndex, evictor: StorageIndex) -> None:
@@ -249,5 +293,5 @@ async def check_eviction_racing_uploads(writer: StorageIndex, evictor: StorageIn
         tasks.start_soon(keep_uploading)
         tasks.start_soon(keep_evicting)
     indexed = [d for d, _ in blobs if await writer.has_blob(d)]
-    assert await writer.storage.missing_blobs(indexed) == [], "indexed but missing"
+    assert await missing_digests(writer.storage, CTX, indexed) == [], "indexed but missing"
     assert await writer.get_total_size() == sum(d.size_bytes for d in indexed), "total drifted"

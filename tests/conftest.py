@@ -23,8 +23,8 @@ from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite import SqliteBlobStorage
-from asynccas.storage.tiered import SizeDifferentiatedStorage
 from asynccas.testing_redis import RedisCluster, RedisServer
 
 # Speed is measured by benchmarks, never by unit tests: no per-example deadline, which

@@ -22,6 +22,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas.cli import DEFAULT_SMALL_BLOB_LIMIT, _small_blob_limit, build_parser, parse_size
 from asynccas.digest import Digest
 from asynccas.errors import CasError
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.sqlite import SqliteBlobStorage
 from asynccas.testing import blob
@@ -364,7 +365,7 @@ async def test_small_blob_limit_is_fixed_for_the_life_of_a_data_directory(
 
     files = tmp_path / "files"  # one file per blob, as before the tier was the default
     async with DiskStorage(files, fsync=False) as disk:
-        assert await disk.bulk_update_blobs([blob(100, 1)]) == [None]
+        assert await disk.bulk_update(NO_CONTEXT, [blob(100, 1)]) == [None]
     assert await limit(files, None) == 0
     with pytest.raises(CasError, match="only be chosen for a new data directory"):
         await limit(files, 4096)

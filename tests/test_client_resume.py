@@ -16,6 +16,8 @@ from asynccas.digest import Digest
 from asynccas.server.bytestream import ByteStreamService
 from asynccas.server.errors import Context
 from asynccas.server.uploads import UploadSessions
+from asynccas.storage.base import contains
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.memory import MemoryStorage
 from tests.conftest import serve_with_bytestream
 
@@ -63,7 +65,7 @@ async def test_upload_resumes_where_the_server_stopped(tmp_path: Path) -> None:
         async with CasClient(f"grpc://127.0.0.1:{port}", backoff=0.01) as cas:
             digest = await cas.upload_file(source)
         assert digest == Digest.of(data)
-        assert await storage.has_blob(digest)
+        assert await contains(storage, NO_CONTEXT, digest)
         assert len(bytestream.first_offsets) == 2
         assert bytestream.first_offsets[0] == 0
         assert bytestream.first_offsets[1] >= 2 * 1024 * 1024, "the retry resumed, not restarted"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from asynccas.storage.base import contains
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.direct_io import ALIGNMENT, BUFFER_SIZE, DirectFile, open_direct
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
@@ -76,7 +78,7 @@ def test_file_systems_refusing_o_direct_at_write_time_fall_back(
 async def test_disk_storage_streams_large_blobs_around_the_page_cache(tmp_path: Path) -> None:
     digest, data = blob(BUFFER_SIZE * 2 + 777, 7)
     async with DiskStorage(tmp_path, fsync=True, direct_io_above=1 << 20) as storage:
-        writer = await storage.open_write(digest)
+        writer = await storage.put(NO_CONTEXT, digest)
         await writer.write(data[: 1 << 20])  # the temp file is made with the first data
         assert isinstance(writer._handle, DirectFile)  # type: ignore[attr-defined]
         for start in range(1 << 20, len(data), 1 << 20):
@@ -84,9 +86,9 @@ async def test_disk_storage_streams_large_blobs_around_the_page_cache(tmp_path: 
         await writer.commit()
         assert storage.path_for(digest).read_bytes() == data
         small, small_data = blob(1000, 8)
-        small_writer = await storage.open_write(small)
+        small_writer = await storage.put(NO_CONTEXT, small)
         await small_writer.write(small_data)
         await small_writer.flush()
         assert not isinstance(small_writer._handle, DirectFile)  # type: ignore[attr-defined]
         await small_writer.commit()
-        assert await storage.has_blob(small)
+        assert await contains(storage, NO_CONTEXT, small)

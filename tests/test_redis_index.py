@@ -21,6 +21,7 @@ from asynccas.errors import BackendUnavailable
 from asynccas.index.recency import recency_window
 from asynccas.index.redis import RedisIndex
 from asynccas.redis_provider import RedisProvider
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import (
     blob,
@@ -420,7 +421,7 @@ def test_hand_encoded_checks_are_the_resp_redis_py_would_send(
     window = recency_window(time.time(), index.touch_interval)
     index._touched.add(window, [members[i] for i in touched if i < len(members)])
 
-    anyio.run(index.missing_mask, batch)
+    anyio.run(index.find_missing, NO_CONTEXT, batch)
 
     keys = index._keys(0)
     stale = [m for i, m in enumerate(members) if i not in touched]

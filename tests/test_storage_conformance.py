@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from asynccas.errors import StorageFull
+from asynccas.errors import ConfigurationError, StorageFull
 from asynccas.index.base import StorageIndex
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.storage.base import Deletable, Listable, Stageable, contains
+from asynccas.storage.context import NO_CONTEXT
+from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite import SqliteBlobStorage
 from asynccas.testing import blob, check_index, check_storage
 from tests.conftest import STORAGE_KINDS, make_storage
@@ -31,15 +37,33 @@ async def test_stores_that_can_list_their_blobs_list_them_all(kind: str, tmp_pat
     """What ``asynccas reindex`` rebuilds an index from: every blob, whichever tier holds it."""
     blobs = [blob(size, seed) for seed, size in enumerate([10, 1000, 70_000, 300_000])]
     async with make_storage(kind, tmp_path) as storage:
-        assert await storage.bulk_update_blobs(blobs) == [None] * len(blobs)
-        listed = [digest async for digest, _ in storage.list_blobs()]
+        assert await storage.bulk_update(NO_CONTEXT, blobs) == [None] * len(blobs)
+        assert storage.offers(Listable)
+        listed = [digest async for digest, _ in cast(Listable, storage).list_blobs()]
     assert sorted(listed) == sorted(d for d, _ in blobs)
 
 
-async def test_stores_that_cannot_list_say_so() -> None:
-    with pytest.raises(NotImplementedError):
-        async for _ in MemoryStorage().list_blobs():
-            pass
+async def test_optional_capabilities_are_offered_only_where_they_work(tmp_path: Path) -> None:
+    """A wrapper offers what everything it wraps offers, and no more; building on a storage
+    that lacks what a part needs is refused when it is built, naming both."""
+    memory = MemoryStorage()
+    assert memory.offers(Deletable)
+    assert not memory.offers(Listable)
+    disk = DiskStorage(tmp_path / "disk")
+    assert disk.offers(Listable)
+    assert disk.offers(Stageable)
+    assert not SizeDifferentiatedStorage(memory, disk).offers(Listable)
+    assert SizeDifferentiatedStorage(disk, disk).offers(Listable)
+    assert not SizeDifferentiatedStorage(memory, disk).offers(Stageable)
+    assert not SqliteIndex(memory, tmp_path / "index.sqlite").offers(Listable)
+    assert SqliteIndex(disk, tmp_path / "index.sqlite").offers(Listable)
+
+    class ReadOnly(MemoryStorage):
+        def offers(self, capability: type) -> bool:
+            return capability is not Deletable and super().offers(capability)
+
+    with pytest.raises(ConfigurationError, match=r"SqliteIndex.*Deletable.*ReadOnly"):
+        SqliteIndex(ReadOnly(), tmp_path / "index.sqlite")
 
 
 async def test_disk_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -51,10 +75,10 @@ async def test_disk_leaves_no_temp_files(tmp_path: Path) -> None:
 async def test_batch_reports_storage_full_per_blob() -> None:
     small, big = blob(100, 1), blob(5000, 2)
     async with MemoryStorage(max_bytes=1000) as storage:
-        results = await storage.bulk_update_blobs([big, small])
+        results = await storage.bulk_update(NO_CONTEXT, [big, small])
         assert isinstance(results[0], StorageFull)
         assert results[1] is None
-        assert await storage.has_blob(small[0])
+        assert await contains(storage, NO_CONTEXT, small[0])
 
 
 async def test_sqlite_blob_store_of_an_earlier_release_keeps_its_blobs(tmp_path: Path) -> None:
@@ -66,11 +90,12 @@ async def test_sqlite_blob_store_of_an_earlier_release_keeps_its_blobs(tmp_path:
         conn.executemany("INSERT INTO blobs VALUES (?, ?)", [(d.key, data) for d, data in kept])
     conn.close()
     async with SqliteBlobStorage(path) as storage:
-        assert await storage.bulk_read_blobs(d for d, _ in kept) == dict(kept)
+        assert await storage.bulk_read(NO_CONTEXT, [d for d, _ in kept]) == dict(kept)
         added = blob(5000, 9)
-        assert await storage.bulk_update_blobs([added]) == [None]
+        assert await storage.bulk_update(NO_CONTEXT, [added]) == [None]
     async with SqliteBlobStorage(path) as storage:  # the second start finds nothing to move
-        assert await storage.bulk_read_blobs([added[0], kept[0][0]]) == dict([added, kept[0]])
+        wanted = [added[0], kept[0][0]]
+        assert await storage.bulk_read(NO_CONTEXT, wanted) == dict([added, kept[0]])
     with sqlite3.connect(path) as conn:
         tables = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
     conn.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
@@ -12,6 +12,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
 from asynccas.server.app import CasServer
+from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.memory import MemoryStorage
 
 pytestmark = pytest.mark.anyio
@@ -22,10 +23,11 @@ class CountingStorage(MemoryStorage):
 
     reads = 0
 
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
-        wanted = list(digests)
-        self.reads += len(wanted)
-        return await super().bulk_read_blobs(wanted)
+    async def bulk_read(
+        self, ctx: RequestContext, digests: Sequence[Digest]
+    ) -> dict[Digest, bytes]:
+        self.reads += len(digests)
+        return await super().bulk_read(ctx, digests)
 
 
 def build_tree(width: int, depth: int) -> tuple[Digest, dict[Digest, bytes]]:
@@ -63,7 +65,7 @@ async def serve(storage: CountingStorage) -> AsyncIterator[grpc.aio.Channel]:
 async def test_repeated_get_tree_reads_no_directories() -> None:
     storage = CountingStorage()
     root, blobs = build_tree(width=3, depth=3)  # 40 directories
-    await storage.bulk_update_blobs(list(blobs.items()))
+    await storage.bulk_update(NO_CONTEXT, list(blobs.items()))
     async for channel in serve(storage):
         first = await get_tree(channel, root)
         assert sorted(first) == sorted(blobs.values())
@@ -77,11 +79,11 @@ async def test_repeated_get_tree_reads_no_directories() -> None:
 async def test_a_directory_gone_from_the_cas_is_not_served_from_the_cache() -> None:
     storage = CountingStorage()
     root, blobs = build_tree(width=2, depth=2)
-    await storage.bulk_update_blobs(list(blobs.items()))
+    await storage.bulk_update(NO_CONTEXT, list(blobs.items()))
     async for channel in serve(storage):
         first = await get_tree(channel, root)
         victim = next(d for d, data in blobs.items() if d != root and data in first)
-        await storage.delete_blob(victim)
+        await storage.delete([victim])
         again = await get_tree(channel, root)
         assert blobs[victim] not in again
         assert len(again) < len(first)

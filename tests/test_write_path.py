@@ -23,11 +23,12 @@ from asynccas.index.sqlite import SqliteIndex
 from asynccas.resource_names import parse_write_name
 from asynccas.server.app import CasServer
 from asynccas.server.uploads import UploadSessions
-from asynccas.storage.base import WRITE_BUFFERS, Storage
+from asynccas.storage.base import WRITE_BUFFERS, Storage, contains, put_chunks
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.direct_io import DirectFile
 from asynccas.storage.disk import DiskStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite import SqliteBlobStorage
-from asynccas.storage.tiered import SizeDifferentiatedStorage
 from asynccas.testing import blob
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +53,7 @@ def tiered_index(root: Path) -> SqliteIndex:
 async def test_messages_are_gathered_and_written_out_in_bounded_pieces(tmp_path: Path) -> None:
     digest, data = blob(600 * 1024, 1)
     async with DiskStorage(tmp_path, fsync=False) as storage:
-        writer = await storage.open_write(digest)
+        writer = await storage.put(NO_CONTEXT, digest)
         before = WRITE_BUFFERS.in_use
         await writer.write(data[:16384])
         assert temp_files(tmp_path) == [], "nothing is written for the first small message"
@@ -73,7 +74,7 @@ async def test_an_upload_parked_for_later_holds_its_bytes_on_disk(tmp_path: Path
     async with DiskStorage(tmp_path, fsync=False, direct_io_above=1 << 20) as storage:
         uploads = UploadSessions(storage)
         resource = parse_write_name(f"uploads/u1/blobs/{digest.hash}/{digest.size_bytes}")
-        upload = await uploads.begin(resource, 0)
+        upload = await uploads.begin(NO_CONTEXT, resource, 0)
         before = WRITE_BUFFERS.in_use
         async for chunk in chunks(data[: 5 * 1024 * 1024 + 100]):
             await upload.writer.write(chunk)
@@ -85,7 +86,7 @@ async def test_an_upload_parked_for_later_holds_its_bytes_on_disk(tmp_path: Path
         assert upload.writer._handle is None, "a parked upload holds no descriptor"  # type: ignore[attr-defined]
         (temp,) = temp_files(tmp_path)
         assert temp.stat().st_size == 5 * 1024 * 1024 + 100
-        resumed = await uploads.begin(resource, upload.writer.committed_size)
+        resumed = await uploads.begin(NO_CONTEXT, resource, upload.writer.committed_size)
         async for chunk in chunks(data[5 * 1024 * 1024 + 100 :], 1 << 20):
             await resumed.writer.write(chunk)
         await resumed.writer.commit()
@@ -109,7 +110,7 @@ def let_index_inserts_succeed(root: Path) -> None:
 
 
 async def blob_is_stored(storage: Storage, digest: Digest) -> bool:
-    return not await storage.missing_blobs([digest])
+    return await contains(storage, NO_CONTEXT, digest)
 
 
 @pytest.mark.parametrize("size", [1000, 100_000], ids=["small-tier row", "file"])
@@ -183,7 +184,7 @@ async def test_disk_full_during_a_large_upload_is_resource_exhausted(
         assert failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.details()
         assert "disk full" in (failed.details() or "")
         assert temp_files(small_disk) == [], "the failed upload's temp file was left behind"
-        assert not await storage.has_blob(digest)
+        assert not await contains(storage, NO_CONTEXT, digest)
 
 
 async def test_a_blob_evicted_while_it_is_read_is_still_read_whole(tmp_path: Path) -> None:
@@ -191,12 +192,12 @@ async def test_a_blob_evicted_while_it_is_read_is_still_read_whole(tmp_path: Pat
     them, and a blob gone before the read is NOT_FOUND, never a disk error."""
     digest, data = blob(3 * 1024 * 1024 + 5, 5)
     async with DiskStorage(tmp_path, fsync=False) as storage:
-        await storage.commit_write(digest, chunks(data, 1 << 20))
+        await put_chunks(storage, NO_CONTEXT, digest, chunks(data, 1 << 20))
         parts = []
-        reading = storage.get_blob(digest)
+        reading = storage.get(NO_CONTEXT, digest)
         parts.append(await anext(reading))
         await anyio.to_thread.run_sync(storage.path_for(digest).unlink)  # evicted
         parts += [chunk async for chunk in reading]
         assert b"".join(parts) == data
         with pytest.raises(BlobNotFound):
-            await anext(storage.get_blob(digest))
+            await anext(storage.get(NO_CONTEXT, digest))

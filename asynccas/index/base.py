@@ -5,45 +5,73 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from contextlib import aclosing
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, CasError
-from asynccas.storage.base import BlobWriter, Storage
+from asynccas.storage.base import (
+    BlobWriter,
+    Deletable,
+    DeletionMarked,
+    Listable,
+    Stageable,
+    Storage,
+    contains,
+    missing_digests,
+    put_chunks,
+    release_staged,
+    require,
+    stage,
+)
+from asynccas.storage.context import NO_CONTEXT, RequestContext
 
 if TYPE_CHECKING:
     from asynccas.eviction import ByteBudget
 
 
-class StorageIndex(Storage):
+class StorageIndex(Storage, Stageable, Deletable, Listable, DeletionMarked):
+    """Subclasses answer ``find_missing``, publish staged writers and record them in one
+    transaction (``publish_staged``), delete, and keep LRU order; reads and writes go through
+    to ``storage``, which must be able to delete (eviction does)."""
+
     def __init__(self, storage: Storage) -> None:
+        require(storage, Deletable, f"{type(self).__name__} (it evicts)")
         self.storage = storage
+        self._storage_deletes = cast(Deletable, storage)
         # Set while an EvictionPolicy keeps this index under a byte budget: uploads charge
         # their size to it when they open.
         self.budget: ByteBudget | None = None
 
+    def offers(self, capability: type) -> bool:
+        if capability is Listable:  # rebuilding lists what the storage holds
+            return self.storage.offers(Listable)
+        return isinstance(self, capability)
+
     # Reads go to the wrapped storage; the index only keeps recency and heals itself.
 
-    async def get_blob(
-        self, digest: Digest, offset: int = 0, limit: int = 0
+    async def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
         started = time.time()
         try:
-            async for chunk in self.storage.get_blob(digest, offset, limit):
+            async for chunk in self.storage.get(ctx, digest, offset, limit):
                 yield chunk
         except BlobNotFound:
             await self._forget([digest], started)
             raise
         await self._touch([digest])
 
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+    async def bulk_read(
+        self, ctx: RequestContext, digests: Sequence[Digest]
+    ) -> dict[Digest, bytes]:
         unique = list(dict.fromkeys(digests))
         started = time.time()
-        found = await self.storage.bulk_read_blobs(unique)
+        found = await self.storage.bulk_read(ctx, unique)
         lost = [d for d in unique if d not in found]
         if lost:
             await self._forget(lost, started)
@@ -54,26 +82,33 @@ class StorageIndex(Storage):
     # Writes stage and release through the wrapped storage; an index only changes how staged
     # writers are published (publish_staged), which IndexedWriter routes through too.
 
-    async def open_write(self, digest: Digest) -> BlobWriter:
+    async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         if self.budget is not None:
-            await self.budget.charge(digest.size_bytes)
-        return IndexedWriter(self, await self.storage.open_write(digest))
+            await self.budget.charge(digest.size_bytes, ctx)
+        return IndexedWriter(self, await self.storage.put(ctx, digest))
 
-    async def stage_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
+    async def stage(
+        self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[BlobWriter | CasError]:
         if self.budget is not None:
-            await self.budget.charge(sum(len(data) for _, data in blobs))
-        return await self.storage.stage_blobs(blobs)
+            await self.budget.charge(sum(len(data) for _, data in blobs), ctx)
+        return await stage(self.storage, ctx, blobs)
 
     async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
-        await self.storage.release_staged(writers)
+        await release_staged(self.storage, writers)
 
     async def commit_writer(self, writer: BlobWriter) -> None:
         """Verify and publish a writer of the wrapped storage (``IndexedWriter.commit``);
         indexes that can do both at once override this."""
         await writer.verify()
         await self.publish_staged([writer])
+
+    def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
+        return cast(Listable, self.storage).list_blobs()
+
+    async def deletion_marker(self) -> int | None:
+        """None here; indexes that count their deletions say so."""
+        return None
 
     @abc.abstractmethod
     async def _touch(self, digests: Iterable[Digest]) -> None:
@@ -112,12 +147,49 @@ class StorageIndex(Storage):
         async for digest, _ in self.least_recent_digests():
             page.append(digest)
             if len(page) >= 1000:
-                stale += await self.storage.missing_blobs(page)
+                stale += await missing_digests(self.storage, NO_CONTEXT, page)
                 page = []
         if page:
-            stale += await self.storage.missing_blobs(page)
+            stale += await missing_digests(self.storage, NO_CONTEXT, page)
         await self.forget(stale)
         return listed, len(stale)
+
+    # -- BuildGrid's index API, made async ---------------------------------------------------
+    # BuildGrid's RedisIndex and SQLIndex names and parameters, for people coming from it:
+    # calls outside any request, so without a request context.
+
+    async def has_blob(self, digest: Digest) -> bool:
+        return await contains(self, NO_CONTEXT, digest)
+
+    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The given digests that are absent, each once, in first-seen order."""
+        return await missing_digests(self, NO_CONTEXT, digests)
+
+    async def get_blob(
+        self, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        async with aclosing(self.get(NO_CONTEXT, digest, offset, limit)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def commit_write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        """Store a blob fed as chunks; raise DigestMismatch (storing nothing) if it is wrong."""
+        await put_chunks(self, NO_CONTEXT, digest, chunks)
+
+    async def bulk_update_blobs(
+        self, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[CasError | None]:
+        return await self.bulk_update(NO_CONTEXT, blobs)
+
+    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        return await self.bulk_read(NO_CONTEXT, list(digests))
+
+    async def delete_blob(self, digest: Digest) -> bool:
+        return bool(await self.delete([digest]))
+
+    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+        """Remove many blobs; returns those that were there and are now gone."""
+        return await self.delete(list(digests))
 
     @abc.abstractmethod
     def least_recent_digests(self) -> AsyncIterator[tuple[Digest, int]]:

@@ -34,17 +34,18 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime
-from itertools import chain, compress
+from itertools import chain
 from typing import Any, Final, NamedTuple
 
 import anyio
 
-from asynccas.digest import Digest, DigestBatch, DigestFunction
+from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BackendUnavailable
 from asynccas.index.base import StorageIndex
 from asynccas.index.recency import TouchedThisInterval, recency_window
 from asynccas.redis_provider import Client, ConnectionTurns, EncodedLane, RedisProvider
-from asynccas.storage.base import BlobWriter, Storage
+from asynccas.storage.base import BlobWriter, Storage, publish_staged
+from asynccas.storage.context import RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -283,19 +284,7 @@ class RedisIndex(StorageIndex):
 
     # -- existence ---------------------------------------------------------------------------
 
-    async def has_blob(self, digest: Digest) -> bool:
-        return not await self.missing_blobs([digest])
-
-    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        by_function: dict[DigestFunction, list[Digest]] = defaultdict(list)
-        for digest in dict.fromkeys(digests):
-            by_function[digest[2]].append(digest)  # [2] is .function
-        missing: list[Digest] = []
-        for function, group in by_function.items():  # nearly always one
-            missing += compress(group, await self.missing_mask(DigestBatch.of(function, group)))
-        return missing
-
-    async def missing_mask(self, batch: DigestBatch) -> bytes:
+    async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
         """Per bucket, SMISMEMBER for presence and ``ZADD XX GT`` for recency, in one round trip.
 
         The recency score is the current time rounded down to ``touch_interval``: with GT, a
@@ -308,7 +297,7 @@ class RedisIndex(StorageIndex):
             distinct, first_positions = unique
             mask = bytearray(len(batch))
             for position, flag in zip(
-                first_positions, await self.missing_mask(distinct), strict=True
+                first_positions, await self.find_missing(ctx, distinct), strict=True
             ):
                 mask[position] = flag
             return bytes(mask)
@@ -455,7 +444,7 @@ class RedisIndex(StorageIndex):
                     groups[self.bucket_of(writer.digest)].append(writer)
                 buckets = list(groups)
                 generations = await self._generations(buckets)
-                await self.storage.publish_staged(pending)
+                await publish_staged(self.storage, pending)
                 now = time.time()
                 calls = []
                 for bucket, generation in zip(buckets, generations, strict=True):
@@ -485,15 +474,12 @@ class RedisIndex(StorageIndex):
 
     # -- deletion and clean-up ---------------------------------------------------------------
 
-    async def delete_blob(self, digest: Digest) -> bool:
-        return bool(await self.bulk_delete([digest]))
-
-    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+    async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
         unique = list(dict.fromkeys(digests))
         removed = await self._evict([(math.inf, d) for d in unique])
         # Blobs the index did not know are deleted from storage too.
         unindexed = [d for d in unique if d not in removed]
-        gone = await self.storage.bulk_delete(unindexed) if unindexed else []
+        gone = await self._storage_deletes.delete(unindexed) if unindexed else []
         return [d for d in unique if d in removed or d in gone]
 
     async def _evict(self, candidates: Sequence[tuple[float, Digest]]) -> set[Digest]:
@@ -515,7 +501,7 @@ class RedisIndex(StorageIndex):
                 for result in await self._pipeline("begin eviction", calls):
                     removed.update(map(Digest.from_member, result))
                 if removed:
-                    await self.storage.bulk_delete(removed)
+                    await self._storage_deletes.delete(list(removed))
             finally:
                 await self._pipeline(
                     "end eviction",

@@ -25,7 +25,8 @@ from asynccas.digest import Digest, DigestBatch
 from asynccas.index.base import StorageIndex
 from asynccas.index.recency import TouchedThisInterval, recency_window
 from asynccas.sqlite import SqliteDatabase
-from asynccas.storage.base import BlobWriter, CommitsInThread, Storage
+from asynccas.storage.base import BlobWriter, CommitsInThread, Storage, mask_of, publish_staged
+from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
 
 _SCHEMA: Final = """
@@ -116,24 +117,18 @@ class SqliteIndex(StorageIndex):
 
     # -- existence ---------------------------------------------------------------------------
 
-    async def has_blob(self, digest: Digest) -> bool:
-        return not await self.missing_blobs([digest])
-
-    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        # Keyed by the key string, whose hash CPython computes in C and caches.
-        by_key = {d.key: d for d in digests}
-        if not by_key:
-            return []
-        keys = list(by_key)
-        present = {keys[i] for i in await self._present(keys, json.dumps(keys))}
-        return [d for key, d in by_key.items() if key not in present]
-
-    async def missing_mask(self, batch: DigestBatch) -> bytes:
-        """``missing_blobs`` on the batch's columns: its keys are written into the query's JSON
-        in a few joins, where a ``Digest`` and a JSON encoding per digest cost more than the
-        query itself."""
-        if not len(batch) or batch.unique() is not None:  # repeats are rare: the general path
-            return await super().missing_mask(batch)
+    async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
+        """Answered on the batch's columns: its keys are written into the query's JSON in a
+        few joins, where a ``Digest`` and a JSON encoding per digest cost more than the query
+        itself."""
+        if not len(batch):
+            return b""
+        if batch.unique() is not None:  # repeats are rare: the general path
+            # Keyed by the key string, whose hash CPython computes in C and caches.
+            by_key = {d.key: d for d in batch.digests}
+            keys = list(by_key)
+            present = {keys[i] for i in await self._present(keys, json.dumps(keys))}
+            return mask_of(batch, [d for key, d in by_key.items() if key not in present])
         # Digest.key of each, one per line, written in one join and cut in one split; keys
         # are hex, digits and colons, so the JSON list needs no escaping either.
         count = len(batch)
@@ -208,7 +203,7 @@ class SqliteIndex(StorageIndex):
         # Shielded: once a file is published its row must be committed too.
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
-                await self.storage.publish_staged(writers)
+                await publish_staged(self.storage, writers)
                 now = time.time()
                 rows = [(w.digest.key, w.digest.size_bytes, now, now) for w in writers]
                 await sql.commit_with(lambda conn: conn.executemany(_UPSERT, rows))
@@ -270,16 +265,13 @@ class SqliteIndex(StorageIndex):
 
     # -- deletion and clean-up ---------------------------------------------------------------
 
-    async def delete_blob(self, digest: Digest) -> bool:
-        return bool(await self.bulk_delete([digest]))
-
-    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+    async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
         unique = list(dict.fromkeys(digests))
         rows = [(d.key,) for d in unique]
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", rows))
-                deleted = await self.storage.bulk_delete(unique)
+                deleted = await self._storage_deletes.delete(unique)
         return deleted
 
     async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:
@@ -372,7 +364,7 @@ class SqliteIndex(StorageIndex):
                 batch = _covering(await sql(lambda c: c.execute(select, args).fetchall()), wanted)
                 keys = [(key,) for _, key, _ in batch]
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", keys))
-                await self.storage.bulk_delete(Digest.from_key(key) for _, key, _ in batch)
+                await self._storage_deletes.delete([Digest.from_key(key) for _, key, _ in batch])
         return batch
 
 

@@ -25,7 +25,8 @@ from asynccas.server.calls import authorize
 from asynccas.server.cas import read_small_blobs
 from asynccas.server.errors import Context, unary_rpc
 from asynccas.server.registration import register, unary
-from asynccas.storage.base import Storage
+from asynccas.storage.base import Storage, missing_digests
+from asynccas.storage.context import RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +80,20 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
     ) -> re_pb2.ActionResult:
         counting = metrics.active()
         if counting is None:
-            return await self._lookup(request)
+            return await self._lookup(request, context)
         try:
-            result = await self._lookup(request)
+            result = await self._lookup(request, context)
         except ActionResultNotFound:
             counting.action_cache.labels("miss").inc()
             raise
         counting.action_cache.labels("hit").inc()
         return result
 
-    async def _lookup(self, request: re_pb2.GetActionResultRequest) -> re_pb2.ActionResult:
+    async def _lookup(
+        self, request: re_pb2.GetActionResultRequest, context: Context
+    ) -> re_pb2.ActionResult:
         validate_instance_name(request.instance_name)
-        authorize(Access.READ, request.instance_name)
+        ctx = authorize(Access.READ, request.instance_name, context, request.digest_function)
         action = Digest.from_proto(request.action_digest, request.digest_function)
         data = await self.store.get(request.instance_name, action)
         if data is None:
@@ -102,7 +105,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
             await self.store.delete(request.instance_name, action)
             raise ActionResultNotFound(f"no cached result for action {action}") from None
         if self.check_completeness:
-            missing = await self._missing_outputs(result, action.function)
+            missing = await self._missing_outputs(ctx, result, action.function)
             if missing:
                 raise ActionResultNotFound(
                     f"cached result for action {action} refers to {len(missing)} blob(s) no"
@@ -111,7 +114,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         return result
 
     async def _missing_outputs(
-        self, result: re_pb2.ActionResult, function: DigestFunction
+        self, ctx: RequestContext, result: re_pb2.ActionResult, function: DigestFunction
     ) -> list[Digest]:
         wanted = referenced_blobs(result, function)
         trees = [
@@ -119,11 +122,11 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
             for d in result.output_directories
             if d.HasField("tree_digest")
         ]
-        found = await read_small_blobs(self.storage, trees) if trees else {}
+        found = await read_small_blobs(self.storage, ctx, trees) if trees else {}
         for tree_digest in trees:
             data = found.get(tree_digest)
             if data is None:
-                continue  # reported by missing_blobs below
+                continue  # reported as missing below
             try:
                 tree = re_pb2.Tree.FromString(data)
             except DecodeError:
@@ -139,14 +142,14 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
                 return [tree_digest]
         wanted = [d for d in wanted if not d.is_empty]
         # Most results name a few outputs; one with none costs no lookup at all.
-        return await self.storage.missing_blobs(wanted) if wanted else []
+        return await missing_digests(self.storage, ctx, wanted) if wanted else []
 
     @unary_rpc
     async def UpdateActionResult(
         self, request: re_pb2.UpdateActionResultRequest, context: Context
     ) -> re_pb2.ActionResult:
         validate_instance_name(request.instance_name)
-        authorize(Access.WRITE, request.instance_name)
+        authorize(Access.WRITE, request.instance_name, context, request.digest_function)
         if not self.allow_updates:
             raise UnsupportedFeature("this server does not accept action cache updates")
         action = Digest.from_proto(request.action_digest, request.digest_function)

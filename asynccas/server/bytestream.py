@@ -25,7 +25,7 @@ from asynccas.server.registration import (
     unary,
 )
 from asynccas.server.uploads import UploadSessions
-from asynccas.storage.base import CHUNK_SIZE, Storage
+from asynccas.storage.base import CHUNK_SIZE, Storage, contains
 
 HALF_CLOSE_GRACE: Final = 0.1
 """Seconds to wait before parking an upload whose stream ended without finish_write."""
@@ -81,9 +81,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self, request: bs_pb2.ReadRequest, context: Context
     ) -> AsyncIterator[bs_pb2.ReadResponse]:
         resource = parse_read_name(request.resource_name)
-        authorize(Access.READ, resource.instance_name)
-        _reject_compression(resource)
         digest = resource.digest
+        ctx = authorize(Access.READ, resource.instance_name, context, digest.function)
+        _reject_compression(resource)
         if not 0 <= request.read_offset <= digest.size_bytes:
             raise OutOfRange(
                 f"read_offset {request.read_offset} is outside blob {digest}"
@@ -94,7 +94,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if digest.is_empty:
             return
         async with aclosing(
-            self.storage.get_blob(digest, request.read_offset, request.read_limit)
+            self.storage.get(ctx, digest, request.read_offset, request.read_limit)
         ) as chunks:
             async for chunk in chunks:
                 yield bs_pb2.ReadResponse(data=chunk)
@@ -109,9 +109,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if isinstance(first, MalformedRequest):
             raise first.error()
         resource = parse_write_name(first.resource_name)
-        authorize(Access.WRITE, resource.instance_name)
-        _reject_compression(resource)
         digest = resource.digest
+        ctx = authorize(Access.WRITE, resource.instance_name, context, digest.function)
+        _reject_compression(resource)
         # REAPI: a blob that is already there (the empty one always is) completes at once.
         if digest.is_empty:
             return bs_pb2.WriteResponse(committed_size=0)
@@ -121,11 +121,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         # asking, since storing is idempotent and the lookup's thread hop cost about as much
         # as receiving the blob (it measured 0.3-0.5 ms of a 300 KB upload's 4.5 ms).
         stored = (
-            asyncio.ensure_future(self.storage.has_blob(digest))
+            asyncio.ensure_future(contains(self.storage, ctx, digest))
             if digest.size_bytes > CHUNK_SIZE
             else None
         )
-        upload = await self.uploads.begin(resource, first.write_offset)
+        upload = await self.uploads.begin(ctx, resource, first.write_offset)
         writer = upload.writer
         finished = False
         try:
@@ -172,7 +172,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             await anyio.sleep(HALF_CLOSE_GRACE)
             # An upload stopped part-way is rare: ask now whether the blob is there after all.
             if stored is None:
-                stored = asyncio.ensure_future(self.storage.has_blob(digest))
+                stored = asyncio.ensure_future(contains(self.storage, ctx, digest))
             if await asyncio.wait([stored]) and _reported_stored(stored):
                 finished = True
                 await self.uploads.end(upload, abort=True)
@@ -196,11 +196,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self, request: bs_pb2.QueryWriteStatusRequest, context: Context
     ) -> bs_pb2.QueryWriteStatusResponse:
         resource = parse_write_name(request.resource_name)
-        authorize(Access.WRITE, resource.instance_name)
-        _reject_compression(resource)
         digest = resource.digest
-        if digest.is_empty or await self.storage.has_blob(digest):
+        ctx = authorize(Access.WRITE, resource.instance_name, context, digest.function)
+        _reject_compression(resource)
+        if digest.is_empty or await contains(self.storage, ctx, digest):
             return bs_pb2.QueryWriteStatusResponse(committed_size=digest.size_bytes, complete=True)
         return bs_pb2.QueryWriteStatusResponse(
-            committed_size=self.uploads.committed_size(resource), complete=False
+            committed_size=self.uploads.committed_size(ctx, resource), complete=False
         )

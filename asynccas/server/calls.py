@@ -23,9 +23,11 @@ import grpc
 from google.protobuf.message import Message
 
 from asynccas.auth import EVERYONE, Access, AccessPolicy, Identity
+from asynccas.digest import DEFAULT_FUNCTION, DigestFunction
 from asynccas.errors import CasError
 from asynccas.metrics import Metrics
 from asynccas.server.errors import message_of, status_code
+from asynccas.storage.context import RequestContext
 
 access_logger: Final = logging.getLogger("asynccas.access")
 
@@ -46,16 +48,37 @@ class Call:
 _current: ContextVar[Call | None] = ContextVar("asynccas_call", default=None)
 
 
-def authorize(access: Access, instance: str) -> None:
+def authorize(
+    access: Access,
+    instance: str,
+    context: grpc.aio.ServicerContext[Any, Any] | None = None,
+    digest_function: DigestFunction | int = DEFAULT_FUNCTION,
+) -> RequestContext:
     """Raise Unauthenticated or PermissionDenied unless the current caller may ``access``
-    ``instance``. Handlers call it once they know the instance; outside an observed call
-    (no policy) everyone may do everything."""
+    ``instance``; otherwise the request context for the storage calls that follow (with the
+    call's deadline, when ``context`` is given). Handlers call it once they know the instance;
+    outside an observed call (no policy) everyone may do everything."""
+    if isinstance(digest_function, int):
+        digest_function = _function_named_by(digest_function)
+    remaining = context.time_remaining() if context is not None else None
+    deadline = None if remaining is None else time.monotonic() + remaining
     call = _current.get()
     if call is None:
-        return
+        return RequestContext(instance, digest_function, deadline)
     call.instance = instance
     if call.policy is not None:
         call.policy.authorize(call.identity, access, instance)
+    return RequestContext(instance, digest_function, deadline, call.identity)
+
+
+def _function_named_by(value: int) -> DigestFunction:
+    """A request's ``digest_function`` field: the default when unset (each digest's own
+    function is then inferred from its length) or not one this server knows (the digests'
+    parsing names that problem, after authorization)."""
+    try:
+        return DigestFunction.from_proto(value) if value else DEFAULT_FUNCTION
+    except CasError:
+        return DEFAULT_FUNCTION
 
 
 def record_instance(instance: str) -> None:

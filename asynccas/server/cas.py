@@ -33,7 +33,8 @@ from asynccas.server.wire import (
     encode_batch_read_response,
     encode_batch_update_response,
 )
-from asynccas.storage.base import CHUNK_SIZE, Storage
+from asynccas.storage.base import CHUNK_SIZE, Storage, deletion_marker, missing_digests
+from asynccas.storage.context import RequestContext
 
 _SERVICE: Final = "build.bazel.remote.execution.v2.ContentAddressableStorage"
 DEFAULT_TREE_PAGE_SIZE: Final = 1000
@@ -41,9 +42,11 @@ MAX_TREE_PAGE_SIZE: Final = 10_000
 _TREE_READ_BATCH: Final = 1000
 
 
-async def read_small_blobs(storage: Storage, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-    """bulk_read_blobs plus REAPI's rule that the empty blob always exists."""
-    found = await storage.bulk_read_blobs([d for d in digests if not d.is_empty])
+async def read_small_blobs(
+    storage: Storage, ctx: RequestContext, digests: Sequence[Digest]
+) -> dict[Digest, bytes]:
+    """bulk_read plus REAPI's rule that the empty blob always exists."""
+    found = await storage.bulk_read(ctx, [d for d in digests if not d.is_empty])
     found.update((d, b"") for d in digests if d.is_empty)
     return found
 
@@ -113,19 +116,20 @@ class ContentAddressableStorageService:
                 message = re_pb2.FindMissingBlobsRequest.FromString(body)
             except DecodeError as exc:
                 raise InvalidArgument(f"FindMissingBlobsRequest is malformed: {exc}") from None
-            return (await self._find_missing_blobs(message)).SerializeToString()
+            return (await self._find_missing_blobs(message, context)).SerializeToString()
         validate_instance_name(request.instance_name)
-        authorize(Access.READ, request.instance_name)
-        return request.answer(await self._missing_mask(request.batch))
+        batch = request.batch
+        ctx = authorize(Access.READ, request.instance_name, context, batch.function)
+        return request.answer(await self._missing_mask(ctx, batch))
 
     async def _find_missing_blobs(
-        self, request: re_pb2.FindMissingBlobsRequest
+        self, request: re_pb2.FindMissingBlobsRequest, context: Context
     ) -> re_pb2.FindMissingBlobsResponse:
         validate_instance_name(request.instance_name)
-        authorize(Access.READ, request.instance_name)
+        ctx = authorize(Access.READ, request.instance_name, context, request.digest_function)
         # No per-digest status exists in the response, so one bad digest fails the request.
         batch = DigestBatch.from_protos(request.blob_digests, request.digest_function)
-        mask = await self._missing_mask(batch)
+        mask = await self._missing_mask(ctx, batch)
         if not any(mask):
             return re_pb2.FindMissingBlobsResponse()
         # Answer with the request's own messages: cheaper than building new ones.
@@ -133,8 +137,8 @@ class ContentAddressableStorageService:
             missing_blob_digests=list(compress(request.blob_digests, mask))
         )
 
-    async def _missing_mask(self, batch: DigestBatch) -> bytes:
-        mask = await self.storage.missing_mask(batch)
+    async def _missing_mask(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
+        mask = await self.storage.find_missing(ctx, batch)
         counting = metrics.active()
         if counting is not None:  # per distinct digest: a repeat is answered at its first place
             unique = batch.unique()
@@ -185,12 +189,14 @@ class ContentAddressableStorageService:
         self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
     ) -> bytes:
         """BatchUpdateBlobs as the server registers it: the response encoded here (``wire``)."""
-        return encode_batch_update_response(await self._update_batch(request))
+        return encode_batch_update_response(await self._update_batch(request, context))
 
-    async def _update_batch(self, request: re_pb2.BatchUpdateBlobsRequest) -> list[UpdateResult]:
+    async def _update_batch(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: Context | None = None
+    ) -> list[UpdateResult]:
         """Store the request's blobs; each one's digest with its error, or None if stored."""
         validate_instance_name(request.instance_name)
-        authorize(Access.WRITE, request.instance_name)
+        ctx = authorize(Access.WRITE, request.instance_name, context, request.digest_function)
         entries = list(request.requests)
         messages = [entry.digest for entry in entries]
         datas = [entry.data for entry in entries]  # each access copies the bytes out
@@ -216,7 +222,7 @@ class ContentAddressableStorageService:
             to_store.append((digest, data))
             stored_at.append(position)
         for position, error in zip(
-            stored_at, await self.storage.bulk_update_blobs(to_store), strict=True
+            stored_at, await self.storage.bulk_update(ctx, to_store), strict=True
         ):
             results[position] = error
         return list(zip(messages, results, strict=True))
@@ -227,12 +233,14 @@ class ContentAddressableStorageService:
     ) -> bytes:
         """BatchReadBlobs as the server registers it: the response encoded here, without a
         message per blob (which cost more than reading the blobs; see ``wire``)."""
-        return encode_batch_read_response(await self._read_batch(request))
+        return encode_batch_read_response(await self._read_batch(request, context))
 
-    async def _read_batch(self, request: re_pb2.BatchReadBlobsRequest) -> list[ReadResult]:
+    async def _read_batch(
+        self, request: re_pb2.BatchReadBlobsRequest, context: Context | None = None
+    ) -> list[ReadResult]:
         """Each requested digest with its data, or the error that stands in for it."""
         validate_instance_name(request.instance_name)
-        authorize(Access.READ, request.instance_name)
+        ctx = authorize(Access.READ, request.instance_name, context, request.digest_function)
         parsed = _parse_digests(request.digests, request.digest_function)
         valid = [d for d in parsed if isinstance(d, Digest)]
         # Every entry counts, repeats too: the answer carries the data once per entry (250
@@ -245,7 +253,7 @@ class ContentAddressableStorageService:
                 f"the answer to {len(parsed)} digests would take about {answer} bytes, over"
                 f" this server's {self.max_response_bytes}-byte message limit; ask for fewer"
             )
-        found = await read_small_blobs(self.storage, valid)
+        found = await read_small_blobs(self.storage, ctx, valid)
         results: list[ReadResult] = []
         for message, digest in zip(request.digests, parsed, strict=True):
             if isinstance(digest, CasError):
@@ -260,7 +268,7 @@ class ContentAddressableStorageService:
         self, request: re_pb2.GetTreeRequest, context: Context
     ) -> AsyncIterator[re_pb2.GetTreeResponse]:
         validate_instance_name(request.instance_name)
-        authorize(Access.READ, request.instance_name)
+        ctx = authorize(Access.READ, request.instance_name, context, request.digest_function)
         root = Digest.from_proto(request.root_digest, request.digest_function)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
@@ -270,7 +278,7 @@ class ContentAddressableStorageService:
         byte_budget = max(self.max_batch_total_size_bytes, 1 << 20)
         cached = self.tree_cache.get(root)
         if cached is not None and skip == 0 and page_size in cached.pages:
-            if await self._still_stored(cached):
+            if await self._still_stored(ctx, cached):
                 for response in cached.pages[page_size]:
                     yield response
                 return
@@ -279,7 +287,7 @@ class ContentAddressableStorageService:
         position = 0
         page: list[re_pb2.Directory] = []
         page_bytes = 0
-        async for directory, size in self._directories(root):
+        async for directory, size in self._directories(ctx, root):
             position += 1
             if position <= skip:
                 continue
@@ -300,32 +308,34 @@ class ContentAddressableStorageService:
         if skip == 0:  # kept only if the walk was complete (the tree cache then has the root)
             self.tree_cache.add_pages(root, page_size, sent)
 
-    async def _still_stored(self, tree: CachedTree) -> bool:
+    async def _still_stored(self, ctx: RequestContext, tree: CachedTree) -> bool:
         """Whether every Directory of a cached tree is still in the CAS."""
-        marker = await self.storage.deletion_marker()
+        marker = await deletion_marker(self.storage)
         if marker is not None and marker == tree.marker:
             return True  # nothing was deleted since they were all present
-        present = not await self.storage.missing_blobs(
-            [d for d, _ in tree.entries if d.size_bytes or not d.is_empty]
+        present = not await missing_digests(
+            self.storage, ctx, [d for d, _ in tree.entries if d.size_bytes or not d.is_empty]
         )
         if present:
             tree.marker = marker
         return present
 
-    async def _directories(self, root: Digest) -> AsyncIterator[tuple[re_pb2.Directory, int]]:
+    async def _directories(
+        self, ctx: RequestContext, root: Digest
+    ) -> AsyncIterator[tuple[re_pb2.Directory, int]]:
         """The tree from the cache if every Directory in it is still stored, else walked."""
         cached = self.tree_cache.get(root)
         if cached is not None:
-            if await self._still_stored(cached):
+            if await self._still_stored(ctx, cached):
                 for _, data in cached.entries:
                     yield re_pb2.Directory.FromString(data), len(data)
                 return
             self.tree_cache.forget(root)
         # Read before the walk: a deletion during it must not be hidden by a later marker.
-        marker = await self.storage.deletion_marker()
+        marker = await deletion_marker(self.storage)
         walked: list[tuple[Digest, bytes]] = []
         complete = True
-        async for digest, directory, data in self._walk(root):
+        async for digest, directory, data in self._walk(ctx, root):
             if directory is None:
                 complete = False  # a subtree is missing: the answer may change, do not keep it
                 continue
@@ -335,7 +345,7 @@ class ContentAddressableStorageService:
             self.tree_cache.put(root, walked, marker)
 
     async def _walk(
-        self, root: Digest
+        self, ctx: RequestContext, root: Digest
     ) -> AsyncIterator[tuple[Digest, re_pb2.Directory | None, bytes]]:
         """Breadth first, each directory once, children in the order their parents list them.
 
@@ -348,7 +358,9 @@ class ContentAddressableStorageService:
             blobs: dict[Digest, bytes] = {}
             for start in range(0, len(level), _TREE_READ_BATCH):
                 blobs.update(
-                    await read_small_blobs(self.storage, level[start : start + _TREE_READ_BATCH])
+                    await read_small_blobs(
+                        self.storage, ctx, level[start : start + _TREE_READ_BATCH]
+                    )
                 )
             next_level = []
             for digest in level:

@@ -20,12 +20,16 @@ from asynccas import metrics
 from asynccas.errors import InvalidArgument, Overloaded, UploadConflict
 from asynccas.resource_names import BlobResource
 from asynccas.storage.base import BlobWriter, Storage
+from asynccas.storage.context import RequestContext
 
-UploadKey = tuple[str, str, str]  # instance name, upload id, digest key
+UploadKey = tuple[str, str, str, str]  # caller, instance name, upload id, digest key
 
 
-def upload_key(resource: BlobResource) -> UploadKey:
-    return (resource.instance_name, resource.upload_id, resource.digest.key)
+def upload_key(ctx: RequestContext, resource: BlobResource) -> UploadKey:
+    """Uploads are the caller's own: another caller naming the same upload id (guessed, or
+    by chance) neither resumes it nor learns how far it got."""
+    caller = ctx.identity.name if ctx.identity is not None else ""
+    return (caller, resource.instance_name, resource.upload_id, resource.digest.key)
 
 
 @dataclass
@@ -51,9 +55,9 @@ class UploadSessions:
         self._parked: OrderedDict[UploadKey, Upload] = OrderedDict()
         self._active: set[UploadKey] = set()
 
-    async def begin(self, resource: BlobResource, write_offset: int) -> Upload:
-        """Start or resume the upload named by ``resource`` at ``write_offset``."""
-        key = upload_key(resource)
+    async def begin(self, ctx: RequestContext, resource: BlobResource, write_offset: int) -> Upload:
+        """Start or resume the caller's upload named by ``resource`` at ``write_offset``."""
+        key = upload_key(ctx, resource)
         if key in self._active:
             raise UploadConflict(f"another stream is already writing upload {resource.upload_id}")
         if len(self._active) >= self.max_active:
@@ -73,7 +77,7 @@ class UploadSessions:
                 f"write_offset {write_offset} does not continue upload {resource.upload_id}:"
                 f" the server holds {held} bytes of it (see QueryWriteStatus)"
             )
-        upload = Upload(key, await self.storage.open_write(resource.digest))
+        upload = Upload(key, await self.storage.put(ctx, resource.digest))
         self._active.add(key)
         self._count_active()
         return upload
@@ -106,8 +110,8 @@ class UploadSessions:
         if counting is not None:
             counting.uploads_in_flight.set(len(self._active))
 
-    def committed_size(self, resource: BlobResource) -> int:
-        parked = self._parked.get(upload_key(resource))
+    def committed_size(self, ctx: RequestContext, resource: BlobResource) -> int:
+        parked = self._parked.get(upload_key(ctx, resource))
         return parked.writer.committed_size if parked else 0
 
     async def expire_idle(self) -> None:

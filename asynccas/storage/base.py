@@ -13,13 +13,15 @@ import abc
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from contextlib import aclosing
+from itertools import compress
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, cast
 
 import anyio
 
-from asynccas.digest import Digest, DigestBatch
-from asynccas.errors import BlobNotFound, CasError, DigestMismatch
+from asynccas.digest import Digest, DigestBatch, DigestFunction
+from asynccas.errors import BlobNotFound, CasError, ConfigurationError, DigestMismatch
+from asynccas.storage.context import RequestContext
 
 CHUNK_SIZE: Final = 1024 * 1024
 """Largest piece of a blob held at once while streaming (well under gRPC's 4 MiB default)."""
@@ -186,7 +188,15 @@ class CommitsInThread(abc.ABC):
 
 
 class Storage(abc.ABC):
-    """A content-addressable blob store. See the module docstring for the contract."""
+    """The core protocol: what every backend, index and wrapper offers.
+
+    Five calls, each with the caller's ``RequestContext``: ``find_missing`` (a batch),
+    ``get`` (streamed, with offset and limit), ``put`` (a streamed writer that verifies before
+    the blob becomes visible), ``bulk_read`` and ``bulk_update`` (many small blobs). What only
+    some backends can do is an optional capability (``Stageable``, ``Deletable``, ``Listable``,
+    ``DeletionMarked``); ask ``offers`` before using one, since a wrapper offers a capability
+    only when what it wraps does.
+    """
 
     async def start(self) -> None:
         """Acquire resources (connections, directories, background tasks)."""
@@ -206,31 +216,22 @@ class Storage(abc.ABC):
     ) -> None:
         await self.stop()
 
-    @abc.abstractmethod
-    async def has_blob(self, digest: Digest) -> bool: ...
-
-    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        """The given digests that are absent, each once, in first-seen order."""
-        return [d for d in dict.fromkeys(digests) if not await self.has_blob(d)]
-
-    async def missing_mask(self, batch: DigestBatch) -> bytes:
-        """``missing_blobs`` for a request's batch, as one byte per digest in batch order.
-
-        1 where the digest is absent (at its first position only, when repeated), 0 elsewhere.
-        A mask lets large requests be answered without building a ``Digest`` per entry; backends
-        that can work on the columns directly override this.
-        """
-        digests = batch.digests
-        missing = set(await self.missing_blobs(digests))
-        mask = bytearray(len(digests))
-        for position, digest in enumerate(digests):
-            if digest in missing:
-                mask[position] = 1
-                missing.discard(digest)
-        return bytes(mask)
+    def offers(self, capability: type) -> bool:
+        """Whether this storage can do what the optional ``capability`` (e.g. ``Deletable``)
+        describes. Wrappers answer for what they wrap too."""
+        return isinstance(self, capability)
 
     @abc.abstractmethod
-    def get_blob(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncGenerator[bytes]:
+    async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
+        """One byte per digest of ``batch``, in order: 1 where the blob is absent (at its first
+        position only, when a digest repeats), 0 elsewhere. A mask rather than a list, so that
+        a large request is answered without a ``Digest`` per entry where a backend can work on
+        the batch's columns (``mask_of`` builds one from a list of missing digests)."""
+
+    @abc.abstractmethod
+    def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
         """Stream ``limit`` bytes (0: all) from ``offset`` in chunks of at most CHUNK_SIZE.
 
         Raises BlobNotFound on the first iteration if the blob is absent. Callers
@@ -238,115 +239,203 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def open_write(self, digest: Digest) -> BlobWriter: ...
+    async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
+        """A writer for one upload of ``digest`` (see ``BlobWriter``; ``put_chunks`` feeds one
+        from an async iterable)."""
 
-    async def commit_write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
-        """Store a blob fed as chunks; raise DigestMismatch (storing nothing) if it is wrong."""
-        writer = await self.open_write(digest)
-        try:
-            async for chunk in chunks:
-                await writer.write(chunk)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await writer.abort()
-            raise
-        await writer.commit()
-
-    async def stage_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
-    ) -> list[BlobWriter | CasError]:
-        """Write and verify small blobs without publishing them; errors are per blob."""
-        staged: list[BlobWriter | CasError] = []
-        try:
-            for digest, data in blobs:
-                try:
-                    writer = await self.open_write(digest)
-                except CasError as exc:  # e.g. StorageFull for this blob alone
-                    staged.append(exc)
-                    continue
-                try:
-                    await writer.write(data)
-                    await writer.verify()
-                except CasError as exc:
-                    await writer.abort()
-                    staged.append(exc)
-                else:
-                    staged.append(writer)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await abort_all(staged)
-            raise
-        return staged
-
-    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
-        """Publish writers from ``stage_blobs``; backends may override to do it in one go."""
-        for writer in writers:
-            await writer.publish()
-
-    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
-        """Release the temporary data of writers from ``stage_blobs`` (``abort`` each);
-        backends may override to do it in one go."""
-        await abort_all(writers)
-
-    async def bulk_update_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
-    ) -> list[CasError | None]:
-        """Store many small blobs; the result holds one error (or None) per input, in order."""
-        staged = await self.stage_blobs(blobs)
-        writers = [w for w in staged if isinstance(w, BlobWriter)]
-        try:
-            await self.publish_staged(writers)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.release_staged(writers)  # temp data goes; published blobs stay
-        return [w if isinstance(w, CasError) else None for w in staged]
-
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+    async def bulk_read(
+        self, ctx: RequestContext, digests: Sequence[Digest]
+    ) -> dict[Digest, bytes]:
         """Read many small blobs whole; absent ones are left out of the result."""
         found: dict[Digest, bytes] = {}
         for digest in dict.fromkeys(digests):
             try:
-                found[digest] = await read_all(self, digest)
+                found[digest] = await read_all(self, ctx, digest)
             except BlobNotFound:
                 continue
         return found
 
+    async def bulk_update(
+        self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[CasError | None]:
+        """Store many small blobs; the result holds one error (or None) per input, in order."""
+        staged = await stage(self, ctx, blobs)
+        writers = [w for w in staged if isinstance(w, BlobWriter)]
+        try:
+            await publish_staged(self, writers)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await release_staged(self, writers)  # temp data goes; published blobs stay
+        return [w if isinstance(w, CasError) else None for w in staged]
+
+
+class Stageable(abc.ABC):
+    """Batches written and verified first, published together later: what lets an index make
+    a whole BatchUpdateBlobs visible in one transaction. Storages without it are staged through
+    ``put`` writers (``stage``)."""
+
     @abc.abstractmethod
-    async def delete_blob(self, digest: Digest) -> bool:
-        """Remove a blob; True if it was there."""
+    async def stage(
+        self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
+    ) -> list[BlobWriter | CasError]:
+        """Write and verify small blobs without publishing them; errors are per blob."""
 
-    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
-        """Remove many blobs; returns those that were there and are now gone."""
-        return [d for d in dict.fromkeys(digests) if await self.delete_blob(d)]
+    @abc.abstractmethod
+    async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
+        """Publish writers from ``stage`` (all at once where the backend can)."""
 
-    async def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
-        """Every stored blob with a time it was last written or used, for rebuilding an index.
+    @abc.abstractmethod
+    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
+        """Release the temporary data of writers from ``stage`` (published blobs stay)."""
 
-        Not every backend can list its blobs; those raise NotImplementedError.
-        """
-        raise NotImplementedError(f"{type(self).__name__} cannot list its blobs")
-        yield  # pragma: no cover  (makes this an async generator)
 
+class Deletable(abc.ABC):
+    """Blobs can be removed (eviction, ``asynccas`` tools). A remote CAS cannot."""
+
+    @abc.abstractmethod
+    async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
+        """Remove blobs; returns those that were there and are now gone, each once."""
+
+
+class Listable(abc.ABC):
+    """Every stored blob can be listed, to rebuild an index from what storage holds."""
+
+    @abc.abstractmethod
+    def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
+        """Every stored blob with a time it was last written or used."""
+
+
+class DeletionMarked(abc.ABC):
+    """A cheap way to learn that nothing was deleted since a moment, which lets a caller that
+    saw blobs present rely on them without asking again (GetTree's cache)."""
+
+    @abc.abstractmethod
     async def deletion_marker(self) -> int | None:
         """A number that changes whenever any blob is deleted or evicted (by any process
-        sharing this storage), or None if the storage cannot tell.
+        sharing this storage), or None if it cannot tell at the moment."""
 
-        Content never changes, so a caller that saw a set of blobs present may rely on them
-        while the marker stays the same, without asking again.
-        """
-        return None
+
+async def deletion_marker(storage: Storage) -> int | None:
+    """The storage's deletion marker, or None if it offers none."""
+    if storage.offers(DeletionMarked):
+        return await cast(DeletionMarked, storage).deletion_marker()
+    return None
+
+
+def require(storage: Storage, capability: type, purpose: str) -> None:
+    """Refuse, at configuration time, to build something on a storage that lacks what it
+    needs: one clear error instead of a failure on some later request."""
+    if not storage.offers(capability):
+        raise ConfigurationError(
+            f"{purpose} needs a storage that offers {capability.__name__}; "
+            f"{describe(storage)} does not"
+        )
+
+
+def describe(storage: Storage) -> str:
+    return type(storage).__name__
+
+
+def mask_of(batch: DigestBatch, missing: Iterable[Digest]) -> bytes:
+    """The ``find_missing`` mask of ``batch`` given the set of its absent digests."""
+    absent = set(missing)
+    mask = bytearray(len(batch))
+    for position, digest in enumerate(batch.digests):
+        if digest in absent:
+            mask[position] = 1
+            absent.discard(digest)
+    return bytes(mask)
+
+
+async def missing_digests(
+    storage: Storage, ctx: RequestContext, digests: Iterable[Digest]
+) -> list[Digest]:
+    """The given digests that are absent, each once, in first-seen order (any functions)."""
+    unique = list(dict.fromkeys(digests))
+    by_function: dict[DigestFunction, list[Digest]] = {}
+    for digest in unique:
+        by_function.setdefault(digest.function, []).append(digest)
+    missing: set[Digest] = set()
+    for function, group in by_function.items():
+        mask = await storage.find_missing(ctx, DigestBatch.of(function, group))
+        missing.update(compress(group, mask))
+    return [d for d in unique if d in missing]
+
+
+async def contains(storage: Storage, ctx: RequestContext, digest: Digest) -> bool:
+    return not (await storage.find_missing(ctx, DigestBatch.of(digest.function, [digest])))[0]
+
+
+async def put_chunks(
+    storage: Storage, ctx: RequestContext, digest: Digest, chunks: AsyncIterable[bytes]
+) -> None:
+    """Store a blob fed as chunks; raise DigestMismatch (storing nothing) if it is wrong."""
+    writer = await storage.put(ctx, digest)
+    try:
+        async for chunk in chunks:
+            await writer.write(chunk)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await writer.abort()
+        raise
+    await writer.commit()
+
+
+async def read_all(storage: Storage, ctx: RequestContext, digest: Digest) -> bytes:
+    """A whole blob in memory: only for blobs known to be small (batch RPCs, Directory protos)."""
+    parts = []
+    async with aclosing(storage.get(ctx, digest)) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+async def stage(
+    storage: Storage, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
+) -> list[BlobWriter | CasError]:
+    """``Stageable.stage`` where offered, else each blob through a ``put`` writer, verified
+    but not published."""
+    if storage.offers(Stageable):
+        return await cast(Stageable, storage).stage(ctx, blobs)
+    staged: list[BlobWriter | CasError] = []
+    try:
+        for digest, data in blobs:
+            try:
+                writer = await storage.put(ctx, digest)
+            except CasError as exc:  # e.g. StorageFull for this blob alone
+                staged.append(exc)
+                continue
+            try:
+                await writer.write(data)
+                await writer.verify()
+            except CasError as exc:
+                await writer.abort()
+                staged.append(exc)
+            else:
+                staged.append(writer)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await abort_all(staged)
+        raise
+    return staged
+
+
+async def publish_staged(storage: Storage, writers: Sequence[BlobWriter]) -> None:
+    if storage.offers(Stageable):
+        await cast(Stageable, storage).publish_staged(writers)
+    else:
+        for writer in writers:
+            await writer.publish()
+
+
+async def release_staged(storage: Storage, writers: Sequence[BlobWriter]) -> None:
+    if storage.offers(Stageable):
+        await cast(Stageable, storage).release_staged(writers)
+    else:
+        await abort_all(writers)
 
 
 async def abort_all(staged: Iterable[BlobWriter | CasError]) -> None:
     for writer in staged:
         if isinstance(writer, BlobWriter):
             await writer.abort()
-
-
-async def read_all(storage: Storage, digest: Digest) -> bytes:
-    """A whole blob in memory: only for blobs known to be small (batch RPCs, Directory protos)."""
-    parts = []
-    async with aclosing(storage.get_blob(digest)) as chunks:
-        async for chunk in chunks:
-            parts.append(chunk)
-    return b"".join(parts)

@@ -12,21 +12,31 @@ import contextlib
 import errno
 import os
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, ParamSpec, Protocol, TypeVar
 
 import anyio
 
-from asynccas.digest import Digest, DigestFunction
+from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.outages import outages
-from asynccas.storage.base import CHUNK_SIZE, BlobWriter, CommitsInThread, Storage
+from asynccas.storage.base import (
+    CHUNK_SIZE,
+    BlobWriter,
+    CommitsInThread,
+    Deletable,
+    Listable,
+    Stageable,
+    Storage,
+    mask_of,
+)
+from asynccas.storage.context import RequestContext
 from asynccas.storage.direct_io import open_direct
 from asynccas.threads import in_thread
 
-_READ_BATCH = 256  # files read per thread hop by bulk_read_blobs
+_READ_BATCH = 256  # files read per thread hop by bulk_read
 DEFAULT_DIRECT_IO_ABOVE: Final = 16 * 1024 * 1024
 
 P = ParamSpec("P")
@@ -70,7 +80,7 @@ def _read_up_to(fd: int, limit: int) -> bytes:
 _in_thread: Final = in_thread
 
 
-class DiskStorage(Storage):
+class DiskStorage(Storage, Stageable, Deletable, Listable):
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -102,23 +112,21 @@ class DiskStorage(Storage):
             if pid.isdigit() and not _process_alive(int(pid)):
                 leftover.unlink(missing_ok=True)
 
-    async def has_blob(self, digest: Digest) -> bool:
-        with _disk_errors("check for a blob"):
-            return await _in_thread(self._has_blob_sync, digest)
-
     def _has_blob_sync(self, digest: Digest) -> bool:
         try:
             return self.path_for(digest).stat().st_size == digest.size_bytes
         except FileNotFoundError:
             return False
 
-    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        unique = list(dict.fromkeys(digests))
+    async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
+        digests = batch.digests
         with _disk_errors("check for blobs"):
-            return await _in_thread(lambda: [d for d in unique if not self._has_blob_sync(d)])
+            return await _in_thread(
+                lambda: mask_of(batch, [d for d in set(digests) if not self._has_blob_sync(d)])
+            )
 
-    async def get_blob(
-        self, digest: Digest, offset: int = 0, limit: int = 0
+    async def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
         # The first hop opens, checks and reads the first chunk, and for a blob of one chunk
         # (most of a build's) also closes: one thread hop per read instead of five. The size
@@ -168,7 +176,9 @@ class DiskStorage(Storage):
             fd = -1
         return fd, chunk, remaining
 
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+    async def bulk_read(
+        self, ctx: RequestContext, digests: Sequence[Digest]
+    ) -> dict[Digest, bytes]:
         # Small blobs (batch RPCs, Directory messages): a whole chunk of files per thread
         # hop, chunks in parallel, instead of several hops per file.
         unique = list(dict.fromkeys(digests))
@@ -200,7 +210,7 @@ class DiskStorage(Storage):
                 found[digest] = data
         return found
 
-    async def open_write(self, digest: Digest) -> BlobWriter:
+    async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         # The temp file is made with the first data written: no thread hop here, and none at
         # all for an upload that turns out to be stored already.
         return _DiskWriter(self, digest)
@@ -213,8 +223,8 @@ class DiskStorage(Storage):
                 return handle
         return open(path, "xb")
 
-    async def stage_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
+    async def stage(
+        self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[BlobWriter | CasError]:
         # One thread hop for a whole batch of small blobs, not several per blob.
         return await _in_thread(self._stage_sync, blobs)
@@ -262,10 +272,6 @@ class DiskStorage(Storage):
 
         await _in_thread(discard_all)  # one thread hop for the batch, not one per blob
 
-    async def delete_blob(self, digest: Digest) -> bool:
-        with _disk_errors(f"delete blob {digest}"):
-            return await _in_thread(self._delete_sync, digest)
-
     def _delete_sync(self, digest: Digest) -> bool:
         try:
             self.path_for(digest).unlink()
@@ -273,7 +279,7 @@ class DiskStorage(Storage):
         except FileNotFoundError:
             return False
 
-    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+    async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
         unique = list(dict.fromkeys(digests))
         with _disk_errors("delete blobs"):
             return await _in_thread(lambda: [d for d in unique if self._delete_sync(d)])

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Sequence
 
-from asynccas.digest import Digest
+from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, StorageFull
-from asynccas.storage.base import CHUNK_SIZE, BlobWriter, Storage
+from asynccas.storage.base import (
+    CHUNK_SIZE,
+    BlobWriter,
+    Deletable,
+    DeletionMarked,
+    Storage,
+    mask_of,
+)
+from asynccas.storage.context import RequestContext
 
 
-class MemoryStorage(Storage):
+class MemoryStorage(Storage, Deletable, DeletionMarked):
     """Blobs in a dict, least recently used evicted first once ``max_bytes`` is exceeded."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
@@ -23,23 +31,18 @@ class MemoryStorage(Storage):
     def total_size(self) -> int:
         return self._total
 
-    async def has_blob(self, digest: Digest) -> bool:
-        if digest in self._blobs:
-            self._blobs.move_to_end(digest)
-            return True
-        return False
-
-    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+    async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
+        blobs = self._blobs
         missing = []
-        for digest in dict.fromkeys(digests):
-            if digest in self._blobs:
-                self._blobs.move_to_end(digest)
+        for digest in batch.digests:
+            if digest in blobs:
+                blobs.move_to_end(digest)
             else:
                 missing.append(digest)
-        return missing
+        return mask_of(batch, missing) if missing else bytes(len(batch))
 
-    async def get_blob(
-        self, digest: Digest, offset: int = 0, limit: int = 0
+    async def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
         data = self._blobs.get(digest)
         if data is None:
@@ -50,14 +53,16 @@ class MemoryStorage(Storage):
         for start in range(offset, end, CHUNK_SIZE):
             yield bytes(view[start : min(end, start + CHUNK_SIZE)])
 
-    async def open_write(self, digest: Digest) -> BlobWriter:
+    async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         if digest.size_bytes > self.max_bytes:
             raise StorageFull(
                 f"blob {digest} is larger than the memory budget of {self.max_bytes} bytes"
             )
         return _MemoryWriter(self, digest)
 
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+    async def bulk_read(
+        self, ctx: RequestContext, digests: Sequence[Digest]
+    ) -> dict[Digest, bytes]:
         found = {}
         for digest in dict.fromkeys(digests):
             data = self._blobs.get(digest)
@@ -66,13 +71,15 @@ class MemoryStorage(Storage):
                 found[digest] = data
         return found
 
-    async def delete_blob(self, digest: Digest) -> bool:
-        data = self._blobs.pop(digest, None)
-        if data is None:
-            return False
-        self._total -= len(data)
-        self._deletions += 1
-        return True
+    async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
+        gone = []
+        for digest in dict.fromkeys(digests):
+            data = self._blobs.pop(digest, None)
+            if data is not None:
+                self._total -= len(data)
+                self._deletions += 1
+                gone.append(digest)
+        return gone
 
     async def deletion_marker(self) -> int | None:
         return self._deletions

@@ -12,14 +12,25 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from asynccas.digest import Digest
+from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.sqlite import SqliteDatabase, move_rows_off_without_rowid, sqlite_errors
-from asynccas.storage.base import CHUNK_SIZE, BlobWriter, CommitsInThread, Storage
+from asynccas.storage.base import (
+    CHUNK_SIZE,
+    BlobWriter,
+    CommitsInThread,
+    Deletable,
+    Listable,
+    Stageable,
+    Storage,
+    abort_all,
+    mask_of,
+)
+from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
 
 # A rowid table: see move_rows_off_without_rowid for why not WITHOUT ROWID.
@@ -49,7 +60,7 @@ def recorded_max_blob_size(path: str | Path) -> int | None:
     return None if row is None else int(row[0])
 
 
-class SqliteBlobStorage(Storage):
+class SqliteBlobStorage(Storage, Stageable, Deletable, Listable):
     def __init__(
         self, path: str | Path, *, max_blob_size: int = 1024 * 1024, fsync: bool = True
     ) -> None:
@@ -80,11 +91,8 @@ class SqliteBlobStorage(Storage):
     async def stop(self) -> None:
         await self._db.close()
 
-    async def has_blob(self, digest: Digest) -> bool:
-        return not await self.missing_blobs([digest])
-
-    async def missing_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
-        by_key = {d.key: d for d in digests}
+    async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
+        by_key = {d.key: d for d in batch.digests}
         keys = json.dumps(list(by_key))
         rows = await self._db.read(
             lambda conn: conn.execute(
@@ -92,7 +100,7 @@ class SqliteBlobStorage(Storage):
             ).fetchall()
         )
         present = {key for (key,) in rows}
-        return [d for key, d in by_key.items() if key not in present]
+        return mask_of(batch, [d for key, d in by_key.items() if key not in present])
 
     async def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
         """Every stored blob, in pages of keys. Rows keep no access time, so each is listed as
@@ -111,17 +119,19 @@ class SqliteBlobStorage(Storage):
                 yield digest, now
             after = keys[-1][0]
 
-    async def get_blob(
-        self, digest: Digest, offset: int = 0, limit: int = 0
+    async def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
-        data = (await self.bulk_read_blobs([digest])).get(digest)
+        data = (await self.bulk_read(ctx, [digest])).get(digest)
         if data is None:
             raise BlobNotFound(digest)
         end = len(data) if limit == 0 else min(len(data), offset + limit)
         for start in range(offset, end, CHUNK_SIZE):
             yield data[start : min(end, start + CHUNK_SIZE)]
 
-    async def bulk_read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+    async def bulk_read(
+        self, ctx: RequestContext, digests: Sequence[Digest]
+    ) -> dict[Digest, bytes]:
         by_key = {d.key: d for d in digests}
         keys = json.dumps(list(by_key))
         rows = await self._db.read(
@@ -132,15 +142,15 @@ class SqliteBlobStorage(Storage):
         )
         return {by_key[key]: bytes(data) for key, data in rows}
 
-    async def open_write(self, digest: Digest) -> BlobWriter:
+    async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         if digest.size_bytes > self.max_blob_size:
             raise StorageFull(
                 f"blob {digest} is larger than this store's {self.max_blob_size} bytes"
             )
         return _SqliteWriter(self, digest)
 
-    async def stage_blobs(
-        self, blobs: Sequence[tuple[Digest, bytes]]
+    async def stage(
+        self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[BlobWriter | CasError]:
         def verify_all() -> list[BlobWriter | CasError]:  # hashing in one thread hop
             staged: list[BlobWriter | CasError] = []
@@ -165,10 +175,10 @@ class SqliteBlobStorage(Storage):
                 )
             )
 
-    async def delete_blob(self, digest: Digest) -> bool:
-        return bool(await self.bulk_delete([digest]))
+    async def release_staged(self, writers: Sequence[BlobWriter]) -> None:
+        await abort_all(writers)  # staged rows are only in memory: nothing to do in a thread
 
-    async def bulk_delete(self, digests: Iterable[Digest]) -> list[Digest]:
+    async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
         unique = list(dict.fromkeys(digests))
 
         def delete(conn: sqlite3.Connection) -> list[Digest]:
