@@ -6,7 +6,6 @@ import argparse
 import importlib.metadata
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -20,30 +19,24 @@ from typing import Any
 import anyio
 import grpc
 
-from asynccas import metrics
-from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas import config, metrics
 from asynccas.allocator import keep_freed_memory
 from asynccas.auth import AccessPolicy, JwtVerifier, TokenFile, new_token
 from asynccas.bench.cli import add_bench_commands, run_bench, run_report
 from asynccas.client.commands import add_cas_commands, run_cas_command
-from asynccas.errors import CasError
-from asynccas.eviction import EvictionPolicy
+from asynccas.config import human_size
+from asynccas.errors import CasError, ConfigurationError
 from asynccas.index.base import StorageIndex
-from asynccas.index.redis import RedisIndex
-from asynccas.index.sqlite import SqliteIndex
-from asynccas.redis_provider import RedisProvider
 from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
-from asynccas.storage.base import Storage
-from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
+from asynccas.storage.base import Listable, require
+from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE
 from asynccas.storage.memory import MemoryStorage
-from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
-from asynccas.storage.sqlite import SqliteBlobStorage, recorded_max_blob_size
+from asynccas.storage.sqlite import recorded_max_blob_size
 from asynccas.threads import in_thread
 from asynccas.transport import ServerTls
 
 logger = logging.getLogger("asynccas")
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 _MEMORY_DEFAULT_BYTES = 1 << 30
 SMALL_BLOBS_FILE = "small-blobs.sqlite"
 # Bazel's blobs are mostly 1-64 KiB; up to here, one SQLite row beats one file each.
@@ -52,25 +45,15 @@ DEFAULT_SMALL_BLOB_LIMIT = 64 * 1024
 
 def parse_size(text: str) -> int:
     """``1048576``, ``512M``, ``1.5G``, ``2GiB`` -> bytes (suffixes are powers of 1024)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M, 1.5G or 10G")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    exponent = "kmgt".index(unit) + 1 if unit else 0
-    return int(number * 1024**exponent)
+    try:
+        return config.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_data_dir() -> Path:
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache_home) / "asynccas"
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--storage", choices=("disk", "memory"), default="disk")
     _add_index_argument(serve)
+    _add_config_argument(serve)
     serve.add_argument(
         "--max-size",
         type=parse_size,
         default=None,
         help="byte budget (e.g. 20G); least recently used blobs are evicted beyond it"
-        f" (memory storage default: {_human(_MEMORY_DEFAULT_BYTES)}; disk: unbounded)",
+        f" (memory storage default: {human_size(_MEMORY_DEFAULT_BYTES)}; disk: unbounded)",
     )
     serve.add_argument(
         "--max-batch-size",
@@ -114,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"keep disk blobs up to this size inline in DATA_DIR/{SMALL_BLOBS_FILE} instead of"
         " one file each, which is much faster for small blobs; 0 for one file per blob."
         " Set once, when a data directory is new: later starts read it from the directory"
-        f" (default: {_human(DEFAULT_SMALL_BLOB_LIMIT)} for a new data directory; an existing"
+        f" (default: {human_size(DEFAULT_SMALL_BLOB_LIMIT)} for a new data directory; an existing"
         " one keeps its layout)",
     )
     serve.add_argument(
@@ -218,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reindex.add_argument("--data-dir", type=Path, default=None)
     _add_index_argument(reindex)
+    _add_config_argument(reindex)
     reindex.add_argument(
         "--small-blob-limit",
         type=parse_size,
@@ -281,6 +266,39 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a TOML file naming the storages and how they compose, instead of --data-dir,"
+        " --storage, --index, --max-size, --small-blob-limit, --no-fsync and --direct-io-above"
+        " (examples in the README)",
+    )
+
+
+# The flags a --config file replaces, with their defaults.
+_STORAGE_FLAGS = {
+    "data_dir": None,
+    "storage": "disk",
+    "index": "sqlite",
+    "max_size": None,
+    "small_blob_limit": None,
+    "no_fsync": False,
+    "direct_io_above": DEFAULT_DIRECT_IO_ABOVE,
+}
+
+
+def _check_config_alone(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.config is None:
+        return
+    for dest, default in _STORAGE_FLAGS.items():
+        if getattr(args, dest, default) != default:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} and --config do not go together: the file describes the storage")
+
+
 def _add_index_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index",
@@ -296,44 +314,74 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data_dir or default_data_dir()).expanduser().resolve()
 
 
-def _build_index(args: argparse.Namespace, storage: Storage) -> tuple[StorageIndex, str]:
-    data_dir = _data_dir(args)
+def _index_table(args: argparse.Namespace, data_dir: Path, storage: str) -> dict[str, Any]:
     if args.index == "sqlite":
         fsync = not getattr(args, "no_fsync", False)  # reindex has no such option
-        index = SqliteIndex(storage, data_dir / "index.sqlite", fsync=fsync)
-        return index, f"index {data_dir / 'index.sqlite'}"
-    if args.index.startswith(("redis://", "rediss://", "redis+cluster://", "redis+sentinel://")):
-        provider = RedisProvider(args.index)
-        return RedisIndex(storage, provider), f"index {provider.display_url}"
+        path = str(data_dir / "index.sqlite")
+        return {"type": "sqlite-index", "path": path, "fsync": fsync, "storage": storage}
+    if args.index.startswith(config.REDIS_SCHEMES):
+        return {"type": "redis-index", "url": args.index, "storage": storage}
     raise CasError(f"--index {args.index!r} is neither 'sqlite' nor a redis URL")
 
 
-async def _build(
-    args: argparse.Namespace,
-) -> tuple[Storage, ActionCacheStore, str, EvictionPolicy | None]:
+def _disk_tables(args: argparse.Namespace, data_dir: Path, small_blob_limit: int) -> dict[str, Any]:
+    """The storages of a data directory: files, plus the small-blob tier if it has one; the
+    one named "blobs" holds them all."""
+    fsync = not getattr(args, "no_fsync", False)  # reindex has no such option
+    files = {
+        "type": "disk",
+        "path": str(data_dir),
+        "fsync": fsync,
+        "direct_io_above": getattr(args, "direct_io_above", DEFAULT_DIRECT_IO_ABOVE),
+    }
+    if not small_blob_limit:
+        return {"blobs": files}
+    return {
+        "blobs": {
+            "type": "size-differentiated",
+            "limit": small_blob_limit,
+            "small": "rows",
+            "large": "files",
+        },
+        "rows": {
+            "type": "sqlite-rows",
+            "path": str(data_dir / SMALL_BLOBS_FILE),
+            "max_blob_size": small_blob_limit,
+            "fsync": fsync,
+        },
+        "files": files,
+    }
+
+
+async def shorthand_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration that the serve flags stand for (what ``--config`` would say)."""
     if args.storage == "memory":
         if args.index != "sqlite":
             raise CasError("--index applies to disk storage; memory storage needs no index")
-
         budget = args.max_size or _MEMORY_DEFAULT_BYTES
-        where = f"blobs in memory (budget {_human(budget)}), action cache in memory"
-        return MemoryStorage(budget), MemoryActionCache(), where, None
-    data_dir = _data_dir(args)
+        return {
+            "cas": "blobs",
+            "storage": {"blobs": {"type": "memory", "max_size": budget}},
+            "action_cache": {"type": "memory"},
+        }
+    data_dir = await in_thread(_data_dir, args)
     small_blob_limit = await _small_blob_limit(args, data_dir)
-    blobs = _disk_blobs(args, data_dir, small_blob_limit)
-    index, index_where = _build_index(args, blobs)
-    budget = f"budget {_human(args.max_size)}" if args.max_size else "no size limit"
-    tier = (
-        f", those up to {_human(small_blob_limit)} in {data_dir / SMALL_BLOBS_FILE}"
-        if small_blob_limit
-        else ""
-    )
-    where = (
-        f"blobs on disk in {data_dir / 'cas'}{tier} ({budget}), {index_where},"
-        f" action cache {data_dir / 'action-cache.sqlite'}"
-    )
-    eviction = EvictionPolicy(args.max_size) if args.max_size and not args.extra_worker else None
-    return index, SqliteActionCache(data_dir / "action-cache.sqlite"), where, eviction
+    return {
+        "cas": "index",
+        "max_size": args.max_size or 0,
+        "storage": {
+            "index": _index_table(args, data_dir, "blobs"),
+            **_disk_tables(args, data_dir, small_blob_limit),
+        },
+        "action_cache": {"type": "sqlite", "path": str(data_dir / "action-cache.sqlite")},
+    }
+
+
+async def _deployment(args: argparse.Namespace) -> config.Deployment:
+    evict = not getattr(args, "extra_worker", False)  # the first process evicts for all
+    if args.config is not None:
+        return await in_thread(config.load, args.config, evict=evict)
+    return config.build(await shorthand_config(args), Path.cwd(), evict=evict)
 
 
 def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
@@ -352,7 +400,14 @@ async def serve(args: argparse.Namespace) -> None:
     first = not args.extra_worker
     if first and args.workers > 1:
         await in_thread(_check_port_is_free, args.address)
-    storage, action_cache, where, eviction = await _build(args)
+    deployment = await _deployment(args)
+    storage, action_cache = deployment.cas, deployment.action_cache
+    if isinstance(storage, MemoryStorage) and args.workers > 1:
+        raise ConfigurationError(
+            "a memory storage cannot be shared by --workers: each process would keep a store"
+            " of its own and answer for it alone"
+        )
+    eviction, where = deployment.eviction, deployment.description
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     server = CasServer(
         storage,
@@ -467,21 +522,29 @@ async def _supervise_workers(args: argparse.Namespace, target: str) -> None:
 
 
 async def reindex(args: argparse.Namespace) -> None:
-    data_dir = _data_dir(args)
-    if not await in_thread(_is_data_dir, data_dir):
-        # Reindexing drops every index entry whose blob the directory lacks: a mistyped
-        # path would empty a shared Redis index.
-        raise CasError(
-            f"{data_dir} is not an asynccas data directory (it has no cas/ and no"
-            f" {SMALL_BLOBS_FILE}); check --data-dir: reindexing it would drop every entry"
-            " of the index"
+    if args.config is None:
+        args.storage = "disk"
+        args.max_size = None
+    deployment = await _deployment(args)
+    index = deployment.cas
+    if not isinstance(index, StorageIndex):
+        raise ConfigurationError(
+            "reindex rebuilds an index: the cas is not a sqlite or redis index"
         )
-    storage = _disk_blobs(args, data_dir, await _small_blob_limit(args, data_dir))
-    index, where = _build_index(args, storage)
+    require(index, Listable, "reindex (it lists what storage holds)")
+    for root in deployment.disk_roots:
+        if not await in_thread(_is_data_dir, root):
+            # Reindexing drops every index entry whose blob the directory lacks: a mistyped
+            # path would empty a shared Redis index.
+            raise CasError(
+                f"{root} is not an asynccas data directory (it has no cas/ and no"
+                f" {SMALL_BLOBS_FILE}); check --data-dir: reindexing it would drop every"
+                " entry of the index"
+            )
     async with index:
         listed, dropped = await index.reindex(index.list_blobs())
-    logger.info("reindexed %s into %s: %d blobs indexed, %d stale entries dropped",
-                data_dir, where, listed, dropped)  # fmt: skip
+    logger.info("reindexed %s: %d blobs indexed, %d stale entries dropped",
+                deployment.description, listed, dropped)  # fmt: skip
 
 
 async def _small_blob_limit(args: argparse.Namespace, data_dir: Path) -> int:
@@ -503,8 +566,8 @@ async def _small_blob_limit(args: argparse.Namespace, data_dir: Path) -> int:
             return asked
         if asked is not None and asked != recorded:
             raise CasError(
-                f"{data_dir} keeps blobs of up to {_human(recorded)} in {SMALL_BLOBS_FILE};"
-                f" --small-blob-limit {_human(asked)} would hide some of them: leave it out"
+                f"{data_dir} keeps blobs of up to {human_size(recorded)} in {SMALL_BLOBS_FILE};"
+                f" --small-blob-limit {human_size(asked)} would hide some of them: leave it out"
             )
         return recorded
     holds_files = await anyio.to_thread.run_sync(_holds_blob_files, data_dir)
@@ -536,25 +599,14 @@ def _holds_blob_files(data_dir: Path) -> bool:
     return False
 
 
-def _disk_blobs(args: argparse.Namespace, data_dir: Path, small_blob_limit: int) -> Storage:
-    """The blob storage of a data directory: files, plus the small-blob tier if it has one."""
-    fsync = not getattr(args, "no_fsync", False)  # reindex has no such option
-    direct_io_above = getattr(args, "direct_io_above", DEFAULT_DIRECT_IO_ABOVE)
-    blobs: Storage = DiskStorage(data_dir, fsync=fsync, direct_io_above=direct_io_above)
-    if small_blob_limit:
-        small = SqliteBlobStorage(
-            data_dir / SMALL_BLOBS_FILE, max_blob_size=small_blob_limit, fsync=fsync
-        )
-        blobs = SizeDifferentiatedStorage(small, blobs, limit=small_blob_limit)
-    return blobs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:2] == ["bench", "report"]:  # its own parser, so that its --help is its own
         return run_report(given[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("serve", "reindex"):
+        _check_config_alone(parser, args)
     if args.command == "serve":
         _check_serve_arguments(parser, args)
     if args.command == "token":

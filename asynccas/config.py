@@ -1,0 +1,381 @@
+"""Storage graphs from a TOML file: ``asynccas serve --config FILE``.
+
+A file names its storages and says how they compose; the CAS is the one named by ``cas``::
+
+    cas = "indexed"
+    max_size = "200G"                 # evicted least recently used first (the cas is an index)
+
+    [storage.indexed]
+    type = "sqlite-index"             # or "redis-index", with url = "redis://..."
+    path = "index.sqlite"
+    storage = "tiers"
+
+    [storage.tiers]
+    type = "size-differentiated"
+    limit = "64K"
+    small = "rows"
+    large = "files"
+
+    [storage.rows]
+    type = "sqlite-rows"
+    path = "small-blobs.sqlite"
+    max_blob_size = "64K"
+
+    [storage.files]
+    type = "disk"
+    path = "."
+
+    [action_cache]
+    type = "sqlite"                   # or "memory"
+    path = "action-cache.sqlite"
+
+Relative paths are relative to the file's directory. Sizes are bytes or text such as
+``"64K"`` or ``"1.5G"`` (powers of 1024). Every storage is used exactly once. Anything
+unknown, missing or of the wrong type is one ``ConfigurationError`` naming the key. The
+``serve`` flags (``--storage``, ``--index``, ``--data-dir``, ...) are shorthands: they build
+the same graph through ``build`` (see ``asynccas.cli``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas.errors import ConfigurationError
+from asynccas.eviction import EvictionPolicy
+from asynccas.index.base import StorageIndex
+from asynccas.index.redis import RedisIndex
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.redis_provider import RedisProvider
+from asynccas.storage.base import Storage
+from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
+from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
+from asynccas.storage.sqlite import SqliteBlobStorage
+
+_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``1048576``, ``512M``, ``1.5G``, ``2GiB`` -> bytes (suffixes are powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 500M, 1.5G or 10G")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    exponent = "kmgt".index(unit) + 1 if unit else 0
+    return int(number * 1024**exponent)
+
+
+def human_size(n: int) -> str:
+    """``65536`` -> ``64.0 KiB``: sizes in log lines and descriptions."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+@dataclass
+class Deployment:
+    """What a server is built from: the CAS storage graph, the action cache, and the eviction
+    policy that keeps them under a byte budget (None: no budget)."""
+
+    cas: Storage
+    action_cache: ActionCacheStore
+    eviction: EvictionPolicy | None
+    description: str
+    disk_roots: list[Path]
+    """Where the graph's disk storages keep their files (reindex checks them first)."""
+
+
+class _Table:
+    """One table of the file, read key by key: each getter checks the value's type, and
+    ``done`` refuses keys nobody asked for (a misspelt option must not be ignored)."""
+
+    def __init__(self, where: str, values: Mapping[str, Any], base: Path) -> None:
+        self.where = where
+        self.values = values
+        self.base = base
+        self._read: set[str] = set()
+
+    def error(self, key: str, problem: str) -> ConfigurationError:
+        return ConfigurationError(f"{self.where}.{key}: {problem}")
+
+    def raw(self, key: str, default: Any) -> Any:
+        self._read.add(key)
+        if key not in self.values:
+            if default is _REQUIRED:
+                raise ConfigurationError(f"{self.where}: {key!r} is missing")
+            return default
+        return self.values[key]
+
+    def text(self, key: str, default: Any = None) -> Any:
+        value = self.raw(key, _REQUIRED if default is None else default)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a non-empty string, not {value!r}")
+        return value
+
+    def path(self, key: str, default: str | None = None) -> Path:
+        return self.base / Path(self.text(key, default)).expanduser()
+
+    def size(self, key: str, default: int | None = None) -> int:
+        value = self.raw(key, _REQUIRED if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise self.error(key, f'expected a size like 65536 or "64K", not {value!r}')
+        try:
+            size = value if isinstance(value, int) else parse_size(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+        if size < 0:
+            raise self.error(key, f"a size cannot be negative ({value!r})")
+        return size
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, not {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.error(key, f"expected a positive number, not {value!r}")
+        return float(value)
+
+    def integer(self, key: str, default: int | None) -> int | None:
+        value = self.raw(key, default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.error(key, f"expected a whole number, not {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.values) - self._read)
+        if unknown:
+            known = ", ".join(sorted(self._read))
+            raise self.error(unknown[0], f"unknown key (this table takes: {known})")
+
+
+_REQUIRED: Final = object()
+
+
+class _Graph:
+    """Builds storages by name, each once, refusing cycles and unknown names."""
+
+    def __init__(self, storages: Mapping[str, Any], base: Path) -> None:
+        self.storages = storages
+        self.base = base
+        self.building: list[str] = []
+        self.used_by: dict[str, str] = {}
+        self.descriptions: dict[str, str] = {}
+        self.disk_roots: list[Path] = []
+
+    def storage(self, table: _Table, key: str) -> Storage:
+        """The storage that ``table``'s ``key`` names, built (with what it wraps)."""
+        name = table.text(key)
+        if name not in self.storages:
+            defined = ", ".join(sorted(self.storages)) or "none"
+            raise table.error(key, f"no storage named {name!r} (defined: {defined})")
+        if name in self.building:
+            raise table.error(key, f"storage {name!r} would contain itself")
+        if name in self.used_by:
+            raise table.error(
+                key,
+                f"storage {name!r} is already used by {self.used_by[name]}; each storage has"
+                " one place in the graph",
+            )
+        self.used_by[name] = table.where
+        return self.build(name)
+
+    def build(self, name: str) -> Storage:
+        values = self.storages[name]
+        where = f"storage.{name}"
+        if not isinstance(values, Mapping):
+            raise ConfigurationError(f"{where}: expected a table, not {values!r}")
+        table = _Table(where, values, self.base)
+        kind = table.text("type")
+        builder = _BUILDERS.get(kind)
+        if builder is None:
+            kinds = ", ".join(sorted(_BUILDERS))
+            raise table.error("type", f"unknown storage type {kind!r} (known: {kinds})")
+        self.building.append(name)
+        storage, description = builder(table, self)
+        self.building.pop()
+        table.done()
+        self.descriptions[name] = description
+        return storage
+
+    def describe(self, table: _Table, key: str) -> str:
+        return self.descriptions[table.values[key]]
+
+
+def _disk(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    root = table.path("path")
+    graph.disk_roots.append(root)
+    storage = DiskStorage(
+        root,
+        fsync=table.flag("fsync", True),
+        direct_io_above=table.size("direct_io_above", DEFAULT_DIRECT_IO_ABOVE),
+    )
+    return storage, f"files in {root / 'cas'}"
+
+
+def _memory(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    budget = table.size("max_size", 1 << 30)
+    return MemoryStorage(budget), f"memory (up to {human_size(budget)})"
+
+
+def _sqlite_rows(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    path = table.path("path")
+    max_blob_size = table.size("max_blob_size", 1024 * 1024)
+    storage = SqliteBlobStorage(path, max_blob_size=max_blob_size, fsync=table.flag("fsync", True))
+    return storage, str(path)
+
+
+def _size_differentiated(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    limit = table.size("limit")
+    small = graph.storage(table, "small")
+    large = graph.storage(table, "large")
+    if isinstance(small, SqliteBlobStorage) and small.max_blob_size < limit:
+        raise table.error(
+            "limit",
+            f"{limit} is above the small storage's max_blob_size ({small.max_blob_size})",
+        )
+    description = (
+        f"those up to {human_size(limit)} in {graph.describe(table, 'small')},"
+        f" the rest in {graph.describe(table, 'large')}"
+    )
+    return SizeDifferentiatedStorage(small, large, limit=limit), description
+
+
+def _sqlite_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    path = table.path("path")
+    inner = graph.storage(table, "storage")
+    index = SqliteIndex(
+        inner,
+        path,
+        fsync=table.flag("fsync", True),
+        touch_interval=table.number("touch_interval", 60.0),
+    )
+    return index, f"{graph.describe(table, 'storage')}; index {path}"
+
+
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "redis+cluster://", "redis+sentinel://")
+
+
+def _redis_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    url = table.text("url")
+    if not url.startswith(REDIS_SCHEMES):
+        raise table.error("url", f"expected a URL starting with {', '.join(REDIS_SCHEMES)}")
+    try:
+        provider = RedisProvider(url)
+    except ValueError as exc:
+        raise table.error("url", str(exc)) from None
+    inner = graph.storage(table, "storage")
+    try:
+        index = RedisIndex(
+            inner,
+            provider,
+            prefix=table.text("prefix", "asynccas"),
+            buckets=table.integer("buckets", None),
+            touch_interval=table.number("touch_interval", 60.0),
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"{table.where}: {exc}") from None
+    return index, f"{graph.describe(table, 'storage')}; index {provider.display_url}"
+
+
+_BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] = {
+    "disk": _disk,
+    "memory": _memory,
+    "sqlite-rows": _sqlite_rows,
+    "size-differentiated": _size_differentiated,
+    "sqlite-index": _sqlite_index,
+    "redis-index": _redis_index,
+}
+STORAGE_TYPES: Final = tuple(_BUILDERS)
+
+
+def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deployment:
+    """The deployment a parsed configuration describes (nothing is started or opened yet).
+
+    ``evict=False`` leaves out the eviction policy (a server's extra workers: the first
+    process evicts for all of them)."""
+    top = _Table("config", config, base)
+    storages = top.raw("storage", {})
+    if not isinstance(storages, Mapping) or not storages:
+        raise ConfigurationError("config: define at least one [storage.NAME] table")
+    graph = _Graph(storages, base)
+    cas = graph.storage(top, "cas") if "cas" in config else _only_storage(graph, storages)
+    unused = sorted(set(storages) - set(graph.used_by))
+    if unused:
+        raise ConfigurationError(
+            f"storage.{unused[0]}: defined but not part of the cas graph (remove it)"
+        )
+    action_cache, results = _action_cache(top, base)
+    budget = top.size("max_size", 0) or None
+    top.done()
+    eviction = None
+    if budget is not None:
+        if not isinstance(cas, StorageIndex):
+            raise top.error(
+                "max_size",
+                "eviction works through an index: make the cas a sqlite-index or redis-index"
+                " (a memory storage takes its own max_size)",
+            )
+        eviction = EvictionPolicy(budget) if evict else None
+    name = top.values.get("cas") or next(iter(storages))
+    limit = f" (budget {human_size(budget)})" if budget else ""
+    description = f"blobs: {graph.descriptions[name]}{limit}; action cache: {results}"
+    return Deployment(cas, action_cache, eviction, description, graph.disk_roots)
+
+
+def _only_storage(graph: _Graph, storages: Mapping[str, Any]) -> Storage:
+    if len(storages) != 1:
+        raise ConfigurationError(
+            "config: 'cas' is missing: name the storage the CAS is (one of "
+            f"{', '.join(sorted(storages))})"
+        )
+    (name,) = storages
+    graph.used_by[name] = "cas"
+    return graph.build(name)
+
+
+def _action_cache(top: _Table, base: Path) -> tuple[ActionCacheStore, str]:
+    values = top.raw("action_cache", {"type": "memory"})
+    if not isinstance(values, Mapping):
+        raise top.error("action_cache", f"expected a table, not {values!r}")
+    table = _Table("action_cache", values, base)
+    kind = table.text("type")
+    store: ActionCacheStore
+    if kind == "memory":
+        entries = table.integer("max_entries", 100_000) or 100_000
+        store, description = MemoryActionCache(entries), "memory"
+    elif kind == "sqlite":
+        path = table.path("path")
+        entries = table.integer("max_entries", 1_000_000) or 1_000_000
+        store, description = SqliteActionCache(path, entries), str(path)
+    else:
+        raise table.error("type", f"unknown action cache type {kind!r} (known: memory, sqlite)")
+    table.done()
+    return store, description
+
+
+def load(path: Path, *, evict: bool = True) -> Deployment:
+    """Read and build a configuration file (blocking: a small file, read once at start)."""
+    try:
+        with path.open("rb") as file:
+            config = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return build(config, path.resolve().parent, evict=evict)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{path}: {exc}") from None

@@ -1,0 +1,280 @@
+"""Storage graphs from TOML files (``asynccas serve --config``): the README's examples, the
+flags as shorthands for the same graphs, and one clear error per mistake."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+import pytest
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.action_cache import MemoryActionCache, SqliteActionCache
+from asynccas.cli import build_parser, shorthand_config
+from asynccas.config import build, load
+from asynccas.errors import ConfigurationError
+from asynccas.index.base import StorageIndex
+from asynccas.index.redis import RedisIndex
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.storage.disk import DiskStorage
+from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
+from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.testing import blob, check_index, check_storage
+from asynccas.testing_redis import RedisServer
+from tests.test_cli import start, stop
+
+pytestmark = pytest.mark.anyio
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_examples() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("### Storage graphs") :]
+    section = section[: section.index("\n### ", 1)]
+    return re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+
+
+EXAMPLES = readme_examples()
+
+
+def test_the_readme_shows_three_examples() -> None:
+    assert len(EXAMPLES) == 3
+
+
+@pytest.mark.parametrize("number", range(3))
+async def test_every_readme_example_builds_a_working_cas(
+    number: int, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Each example, with its absolute paths and Redis address moved to this test's, builds
+    the graph it describes, which passes the conformance kit."""
+    example = EXAMPLES[number]
+    example = example.replace("/mnt/nvme/asynccas", str(tmp_path / "nvme"))
+    example = example.replace(
+        "redis://redis.internal:6379/0", f"redis://127.0.0.1:{redis_server.port}/3"
+    )
+    path = tmp_path / "cache.toml"
+    await anyio.Path(path).write_text(example)
+    deployment = await anyio.to_thread.run_sync(load, path)
+    cas = deployment.cas
+    await deployment.action_cache.start()
+    async with cas:
+        if isinstance(cas, StorageIndex):
+            await check_index(cas)
+        else:
+            await check_storage(cas)
+    await deployment.action_cache.stop()
+    if number == 0:  # the default layout, relative to the file
+        assert isinstance(cas, SqliteIndex)
+        assert cas.path == tmp_path / "index.sqlite"
+        assert isinstance(cas.storage, SizeDifferentiatedStorage)
+        assert isinstance(cas.storage.small, SqliteBlobStorage)
+        assert cas.storage.small.path == tmp_path / "small-blobs.sqlite"
+        assert isinstance(cas.storage.large, DiskStorage)
+        assert cas.storage.large.root == tmp_path
+        assert deployment.eviction is not None
+        assert deployment.eviction.max_bytes == 200 * 1024**3
+        assert isinstance(deployment.action_cache, SqliteActionCache)
+    elif number == 1:
+        assert isinstance(cas, RedisIndex)
+        assert isinstance(cas.storage, DiskStorage)
+        assert cas.storage.direct_io_above == 4 * 1024**2
+        assert deployment.eviction is not None
+    else:
+        assert isinstance(cas, MemoryStorage)
+        assert cas.max_bytes == 8 * 1024**3
+        assert isinstance(deployment.action_cache, MemoryActionCache)
+        assert deployment.eviction is None
+
+
+def serve_args(*flags: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *flags])
+
+
+async def test_the_flags_build_what_the_readme_spells_out(tmp_path: Path) -> None:
+    """``--data-dir D --max-size 200G`` and the README's first example, placed in D, are the
+    same graph: same description (every path, size and type), same budget."""
+    data_dir = tmp_path / "d"
+    await anyio.Path(data_dir).mkdir()
+    flags = await anyio.to_thread.run_sync(
+        serve_args, "--data-dir", str(data_dir), "--max-size", "200G"
+    )  # argparse looks for translations on disk
+    from_flags = build(await shorthand_config(flags), Path.cwd())
+    await anyio.Path(data_dir / "cache.toml").write_text(EXAMPLES[0])
+    from_file = await anyio.to_thread.run_sync(load, data_dir / "cache.toml")
+    assert from_file.description == from_flags.description
+    assert "those up to 64.0 KiB in" in from_file.description
+    assert from_file.eviction is not None
+    assert from_flags.eviction is not None
+    assert from_file.eviction.max_bytes == from_flags.eviction.max_bytes
+
+
+def test_serve_with_a_config_file_stores_where_the_file_says(tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "cache.toml"
+    config.parent.mkdir()
+    config.write_text(
+        textwrap.dedent(
+            """
+            cas = "index"
+            [storage.index]
+            type = "sqlite-index"
+            path = "meta/index.sqlite"
+            storage = "tiers"
+            [storage.tiers]
+            type = "size-differentiated"
+            limit = "4K"
+            small = "rows"
+            large = "files"
+            [storage.rows]
+            type = "sqlite-rows"
+            path = "rows.sqlite"
+            max_blob_size = 4096
+            [storage.files]
+            type = "disk"
+            path = "../elsewhere"
+            fsync = false
+            """
+        )
+    )
+    (tmp_path / "conf" / "meta").mkdir()
+    process, target, where = start(
+        ["--address", "127.0.0.1:0", "--config", str(config)], dict(os.environ)
+    )
+    (small, small_data), (large, large_data) = blob(1000, 1), blob(10_000, 2)
+    try:
+        assert str(tmp_path / "conf" / "meta" / "index.sqlite") in where
+        with grpc.insecure_channel(target) as channel:
+            cas = re_grpc.ContentAddressableStorageStub(channel)
+            requests = [
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                for d, data in ((small, small_data), (large, large_data))
+            ]
+            cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=requests))
+    finally:
+        stop(process, signal.SIGTERM)
+    files = tmp_path / "elsewhere" / "cas" / "sha256"
+    assert (files / large.hash[:2] / large.hash).read_bytes() == large_data
+    assert not (files / small.hash[:2] / small.hash).exists()
+    with closing(sqlite3.connect(tmp_path / "conf" / "rows.sqlite")) as conn:
+        rows = conn.execute("SELECT data FROM blobs WHERE key = ?", (small.key,)).fetchall()
+    assert rows == [(small_data,)]
+
+    # reindex takes the same file: it rebuilds the index from both tiers.
+    (tmp_path / "conf" / "meta" / "index.sqlite").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "reindex", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 blobs indexed, 0 stale entries dropped" in result.stderr
+
+
+def test_flags_and_a_config_file_do_not_mix(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "serve", "--config", str(tmp_path / "c.toml"),
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--data-dir and --config do not go together" in result.stderr
+
+
+GOOD: dict[str, Any] = {
+    "cas": "index",
+    "storage": {
+        "index": {"type": "sqlite-index", "path": "index.sqlite", "storage": "files"},
+        "files": {"type": "disk", "path": "."},
+    },
+}
+
+
+def with_changes(**changes: Any) -> dict[str, Any]:
+    """GOOD with top-level keys or ``storage.NAME`` tables replaced (None removes)."""
+    config: dict[str, Any] = {**GOOD, "storage": dict(GOOD["storage"])}
+    for key, value in changes.items():
+        target = config["storage"] if key in ("index", "files", "extra") else config
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (with_changes(index={**GOOD["storage"]["index"], "pth": "x"}),
+         "storage.index.pth: unknown key (this table takes: fsync, path, storage, touch_interval, type)"),
+        (with_changes(files={"type": "disk", "path": ".", "direct_io_above": "lots"}),
+         "storage.files.direct_io_above: 'lots' is not a size like 500M"),
+        (with_changes(files={"type": "disk", "path": ".", "fsync": "yes"}),
+         "storage.files.fsync: expected true or false, not 'yes'"),
+        (with_changes(files={"type": "floppy", "path": "."}),
+         "storage.files.type: unknown storage type 'floppy' (known: disk, memory, redis-index,"),
+        (with_changes(index={**GOOD["storage"]["index"], "storage": "filez"}),
+         "storage.index.storage: no storage named 'filez' (defined: files, index)"),
+        (with_changes(index={**GOOD["storage"]["index"], "storage": "index"}),
+         "storage.index.storage: storage 'index' would contain itself"),
+        (with_changes(extra={"type": "memory"}),
+         "storage.extra: defined but not part of the cas graph"),
+        (with_changes(cas=None), "config: 'cas' is missing: name the storage the CAS is"),
+        (with_changes(cas="files", index=None, max_size="1G"),
+         "config.max_size: eviction works through an index"),
+        (with_changes(index={"type": "sqlite-index", "storage": "files"}),
+         "storage.index: 'path' is missing"),
+        (with_changes(casx="index"), "config.casx: unknown key"),
+        ({"cas": "a", "storage": {"a": {"type": "size-differentiated", "limit": 10,
+                                        "small": "b", "large": "b"}, "b": {"type": "memory"}}},
+         "storage.a.large: storage 'b' is already used by storage.a"),
+        (with_changes(action_cache={"type": "redis"}),
+         "action_cache.type: unknown action cache type 'redis' (known: memory, sqlite)"),
+        ({"cas": "i", "storage": {"i": {"type": "redis-index", "url": "http://x", "storage": "f"},
+                                  "f": {"type": "disk", "path": "."}}},
+         "storage.i.url:"),
+    ],
+)  # fmt: skip
+def test_every_mistake_is_one_error_naming_the_key(
+    config: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        build(config, tmp_path)
+    assert message in str(caught.value)
+
+
+def test_a_graph_that_cannot_work_is_refused_when_it_is_built(tmp_path: Path) -> None:
+    """Reindexing lists what storage holds: an index over memory cannot be rebuilt."""
+    config = tmp_path / "memory-index.toml"
+    config.write_text(
+        'cas = "index"\n[storage.index]\ntype = "sqlite-index"\npath = "i.sqlite"\n'
+        'storage = "ram"\n[storage.ram]\ntype = "memory"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "reindex", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "reindex (it lists what storage holds) needs a storage that offers Listable" in (
+        result.stderr
+    )
+
+
+def test_a_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("cas = \n")
+    with pytest.raises(ConfigurationError, match=r"bad\.toml is not valid TOML"):
+        load(path)
+    with pytest.raises(ConfigurationError, match=r"cannot read .*missing\.toml"):
+        load(tmp_path / "missing.toml")
