@@ -10,7 +10,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
     from asynccas.digest import Digest, DigestFunction
     from asynccas.errors import (
         BackendUnavailable,
@@ -25,14 +24,15 @@ if TYPE_CHECKING:
     from asynccas.index.base import StorageIndex
     from asynccas.index.sqlite import SqliteIndex
     from asynccas.server.app import CasServer
+    from asynccas.storage.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
     from asynccas.storage.base import BlobWriter, Storage
     from asynccas.storage.disk import DiskStorage
     from asynccas.storage.memory import MemoryStorage
 
 _MODULES = {
-    "ActionCacheStore": "asynccas.action_cache",
-    "MemoryActionCache": "asynccas.action_cache",
-    "SqliteActionCache": "asynccas.action_cache",
+    "ActionCacheStore": "asynccas.storage.action_cache",
+    "MemoryActionCache": "asynccas.storage.action_cache",
+    "SqliteActionCache": "asynccas.storage.action_cache",
     "Digest": "asynccas.digest",
     "DigestFunction": "asynccas.digest",
     "BackendUnavailable": "asynccas.errors",

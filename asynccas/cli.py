@@ -31,7 +31,7 @@ from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Listable, require
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE
 from asynccas.storage.memory import MemoryStorage
-from asynccas.storage.sqlite import recorded_max_blob_size
+from asynccas.storage.sqlite_rows import recorded_max_blob_size
 from asynccas.threads import in_thread
 from asynccas.transport import ServerTls
 

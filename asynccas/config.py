@@ -45,18 +45,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from asynccas.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.errors import ConfigurationError
 from asynccas.eviction import EvictionPolicy
 from asynccas.index.base import StorageIndex
 from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.redis_provider import RedisProvider
+from asynccas.storage.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
 
 _SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 

@@ -10,15 +10,20 @@ import enum
 import hashlib
 import re
 from collections.abc import Callable, Sequence
-from operator import itemgetter
 from typing import TYPE_CHECKING, Final
 
 import blake3
 from google.protobuf.message import DecodeError
 
-from asynccas import varint
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.errors import InvalidDigest, UnsupportedFeature
+from asynccas.wire import varint
+from asynccas.wire.digests import (
+    SizeOffset,
+    delimited_digest,
+    is_hash_column,
+    sizes_of_delimited,
+)
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -90,7 +95,6 @@ DigestFunction.BLAKE3.new_hasher = blake3.blake3  # type: ignore[assignment]  # 
 LEGACY_FUNCTIONS: Final = frozenset(f for f in DigestFunction if f is not DigestFunction.BLAKE3)
 _BY_PROTO: Final = {f.proto_value: f for f in DigestFunction}
 _BY_LENGTH: Final = {f.hex_length: f for f in LEGACY_FUNCTIONS}
-_HEX_DIGITS: Final = b"0123456789abcdef"
 
 
 _PROTO_NAMES: Final = {
@@ -263,14 +267,6 @@ class Digest(tuple[str, int, DigestFunction, str]):
 hash_of = hash  # the builtin, which the parameter named `hash` shadows inside methods
 
 
-def delimited_digest(hash: str, size_bytes: int) -> bytes:
-    """``Digest.delimited`` of a hash and size already validated."""
-    message = b"\x0a" + varint.encode(len(hash)) + hash.encode("ascii")
-    if size_bytes:
-        message += b"\x10" + varint.encode(size_bytes)
-    return varint.encode(len(message)) + message
-
-
 _MEMBER_PREFIXES: Final = {
     f: b"\x00" + f.lower_name.encode() + b"\x00" for f in DigestFunction if not f.is_legacy
 }
@@ -278,36 +274,7 @@ _EMPTY_HASHES: Final = {f: f.new_hasher().hexdigest() for f in DigestFunction}
 _EMPTY_DELIMITED: Final = {f: delimited_digest(h, 0) for f, h in _EMPTY_HASHES.items()}
 
 
-def _size_offset(function: DigestFunction) -> int:
-    """Where the size's varint starts in a ``Digest.delimited`` of ``function``."""
-    hash_field = 1 + len(varint.encode(function.hex_length)) + function.hex_length
-    # The message's own length takes as many bytes at any size: below 128 up to SHA-384,
-    # from 128 on for SHA-512.
-    shortest, longest = hash_field, hash_field + 1 + len(varint.encode(MAX_SIZE))
-    length_bytes = len(varint.encode(shortest))
-    assert length_bytes == len(varint.encode(longest))
-    return length_bytes + hash_field + 1
-
-
-_SIZE_VARINTS: Final = {f: itemgetter(slice(_size_offset(f), None)) for f in DigestFunction}
-_MAX_CACHED_SIZES: Final = 1 << 16
-_sizes_by_varint: dict[bytes, int] = {b"": 0}  # builds reuse a few thousand sizes
-
-
-def _sizes_of_delimited(function: DigestFunction, delimited: list[bytes]) -> list[int]:
-    varints = list(map(_SIZE_VARINTS[function], delimited))
-    sizes = list(map(_sizes_by_varint.get, varints))  # C-level; a miss decodes them all
-    if None not in sizes:
-        return sizes  # type: ignore[return-value]
-    decoded = []
-    for encoded in varints:
-        size = _sizes_by_varint.get(encoded)
-        if size is None:
-            size = varint.decode(encoded)[0] or 0
-            if len(_sizes_by_varint) < _MAX_CACHED_SIZES:
-                _sizes_by_varint[encoded] = size
-        decoded.append(size)
-    return decoded
+_SIZES_AFTER: Final = {f: SizeOffset(f.hex_length) for f in DigestFunction}
 
 
 class DigestBatch:
@@ -394,7 +361,7 @@ class DigestBatch:
     def sizes(self) -> list[int]:
         if self._sizes is None:
             assert self._delimited is not None
-            self._sizes = _sizes_of_delimited(self.function, self._delimited)
+            self._sizes = sizes_of_delimited(_SIZES_AFTER[self.function], self._delimited)
         return self._sizes
 
     @property
@@ -458,19 +425,3 @@ class DigestBatch:
             for i, (h, n) in enumerate(zip(self.hashes, self.sizes, strict=True))
             if n == 0 and h == empty
         ]
-
-
-def is_hash_column(text: str | bytes, count: int, width: int) -> bool:
-    """Whether ``text`` is ``count`` lower-case hex hashes of ``width``, newline-separated.
-
-    With the length right and a newline after every ``width`` characters, deleting the hex
-    digits must leave exactly those newlines: no character can be anything else.
-    """
-    if isinstance(text, str):
-        try:
-            text = text.encode("ascii")
-        except UnicodeEncodeError:
-            return False
-    if len(text) != count * (width + 1) - 1 or text[width :: width + 1] != b"\n" * (count - 1):
-        return False
-    return len(text.translate(None, _HEX_DIGITS)) == count - 1

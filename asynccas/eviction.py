@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from asynccas import metrics
-from asynccas.action_cache import ActionCacheStore
 from asynccas.index.base import StorageIndex
+from asynccas.storage.action_cache import ActionCacheStore
 from asynccas.storage.context import NO_CONTEXT, RequestContext
 
 logger = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from asynccas.bench.report import to_html
 from asynccas.bench.runner import RunConfig, RunResult
 from asynccas.bench.runner import run as run_scenario
 from asynccas.bench.scenarios import Settings, fresh_seed
-from asynccas.testing_redis import free_port
 from benchmarks.fmb import asynccas_server, machine
 from benchmarks.peers import Target, buildgrid_server, process
+from tests.support.redis_servers import free_port
 
 OUT = Path(__file__).parent / "out"
 ASYNCCAS = "asynccas (defaults: disk + SQLite, fsync)"

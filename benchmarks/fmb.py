@@ -26,8 +26,8 @@ import grpc
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.testing import blob
-from asynccas.testing_redis import RedisServer, free_port
 from benchmarks.peers import Target, buildgrid_server, process
+from tests.support.redis_servers import RedisServer, free_port
 
 FIND_MISSING_BLOBS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs"
 

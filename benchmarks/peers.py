@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from asynccas.testing_redis import RedisServer, free_port
+from tests.support.redis_servers import RedisServer, free_port
 
 BUILDGRID_VERSION = "buildgrid[redis]==0.4.4"
 BUILDGRID_VENV = Path(__file__).parent / ".venv-buildgrid"

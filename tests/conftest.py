@@ -13,19 +13,19 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 from hypothesis import settings
 
-from asynccas.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.server.action_cache import ActionCacheService
 from asynccas.server.app import CasServer
 from asynccas.server.bytestream import ByteStreamService
 from asynccas.server.capabilities import CapabilitiesService
 from asynccas.server.cas import ContentAddressableStorageService
+from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
-from asynccas.testing_redis import RedisCluster, RedisServer
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
+from tests.support.redis_servers import RedisCluster, RedisServer
 
 # Speed is measured by benchmarks, never by unit tests: no per-example deadline, which
 # otherwise fails tests at random on a busy shared machine.

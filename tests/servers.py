@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from asynccas.action_cache import MemoryActionCache
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.memory import MemoryStorage
 
 

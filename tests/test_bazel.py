@@ -22,13 +22,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asynccas.action_cache import SqliteActionCache
 from asynccas.auth import AccessPolicy, TokenFile, token_hash
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import SqliteActionCache
 from asynccas.storage.disk import DiskStorage
-from asynccas.testing_tls import make_pki
 from asynccas.transport import ServerTls
+from tests.support.tls import make_pki
 
 pytestmark = [
     pytest.mark.anyio,

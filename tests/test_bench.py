@@ -14,7 +14,6 @@ import anyio
 import pytest
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
-from asynccas.action_cache import MemoryActionCache
 from asynccas.bench.report import _timeline_svg
 from asynccas.bench.scenarios import SCENARIOS
 from asynccas.bench.stats import OpStats
@@ -22,9 +21,10 @@ from asynccas.server.app import CasServer
 from asynccas.server.bytestream import ByteStreamService
 from asynccas.server.errors import Context
 from asynccas.server.uploads import UploadSessions
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.memory import MemoryStorage
-from asynccas.testing_redis import free_port
 from tests.conftest import serve_with_bytestream
+from tests.support.redis_servers import free_port
 
 pytestmark = pytest.mark.anyio
 

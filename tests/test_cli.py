@@ -24,9 +24,9 @@ from asynccas.digest import Digest
 from asynccas.errors import CasError
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob
-from asynccas.testing_redis import RedisServer
+from tests.support.redis_servers import RedisServer
 
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str, str]:
@@ -392,7 +392,7 @@ async def test_small_blob_limit_is_fixed_for_the_life_of_a_data_directory(
 
 
 def test_workers_share_the_port_and_stop_together(env: dict[str, str], tmp_path: Path) -> None:
-    from asynccas.testing_redis import free_port
+    from tests.support.redis_servers import free_port
 
     port = free_port()
     process, target, _ = start(
@@ -574,7 +574,7 @@ def test_workers_are_restarted_when_they_die_and_die_with_their_parent(
 def test_metrics_of_all_workers_on_one_endpoint(env: dict[str, str], tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from asynccas.testing_redis import free_port
+    from tests.support.redis_servers import free_port
 
     metrics_port = free_port()
     process, target, where = start(
@@ -607,7 +607,7 @@ def test_metrics_of_all_workers_on_one_endpoint(env: dict[str, str], tmp_path: P
 
 
 def test_tls_and_tokens_from_the_command_line(env: dict[str, str], tmp_path: Path) -> None:
-    from asynccas.testing_tls import make_pki
+    from tests.support.tls import make_pki
 
     pki = make_pki(tmp_path / "pki")
     made = subprocess.run(

@@ -171,7 +171,7 @@ async def test_action_results(server: CasServer) -> None:
 
 
 async def test_unreachable_server_fails_after_retries() -> None:
-    from asynccas.testing_redis import free_port
+    from tests.support.redis_servers import free_port
 
     endpoint = f"grpc://127.0.0.1:{free_port()}"
     # An asynccas error naming the endpoint (a new user once met a raw AioRpcError here).

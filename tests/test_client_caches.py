@@ -9,11 +9,11 @@ import anyio
 import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from asynccas.action_cache import MemoryActionCache
 from asynccas.client import CasClient
 from asynccas.client.caches import BlobCache, ClientCaches, DirEntryCache
 from asynccas.digest import Digest
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.memory import MemoryStorage
 from asynccas.testing import blob
 from tests.test_client import expected_root, make_tree

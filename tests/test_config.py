@@ -21,19 +21,19 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.cli import build_parser, shorthand_config
 from asynccas.config import build, load
 from asynccas.errors import ConfigurationError
 from asynccas.index.base import StorageIndex
 from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
+from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob, check_index, check_storage
-from asynccas.testing_redis import RedisServer
+from tests.support.redis_servers import RedisServer
 from tests.test_cli import start, stop
 
 pytestmark = pytest.mark.anyio

@@ -14,15 +14,15 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.client.cas import CasClient
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import InvalidResourceName
 from asynccas.index.redis import RedisIndex
 from asynccas.resource_names import format_read_name, format_write_name, parse_read_name
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.disk import DiskStorage
-from asynccas.testing_redis import RedisCluster, RedisServer
+from tests.support.redis_servers import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.anyio
 

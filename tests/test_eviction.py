@@ -9,10 +9,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asynccas.action_cache import SqliteActionCache
 from asynccas.digest import Digest
 from asynccas.eviction import EvictionPolicy
 from asynccas.index.sqlite import SqliteIndex
+from asynccas.storage.action_cache import SqliteActionCache
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
 

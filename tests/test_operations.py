@@ -32,8 +32,8 @@ from asynccas.resource_names import format_write_name
 from asynccas.server.app import SERVICE_NAMES
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
-from asynccas.testing_redis import RedisServer
 from tests.servers import memory_server
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -29,7 +29,7 @@ from asynccas.testing import (
     check_index,
     check_index_concurrency,
 )
-from asynccas.testing_redis import RedisCluster, RedisSentinel, RedisServer
+from tests.support.redis_servers import RedisCluster, RedisSentinel, RedisServer
 
 pytestmark = pytest.mark.anyio
 

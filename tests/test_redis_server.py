@@ -13,13 +13,13 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
 from asynccas.index.redis import RedisIndex
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
-from asynccas.testing_redis import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 Request = re_pb2.BatchUpdateBlobsRequest.Request

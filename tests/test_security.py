@@ -23,9 +23,9 @@ from asynccas.resource_names import format_read_name, format_write_name
 from asynccas.storage.base import contains
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.testing import blob
-from asynccas.testing_tls import JwtIssuer, make_pki
 from asynccas.transport import ClientTls, ServerTls
 from tests.servers import memory_server
+from tests.support.tls import JwtIssuer, make_pki
 
 pytestmark = pytest.mark.anyio
 

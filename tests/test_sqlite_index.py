@@ -14,7 +14,7 @@ import pytest
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
 from asynccas.index.sqlite import SqliteIndex
-from asynccas.sqlite import SqliteDatabase
+from asynccas.sqlite_database import SqliteDatabase
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob, check_eviction_racing_uploads, check_index_concurrency
 

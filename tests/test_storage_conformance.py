@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 from pathlib import Path
 from typing import cast
@@ -10,13 +11,14 @@ import pytest
 
 from asynccas.errors import ConfigurationError, StorageFull
 from asynccas.index.base import StorageIndex
+from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.storage.base import Deletable, Listable, Stageable, contains
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob, check_index, check_storage
 from tests.conftest import STORAGE_KINDS, make_storage
 
@@ -102,4 +104,35 @@ async def test_sqlite_blob_store_of_an_earlier_release_keeps_its_blobs(tmp_path:
     assert sorted((name, "WITHOUT ROWID" in sql) for name, sql in tables) == [
         ("blobs", False),
         ("settings", False),
+    ]
+
+
+BUILDGRID_INDEX_API = [
+    "has_blob",
+    "get_blob",
+    "delete_blob",
+    "commit_write",
+    "bulk_delete",
+    "missing_blobs",
+    "bulk_update_blobs",
+    "bulk_read_blobs",
+    "least_recent_digests",
+    "get_total_size",
+    "delete_n_bytes",
+]
+
+
+@pytest.mark.parametrize("index_class", [SqliteIndex, RedisIndex])
+def test_indexes_keep_buildgrids_index_api(index_class: type[StorageIndex]) -> None:
+    """People coming from BuildGrid find its index methods under their names (check_index
+    exercises each of them); delete_n_bytes takes BuildGrid's parameters, in its order."""
+    assert [name for name in BUILDGRID_INDEX_API if not callable(getattr(index_class, name))] == []
+    parameters = list(inspect.signature(index_class.delete_n_bytes).parameters)
+    assert parameters == [
+        "self",
+        "n_bytes",
+        "dry_run",
+        "protect_blobs_after",
+        "large_blob_threshold",
+        "large_blob_lifetime",
     ]

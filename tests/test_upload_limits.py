@@ -14,10 +14,10 @@ import pytest
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
 

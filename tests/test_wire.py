@@ -15,7 +15,7 @@ from asynccas.client.cas import _read_response_data
 from asynccas.digest import Digest
 from asynccas.errors import BatchTooLarge, BlobNotFound, InvalidDigest
 from asynccas.server.cas import batch_read_response, batch_update_response
-from asynccas.server.wire import (
+from asynccas.wire.messages import (
     FindMissingBlobsWire,
     ReadResult,
     UpdateResult,

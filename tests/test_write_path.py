@@ -16,19 +16,19 @@ import pytest
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
 from asynccas.errors import BlobNotFound, StorageFull
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.resource_names import parse_write_name
 from asynccas.server.app import CasServer
 from asynccas.server.uploads import UploadSessions
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.base import WRITE_BUFFERS, Storage, contains, put_chunks
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.direct_io import DirectFile
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
-from asynccas.storage.sqlite import SqliteBlobStorage
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob
 
 pytestmark = pytest.mark.anyio

@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.digest import Digest
-from asynccas.sqlite import SqliteDatabase, move_rows_off_without_rowid
+from asynccas.sqlite_database import SqliteDatabase, move_rows_off_without_rowid
 
 INLINE_LIMIT: Final = 64 * 1024
 

@@ -24,7 +24,7 @@ import anyio
 from asynccas.digest import Digest, DigestBatch
 from asynccas.index.base import StorageIndex
 from asynccas.index.recency import TouchedThisInterval, recency_window
-from asynccas.sqlite import SqliteDatabase
+from asynccas.sqlite_database import SqliteDatabase
 from asynccas.storage.base import BlobWriter, CommitsInThread, Storage, mask_of, publish_staged
 from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread

@@ -16,15 +16,15 @@ from google.protobuf.message import DecodeError
 from asynccas import metrics
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.action_cache import ActionCacheStore
 from asynccas.auth import Access
 from asynccas.digest import Digest, DigestFunction
 from asynccas.errors import ActionResultNotFound, CasError, InvalidArgument, UnsupportedFeature
 from asynccas.resource_names import validate_instance_name
+from asynccas.server.blobs import read_small_blobs
 from asynccas.server.calls import authorize
-from asynccas.server.cas import read_small_blobs
 from asynccas.server.errors import Context, unary_rpc
 from asynccas.server.registration import register, unary
+from asynccas.storage.action_cache import ActionCacheStore
 from asynccas.storage.base import Storage, missing_digests
 from asynccas.storage.context import RequestContext
 

@@ -11,7 +11,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asynccas import metrics
-from asynccas.action_cache import ActionCacheStore
 from asynccas.auth import AccessPolicy
 from asynccas.server.action_cache import ActionCacheService
 from asynccas.server.bytestream import ByteStreamService
@@ -19,6 +18,7 @@ from asynccas.server.calls import CallObserver
 from asynccas.server.capabilities import CapabilitiesService
 from asynccas.server.cas import ContentAddressableStorageService, response_limit
 from asynccas.server.uploads import UploadSessions
+from asynccas.storage.action_cache import ActionCacheStore
 from asynccas.storage.base import Storage
 from asynccas.threads import in_thread
 from asynccas.transport import TRANSPORT_OPTIONS, ServerTls

@@ -22,33 +22,25 @@ from asynccas.errors import (
     UnsupportedFeature,
 )
 from asynccas.resource_names import validate_instance_name
+from asynccas.server.blobs import read_small_blobs
 from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
+from asynccas.server.get_tree_cache import CachedTree, GetTreeCache
 from asynccas.server.registration import register, server_streaming, unary
-from asynccas.server.tree_cache import CachedTree, TreeCache
-from asynccas.server.wire import (
+from asynccas.storage.base import CHUNK_SIZE, Storage, deletion_marker, missing_digests
+from asynccas.storage.context import RequestContext
+from asynccas.wire.messages import (
     FindMissingBlobsWire,
     ReadResult,
     UpdateResult,
     encode_batch_read_response,
     encode_batch_update_response,
 )
-from asynccas.storage.base import CHUNK_SIZE, Storage, deletion_marker, missing_digests
-from asynccas.storage.context import RequestContext
 
 _SERVICE: Final = "build.bazel.remote.execution.v2.ContentAddressableStorage"
 DEFAULT_TREE_PAGE_SIZE: Final = 1000
 MAX_TREE_PAGE_SIZE: Final = 10_000
 _TREE_READ_BATCH: Final = 1000
-
-
-async def read_small_blobs(
-    storage: Storage, ctx: RequestContext, digests: Sequence[Digest]
-) -> dict[Digest, bytes]:
-    """bulk_read plus REAPI's rule that the empty blob always exists."""
-    found = await storage.bulk_read(ctx, [d for d in digests if not d.is_empty])
-    found.update((d, b"") for d in digests if d.is_empty)
-    return found
 
 
 def batch_update_response(results: Iterable[UpdateResult]) -> re_pb2.BatchUpdateBlobsResponse:
@@ -96,7 +88,7 @@ class ContentAddressableStorageService:
         storage: Storage,
         *,
         max_batch_total_size_bytes: int,
-        tree_cache: TreeCache | None = None,
+        tree_cache: GetTreeCache | None = None,
         max_response_bytes: int | None = None,
     ) -> None:
         """``max_response_bytes``: the server's gRPC send limit (by default what
@@ -105,7 +97,7 @@ class ContentAddressableStorageService:
         self.storage = storage
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
         self.max_response_bytes = max_response_bytes or response_limit(max_batch_total_size_bytes)
-        self.tree_cache = tree_cache if tree_cache is not None else TreeCache()
+        self.tree_cache = tree_cache if tree_cache is not None else GetTreeCache()
 
     @unary_rpc
     async def find_missing_blobs_wire(self, body: bytes, context: Context) -> bytes:

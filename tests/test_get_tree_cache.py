@@ -9,9 +9,9 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from asynccas.action_cache import MemoryActionCache
 from asynccas.digest import Digest
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.memory import MemoryStorage
 

@@ -29,11 +29,12 @@ from itertools import compress
 from operator import itemgetter
 from typing import Final, TypeAlias
 
-from asynccas import varint
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from asynccas.digest import DigestBatch, DigestFunction, is_hash_column
+from asynccas.digest import DigestBatch, DigestFunction
 from asynccas.errors import CasError
 from asynccas.server.errors import rpc_status
+from asynccas.wire import varint
+from asynccas.wire.digests import is_hash_column
 
 # One entry of field 2: its tag (0x12), its length, then a Digest of a SHA-256 hash (field 1:
 # 64 characters) and a size (field 2: a varint of at most 5 bytes, so below 32 GiB; absent

@@ -18,7 +18,7 @@ from typing import Final
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, CasError, DigestMismatch, StorageFull
-from asynccas.sqlite import SqliteDatabase, move_rows_off_without_rowid, sqlite_errors
+from asynccas.sqlite_database import SqliteDatabase, move_rows_off_without_rowid, sqlite_errors
 from asynccas.storage.base import (
     CHUNK_SIZE,
     BlobWriter,

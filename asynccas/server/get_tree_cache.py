@@ -25,7 +25,7 @@ class CachedTree:
     size: int = 0
 
 
-class TreeCache:
+class GetTreeCache:
     def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self._trees: OrderedDict[Digest, CachedTree] = OrderedDict()

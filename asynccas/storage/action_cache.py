@@ -16,7 +16,7 @@ from typing import Final
 
 from asynccas.digest import Digest
 from asynccas.index.recency import TouchedThisInterval, recency_window
-from asynccas.sqlite import SqliteDatabase
+from asynccas.sqlite_database import SqliteDatabase
 
 
 class ActionCacheStore(abc.ABC):
