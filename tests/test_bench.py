@@ -15,6 +15,7 @@ import pytest
 
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas.bench.report import _timeline_svg
+from asynccas.bench.runner import RunConfig, progress_line
 from asynccas.bench.scenarios import SCENARIOS
 from asynccas.bench.stats import OpStats
 from asynccas.server.app import CasServer
@@ -296,3 +297,18 @@ async def test_a_client_that_cannot_prepare_fails_fast_and_says_so() -> None:
     assert result.returncode == 2
     assert "died while preparing" in result.stderr
     assert time.monotonic() - started < 60, "it waited for a process that had died"
+
+
+def test_the_progress_line_shows_bytes_rate_and_time_left() -> None:
+    """A run of a few large blobs shows its bytes moving before any op completes."""
+    timed = RunConfig(endpoint="grpc://x", scenario="bytestream-write", duration=10.0)
+    line = progress_line(timed, ops=0, moved=200 * 2**20, elapsed=4.0)
+    assert line == "bytestream-write: running  0 ops  200.0 MiB  50.0 MiB/s  6 s left"
+    assert progress_line(timed, ops=1, moved=0, elapsed=11.0).endswith(
+        "finishing the ops under way"
+    )
+    counted = RunConfig(
+        endpoint="grpc://x", scenario="bytestream-write", duration=None, requests=10
+    )
+    assert progress_line(counted, ops=0, moved=0, elapsed=1.0).endswith("0.0 MiB/s")
+    assert progress_line(counted, ops=2, moved=0, elapsed=1.0).endswith("4 s left")

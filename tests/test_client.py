@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -68,6 +69,32 @@ async def test_progress_moves_within_a_blob(server: CasServer, tmp_path: Path) -
     assert list(dict.fromkeys(p.phase for p in sent)) == [
         "hashing", "checking", "sending", "done"
     ]  # fmt: skip
+
+
+async def test_bytes_moved_are_counted_with_each_message(server: CasServer) -> None:
+    """What `asynccas bench` shows while a large blob is under way: the client's byte counters
+    move with every ByteStream message, in both directions, not when the blob is done."""
+    digest, data = blob(5 * 1024 * 1024 + 3, 4)
+    async with client(server, chunk_size=64 * 1024) as cas:
+        seen_sending: list[int] = []
+
+        async def watch() -> None:
+            while True:
+                seen_sending.append(cas.bytes_sent)
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            await cas.write_blob(digest, data)
+            tasks.cancel_scope.cancel()
+        assert cas.bytes_sent == len(data)
+        assert [n for n in seen_sending if 0 < n < len(data)], "no count within the blob"
+        reading = cas.read_blob(digest)
+        first = await anext(reading)
+        assert cas.bytes_received == len(first) < len(data)
+        async for _ in reading:
+            pass
+        assert cas.bytes_received == len(data)
 
 
 def test_progress_line_shows_phase_rate_and_time_left() -> None:

@@ -167,6 +167,10 @@ class CasClient:
         self.max_batch_bytes = DEFAULT_MAX_BATCH
         self.digest_function = DEFAULT_FUNCTION
         self.capabilities = re_pb2.ServerCapabilities()
+        # Blob bytes moved by every call so far, counted as each message goes or comes (not
+        # when a whole blob is done): what a load test shows while a large blob is under way.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -328,6 +332,7 @@ class CasClient:
                 raise InvalidArgument(f"server failed to read {digest}: {status.message}")
             data = result.data  # each access copies the bytes out of the message
             _verify(digest, data)
+            self.bytes_received += len(data)
             found[digest] = data
         return found
 
@@ -377,6 +382,7 @@ class CasClient:
                 for (digest, data), result in zip(pending, response.responses, strict=True):
                     code = grpc.StatusCode.OK.value[0]
                     if result.status.code == code:
+                        self.bytes_sent += digest.size_bytes
                         tracker.advance(digest.size_bytes)
                     elif _code(result.status.code) in TRANSIENT and attempt + 1 < self.max_attempts:
                         retry.append((digest, data))
@@ -428,6 +434,7 @@ class CasClient:
                                 finish_write=end == digest.size_bytes,
                             )
                             position = end
+                            self.bytes_sent += len(piece)
                             nonlocal reported
                             if tracker is not None and end > reported:
                                 tracker.add_bytes(end - reported)
@@ -493,8 +500,10 @@ class CasClient:
                     raise InvalidArgument(
                         f"server failed to read {digest}: {result.status.message}"
                     )
-                _verify(digest, result.data)
-                found[digest] = result.data
+                data = result.data  # each access copies the bytes out of the message
+                _verify(digest, data)
+                self.bytes_received += len(data)
+                found[digest] = data
                 tracker.advance(digest.size_bytes)
 
         async def read_large(digest: Digest) -> None:
@@ -534,6 +543,7 @@ class CasClient:
                 async for data in self._read(request, timeout=self.timeout):
                     await hasher.update(data)
                     received += len(data)
+                    self.bytes_received += len(data)
                     yield data
                 break
             except grpc.aio.AioRpcError as exc:
