@@ -1,4 +1,4 @@
-"""Shared fixtures: every async test runs on asyncio and on uvloop, in debug mode, with
+"""Shared fixtures: every async test runs on asyncio (in debug mode) and on uvloop, with
 blocking calls on the event loop turned into failures; servers listen on 127.0.0.1:0."""
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ settings.load_profile("asynccas")
 @pytest.fixture(
     params=[
         pytest.param(("asyncio", {"debug": True}), id="asyncio"),
-        pytest.param(("asyncio", {"debug": True, "use_uvloop": True}), id="uvloop"),
+        # Not in debug mode: uvloop's debug mode records a traceback for every callback, also
+        # those a worker thread schedules (call_soon_threadsafe), and that capture crashed
+        # the test process with a segmentation fault under CPython 3.11 (once in CI; uvloop
+        # issues #611, #715 and PR #756). asyncio's debug checks run on the other half.
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
     ]
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
