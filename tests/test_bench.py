@@ -139,7 +139,9 @@ async def test_report_sets_runs_against_several_endpoints_side_by_side(tmp_path:
     cells = row.split()
     assert cells[2] == "1.00x"
     first_rate, second_rate = float(cells[1]), float(cells[5])
-    assert cells[6] == f"{second_rate / first_rate:.2f}x"
+    # The ratio is of the unrounded rates: the printed ones may give another last digit.
+    assert cells[6].endswith("x")
+    assert float(cells[6][:-1]) == pytest.approx(second_rate / first_rate, rel=0.02, abs=0.01)
     text = page.read_text()
     assert "Run 1: first</h2>" in text
     assert "Run 2: the second server</h2>" in text

@@ -29,6 +29,7 @@ from asynccas.testing import (
     check_index,
     check_index_concurrency,
 )
+from tests.support.clock import clear_of_window_edge
 from tests.support.redis_servers import RedisCluster, RedisSentinel, RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -167,6 +168,7 @@ async def test_recency_is_refreshed_at_most_once_per_touch_interval(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     digest, data = blob(300, 3)
+    await clear_of_window_edge()
     index = make_index(redis_server.url, tmp_path, touch_interval=3600)
     async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         await index.commit_write(digest, chunks(data))
@@ -193,6 +195,7 @@ async def test_reads_refresh_recency_once_per_interval_and_then_cost_redis_nothi
 ) -> None:
     blobs = [blob(300 + i, i) for i in range(5)]
     digests = [d for d, _ in blobs]
+    await clear_of_window_edge()
     index = make_index(redis_server.url, tmp_path, touch_interval=3600)
     async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         await index.bulk_update_blobs(blobs)
@@ -326,6 +329,7 @@ async def test_members_of_every_size_width_are_checked_and_touched(
     sizes = [1, 9, 10, 99, 100, 12_345, 10**9, 10**12 + 7, 2**62]
     digests = [Digest.from_key(f"sha256:{i:064x}:{size}") for i, size in enumerate(sizes)]
     first, later = digests[::2], digests[1::2]
+    await clear_of_window_edge()
     index = make_index(redis_server.url, tmp_path, touch_interval=3600)
     async with index, redis.asyncio.Redis.from_url(redis_server.url) as raw:
         lru = f"{{{index.prefix}:0}}:lru"

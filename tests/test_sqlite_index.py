@@ -17,6 +17,7 @@ from asynccas.index.sqlite import SqliteIndex
 from asynccas.sqlite_database import SqliteDatabase
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob, check_eviction_racing_uploads, check_index_concurrency
+from tests.support.clock import clear_of_window_edge
 
 pytestmark = pytest.mark.anyio
 
@@ -157,6 +158,7 @@ async def test_recency_is_refreshed_once_per_window_by_each_process(tmp_path: Pa
         )
 
     path = tmp_path / "index.sqlite"
+    await clear_of_window_edge()
     async with SqliteIndex(storage, path, touch_interval=3600) as index:
         await index.commit_write(digest, chunks(data))
         await make_stale(index)
