@@ -26,7 +26,6 @@ from asynccas.bench.cli import add_bench_commands, run_bench, run_report
 from asynccas.client.commands import add_cas_commands, run_cas_command
 from asynccas.config import human_size
 from asynccas.errors import CasError, ConfigurationError
-from asynccas.index.base import StorageIndex
 from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Listable, require
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE
@@ -426,8 +425,8 @@ async def serve(args: argparse.Namespace) -> None:
     metrics_server = None
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with server, anyio.create_task_group() as tasks:
-            if eviction is not None and isinstance(storage, StorageIndex):
-                tasks.start_soon(eviction.run, storage, action_cache)
+            if eviction is not None and deployment.index is not None:
+                tasks.start_soon(eviction.run, deployment.index, action_cache)
             if args.parent_pid is not None:
                 tasks.start_soon(_exit_with_parent, args.parent_pid)
             if first:
@@ -435,8 +434,8 @@ async def serve(args: argparse.Namespace) -> None:
                     host, port = args.metrics_address.rsplit(":", 1)
                     metrics_server, port = await in_thread(_serve_metrics, host, int(port))
                     where += f"; metrics on http://{host}:{port}/metrics"
-                    if isinstance(storage, StorageIndex):
-                        tasks.start_soon(metrics.sample_store_size, storage.get_total_size)
+                    if deployment.index is not None:
+                        tasks.start_soon(metrics.sample_store_size, deployment.index.get_total_size)
                 workers = f" with {args.workers} workers" if args.workers > 1 else ""
                 scheme = "grpcs" if tls is not None else "grpc"
                 logger.info(
@@ -526,8 +525,8 @@ async def reindex(args: argparse.Namespace) -> None:
         args.storage = "disk"
         args.max_size = None
     deployment = await _deployment(args)
-    index = deployment.cas
-    if not isinstance(index, StorageIndex):
+    index = deployment.index
+    if index is None:
         raise ConfigurationError(
             "reindex rebuilds an index: the cas is not a sqlite or redis index"
         )

@@ -54,7 +54,9 @@ from asynccas.redis_provider import RedisProvider
 from asynccas.storage.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
+from asynccas.storage.forwarding import innermost
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.read_cache import ReadCacheStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
 
@@ -92,6 +94,9 @@ class Deployment:
     description: str
     disk_roots: list[Path]
     """Where the graph's disk storages keep their files (reindex checks them first)."""
+    index: StorageIndex | None
+    """The index at the top of the graph, under any read cache: what eviction, metrics and
+    reindex work through."""
 
 
 class _Table:
@@ -253,6 +258,18 @@ def _size_differentiated(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     return SizeDifferentiatedStorage(small, large, limit=limit), description
 
 
+def _read_cache(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    max_bytes = table.size("max_size", 64 << 20)
+    max_blob_size = table.size("max_blob_size", 64 << 10)
+    inner = graph.storage(table, "storage")
+    cache = ReadCacheStorage(inner, max_bytes=max_bytes, max_blob_size=max_blob_size)
+    description = (
+        f"{graph.describe(table, 'storage')}; reads of blobs up to"
+        f" {human_size(cache.max_blob_size)} cached in memory (up to {human_size(max_bytes)})"
+    )
+    return cache, description
+
+
 def _sqlite_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     path = table.path("path")
     inner = graph.storage(table, "storage")
@@ -296,6 +313,7 @@ _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] 
     "sqlite-rows": _sqlite_rows,
     "size-differentiated": _size_differentiated,
     "sqlite-index": _sqlite_index,
+    "read-cache": _read_cache,
     "redis-index": _redis_index,
 }
 STORAGE_TYPES: Final = tuple(_BUILDERS)
@@ -321,8 +339,10 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
     budget = top.size("max_size", 0) or None
     top.done()
     eviction = None
+    index = innermost(cas, StorageIndex)
+    assert index is None or isinstance(index, StorageIndex)
     if budget is not None:
-        if not isinstance(cas, StorageIndex):
+        if index is None:
             raise top.error(
                 "max_size",
                 "eviction works through an index: make the cas a sqlite-index or redis-index"
@@ -332,7 +352,7 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
     name = top.values.get("cas") or next(iter(storages))
     limit = f" (budget {human_size(budget)})" if budget else ""
     description = f"blobs: {graph.descriptions[name]}{limit}; action cache: {results}"
-    return Deployment(cas, action_cache, eviction, description, graph.disk_roots)
+    return Deployment(cas, action_cache, eviction, description, graph.disk_roots, index)
 
 
 def _only_storage(graph: _Graph, storages: Mapping[str, Any]) -> Storage:

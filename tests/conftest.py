@@ -23,6 +23,7 @@ from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.read_cache import ReadCacheStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from tests.support.redis_servers import RedisCluster, RedisServer
@@ -73,11 +74,14 @@ def make_storage(kind: str, root: Path) -> Storage:
         )
     if kind == "sqlite-tiered":
         return SqliteIndex(make_storage("tiered", root), root / "index.sqlite")
+    if kind == "read-cache":  # a small cache, so that blobs come and go through it
+        return ReadCacheStorage(make_storage("sqlite-tiered", root), max_bytes=256 * 1024)
     raise ValueError(kind)
 
 
 STORAGE_KINDS = [
     "memory", "disk", "disk-direct", "sqlite-disk", "sqlite-memory", "sqlite-blobs", "tiered", "sqlite-tiered",
+    "read-cache",
 ]  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from asynccas.index.sqlite import SqliteIndex
 from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.read_cache import ReadCacheStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob, check_index, check_storage
@@ -223,7 +224,7 @@ def with_changes(**changes: Any) -> dict[str, Any]:
         (with_changes(files={"type": "disk", "path": ".", "fsync": "yes"}),
          "storage.files.fsync: expected true or false, not 'yes'"),
         (with_changes(files={"type": "floppy", "path": "."}),
-         "storage.files.type: unknown storage type 'floppy' (known: disk, memory, redis-index,"),
+         "storage.files.type: unknown storage type 'floppy' (known: disk, memory, read-cache,"),
         (with_changes(index={**GOOD["storage"]["index"], "storage": "filez"}),
          "storage.index.storage: no storage named 'filez' (defined: files, index)"),
         (with_changes(index={**GOOD["storage"]["index"], "storage": "index"}),
@@ -278,3 +279,25 @@ def test_a_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
         load(path)
     with pytest.raises(ConfigurationError, match=r"cannot read .*missing\.toml"):
         load(tmp_path / "missing.toml")
+
+
+def test_a_read_cache_sits_above_the_index_that_eviction_works_through(tmp_path: Path) -> None:
+    config = {
+        "cas": "cache",
+        "max_size": "1G",
+        "storage": {
+            "cache": {"type": "read-cache", "max_size": "32M", "storage": "index"},
+            "index": {"type": "sqlite-index", "path": "index.sqlite", "storage": "files"},
+            "files": {"type": "disk", "path": "."},
+        },
+    }
+    deployment = build(config, tmp_path)
+    assert isinstance(deployment.cas, ReadCacheStorage)
+    assert isinstance(deployment.index, SqliteIndex)
+    assert deployment.cas.inner is deployment.index
+    assert deployment.eviction is not None
+    assert "cached in memory (up to 32.0 MiB)" in deployment.description
+    config["storage"]["cache"]["storage"] = "files"  # type: ignore[index]
+    del config["storage"]["index"]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="eviction works through an index"):
+        build(config, tmp_path)
