@@ -70,6 +70,7 @@ def test_default_serve_uses_xdg_cache_and_stops_gracefully(
         assert "index.sqlite" in where
         # A new data directory keeps blobs up to 64 KiB in SQLite, larger ones as files.
         assert f"those up to 64.0 KiB in {data_dir / 'small-blobs.sqlite'}" in where
+        assert "cached in memory (up to 64.0 MiB)" in where  # the read cache, on by default
         (small, small_data), (large, large_data) = blob(1000, 1), blob(70_000, 2)
         with grpc.insecure_channel(target) as channel:
             cas = re_grpc.ContentAddressableStorageStub(channel)

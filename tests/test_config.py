@@ -24,7 +24,6 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas.cli import build_parser, shorthand_config
 from asynccas.config import build, load
 from asynccas.errors import ConfigurationError
-from asynccas.index.base import StorageIndex
 from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
@@ -73,19 +72,23 @@ async def test_every_readme_example_builds_a_working_cas(
     cas = deployment.cas
     await deployment.action_cache.start()
     async with cas:
-        if isinstance(cas, StorageIndex):
-            await check_index(cas)
-        else:
+        if cas is not deployment.index:
             await check_storage(cas)
+        if deployment.index is not None:
+            await check_index(deployment.index)
     await deployment.action_cache.stop()
     if number == 0:  # the default layout, relative to the file
-        assert isinstance(cas, SqliteIndex)
-        assert cas.path == tmp_path / "index.sqlite"
-        assert isinstance(cas.storage, SizeDifferentiatedStorage)
-        assert isinstance(cas.storage.small, SqliteBlobStorage)
-        assert cas.storage.small.path == tmp_path / "small-blobs.sqlite"
-        assert isinstance(cas.storage.large, DiskStorage)
-        assert cas.storage.large.root == tmp_path
+        assert isinstance(cas, ReadCacheStorage)
+        assert cas.max_bytes == 64 * 1024**2
+        index = cas.inner
+        assert isinstance(index, SqliteIndex)
+        assert index is deployment.index
+        assert index.path == tmp_path / "index.sqlite"
+        assert isinstance(index.storage, SizeDifferentiatedStorage)
+        assert isinstance(index.storage.small, SqliteBlobStorage)
+        assert index.storage.small.path == tmp_path / "small-blobs.sqlite"
+        assert isinstance(index.storage.large, DiskStorage)
+        assert index.storage.large.root == tmp_path
         assert deployment.eviction is not None
         assert deployment.eviction.max_bytes == 200 * 1024**3
         assert isinstance(deployment.action_cache, SqliteActionCache)
@@ -301,3 +304,12 @@ def test_a_read_cache_sits_above_the_index_that_eviction_works_through(tmp_path:
     del config["storage"]["index"]  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="eviction works through an index"):
         build(config, tmp_path)
+
+
+async def test_read_cache_zero_leaves_the_index_at_the_top(tmp_path: Path) -> None:
+    flags = await anyio.to_thread.run_sync(
+        serve_args, "--data-dir", str(tmp_path), "--read-cache", "0"
+    )
+    deployment = build(await shorthand_config(flags), Path.cwd())
+    assert isinstance(deployment.cas, SqliteIndex)
+    assert "cached in memory" not in deployment.description
