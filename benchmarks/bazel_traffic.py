@@ -34,7 +34,7 @@ OUT = Path(__file__).parent / "out"
 ASYNCCAS = "asynccas (defaults: disk + SQLite, fsync)"
 ASYNCCAS_NO_FSYNC = "asynccas (disk + SQLite, --no-fsync)"
 BUILDGRID = "BuildGrid 0.4.4 (disk + Redis index)"
-FLOOR = "grpc.aio floor (a Write handler that only counts bytes)"
+FLOOR = "grpc.aio floor (handlers that do no work: count bytes, read from a dict)"
 SIZE_MIX_8K = ((8192, 8193, 1.0),)  # the concurrency sweep's blobs: 8 KiB each
 
 
@@ -71,7 +71,7 @@ LOADS = [
         target=3.0,
         servers=WRITE_SERVERS,
     ),
-    Load("read-16", "bytestream-read", "ByteStream.Read", 8192, 16, target=3.0),
+    Load("read-16", "bytestream-read", "ByteStream.Read", 8192, 16, target=3.0, servers=(FLOOR,)),
     Load("ac-get-16", "action-cache", "GetActionResult", target=3.0),
     Load("ac-update-16", "action-cache", "UpdateActionResult", target=3.0),
     Load("bazel-upload-16", "bazel-like", "action", servers=(ASYNCCAS_NO_FSYNC,)),
