@@ -47,6 +47,18 @@ def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], 
     return process, match.group(1), match.group(2)
 
 
+def upload_batch(target: str, blobs: list[tuple[Digest, bytes]]) -> None:
+    """One BatchUpdateBlobs of ``blobs`` to a server started by ``start``."""
+    with grpc.insecure_channel(target) as channel:
+        requests = [
+            re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+            for d, data in blobs
+        ]
+        re_grpc.ContentAddressableStorageStub(channel).BatchUpdateBlobs(
+            re_pb2.BatchUpdateBlobsRequest(requests=requests)
+        )
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
@@ -72,13 +84,7 @@ def test_default_serve_uses_xdg_cache_and_stops_gracefully(
         assert f"those up to 64.0 KiB in {data_dir / 'small-blobs.sqlite'}" in where
         assert "cached in memory (up to 64.0 MiB)" in where  # the read cache, on by default
         (small, small_data), (large, large_data) = blob(1000, 1), blob(70_000, 2)
-        with grpc.insecure_channel(target) as channel:
-            cas = re_grpc.ContentAddressableStorageStub(channel)
-            requests = [
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
-                for d, data in ((small, small_data), (large, large_data))
-            ]
-            cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=requests))
+        upload_batch(target, [(small, small_data), (large, large_data)])
         files = data_dir / "cas" / "sha256"
         assert (files / large.hash[:2] / large.hash).read_bytes() == large_data
         assert not (files / small.hash[:2] / small.hash).exists()

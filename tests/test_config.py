@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import grpc
 import pytest
 
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas.cli import build_parser, shorthand_config
 from asynccas.config import build, load
 from asynccas.errors import ConfigurationError
@@ -34,7 +31,7 @@ from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob, check_index, check_storage
 from tests.support.redis_servers import RedisServer
-from tests.test_cli import start, stop
+from tests.test_cli import start, stop, upload_batch
 
 pytestmark = pytest.mark.anyio
 
@@ -160,13 +157,7 @@ def test_serve_with_a_config_file_stores_where_the_file_says(tmp_path: Path) -> 
     (small, small_data), (large, large_data) = blob(1000, 1), blob(10_000, 2)
     try:
         assert str(tmp_path / "conf" / "meta" / "index.sqlite") in where
-        with grpc.insecure_channel(target) as channel:
-            cas = re_grpc.ContentAddressableStorageStub(channel)
-            requests = [
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
-                for d, data in ((small, small_data), (large, large_data))
-            ]
-            cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=requests))
+        upload_batch(target, [(small, small_data), (large, large_data)])
     finally:
         stop(process, signal.SIGTERM)
     files = tmp_path / "elsewhere" / "cas" / "sha256"

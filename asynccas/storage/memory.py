@@ -18,36 +18,66 @@ from asynccas.storage.base import (
 from asynccas.storage.context import RequestContext
 
 
+class BlobLru:
+    """Blobs by digest in memory, the least recently used dropped first beyond ``max_bytes``:
+    the memory storage's store and the read cache's."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.blobs: OrderedDict[Digest, bytes] = OrderedDict()
+        self.total = 0
+        self.removals = 0  # dropped for room or popped: what a deletion marker counts
+
+    def __contains__(self, digest: Digest) -> bool:
+        return digest in self.blobs
+
+    def get(self, digest: Digest) -> bytes | None:
+        """The blob, now the most recently used; None if absent."""
+        data = self.blobs.get(digest)
+        if data is not None:
+            self.blobs.move_to_end(digest)
+        return data
+
+    def add(self, digest: Digest, data: bytes) -> None:
+        if digest in self.blobs:
+            self.blobs.move_to_end(digest)
+            return
+        self.blobs[digest] = data
+        self.total += len(data)
+        while self.total > self.max_bytes:
+            _, dropped = self.blobs.popitem(last=False)
+            self.total -= len(dropped)
+            self.removals += 1
+
+    def pop(self, digest: Digest) -> bytes | None:
+        data = self.blobs.pop(digest, None)
+        if data is not None:
+            self.total -= len(data)
+            self.removals += 1
+        return data
+
+
 class MemoryStorage(Storage, Deletable, DeletionMarked):
     """Blobs in a dict, least recently used evicted first once ``max_bytes`` is exceeded."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
-        self._blobs: OrderedDict[Digest, bytes] = OrderedDict()
-        self._total = 0
-        self._deletions = 0
+        self._lru = BlobLru(max_bytes)
 
     @property
     def total_size(self) -> int:
-        return self._total
+        return self._lru.total
 
     async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
-        blobs = self._blobs
-        missing = []
-        for digest in batch.digests:
-            if digest in blobs:
-                blobs.move_to_end(digest)
-            else:
-                missing.append(digest)
+        missing = [d for d in batch.digests if self._lru.get(d) is None]
         return mask_of(batch, missing) if missing else bytes(len(batch))
 
     async def get(
         self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
-        data = self._blobs.get(digest)
+        data = self._lru.get(digest)
         if data is None:
             raise BlobNotFound(digest)
-        self._blobs.move_to_end(digest)
         end = len(data) if limit == 0 else min(len(data), offset + limit)
         view = memoryview(data)
         for start in range(offset, end, CHUNK_SIZE):
@@ -65,35 +95,16 @@ class MemoryStorage(Storage, Deletable, DeletionMarked):
     ) -> dict[Digest, bytes]:
         found = {}
         for digest in dict.fromkeys(digests):
-            data = self._blobs.get(digest)
+            data = self._lru.get(digest)
             if data is not None:
-                self._blobs.move_to_end(digest)
                 found[digest] = data
         return found
 
     async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
-        gone = []
-        for digest in dict.fromkeys(digests):
-            data = self._blobs.pop(digest, None)
-            if data is not None:
-                self._total -= len(data)
-                self._deletions += 1
-                gone.append(digest)
-        return gone
+        return [d for d in dict.fromkeys(digests) if self._lru.pop(d) is not None]
 
     async def deletion_marker(self) -> int | None:
-        return self._deletions
-
-    def _insert(self, digest: Digest, data: bytes) -> None:
-        if digest in self._blobs:
-            self._blobs.move_to_end(digest)
-            return
-        self._blobs[digest] = data
-        self._total += len(data)
-        while self._total > self.max_bytes:
-            _, evicted = self._blobs.popitem(last=False)
-            self._total -= len(evicted)
-            self._deletions += 1
+        return self._lru.removals
 
 
 class _MemoryWriter(BlobWriter):
@@ -108,7 +119,7 @@ class _MemoryWriter(BlobWriter):
         self._parts += parts
 
     async def _publish(self) -> None:
-        self._storage._insert(self.digest, b"".join(self._parts))
+        self._storage._lru.add(self.digest, b"".join(self._parts))
 
     async def _abort(self) -> None:
         self._parts = []

@@ -9,7 +9,6 @@ kept, so that one large artifact cannot push out the many small outputs a build 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
@@ -17,6 +16,7 @@ from asynccas.digest import Digest
 from asynccas.storage.base import CHUNK_SIZE, Storage
 from asynccas.storage.context import RequestContext
 from asynccas.storage.forwarding import ForwardingStorage
+from asynccas.storage.memory import BlobLru
 
 
 class ReadCacheStorage(ForwardingStorage):
@@ -26,26 +26,19 @@ class ReadCacheStorage(ForwardingStorage):
         super().__init__(inner)
         self.max_bytes = max_bytes
         self.max_blob_size = min(max_blob_size, max_bytes, CHUNK_SIZE)
-        self._blobs: OrderedDict[Digest, bytes] = OrderedDict()
-        self._bytes = 0
+        self.lru = BlobLru(max_bytes)
         self.hits = 0
         self.misses = 0
 
     def _cached(self, digest: Digest) -> bytes | None:
-        data = self._blobs.get(digest)
+        data = self.lru.get(digest)
         if data is not None:
-            self._blobs.move_to_end(digest)
             self.hits += 1
         return data
 
     def _keep(self, digest: Digest, data: bytes) -> None:
-        if digest in self._blobs or len(data) > self.max_blob_size:
-            return
-        self._blobs[digest] = data
-        self._bytes += len(data)
-        while self._bytes > self.max_bytes:
-            _, dropped = self._blobs.popitem(last=False)
-            self._bytes -= len(dropped)
+        if len(data) <= self.max_blob_size:
+            self.lru.add(digest, data)
 
     async def get(
         self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
@@ -86,7 +79,5 @@ class ReadCacheStorage(ForwardingStorage):
 
     async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
         for digest in digests:
-            data = self._blobs.pop(digest, None)
-            if data is not None:
-                self._bytes -= len(data)
+            self.lru.pop(digest)
         return await super().delete(digests)
