@@ -322,8 +322,8 @@ STORAGE_TYPES: Final = tuple(_BUILDERS)
 def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deployment:
     """The deployment a parsed configuration describes (nothing is started or opened yet).
 
-    ``evict=False`` leaves out the eviction policy (a server's extra workers: the first
-    process evicts for all of them)."""
+    ``evict=False`` makes the eviction policy only measure (a server's extra workers: the
+    first process evicts for all of them)."""
     top = _Table("config", config, base)
     storages = top.raw("storage", {})
     if not isinstance(storages, Mapping) or not storages:
@@ -348,7 +348,7 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
                 "eviction works through an index: make the cas a sqlite-index or redis-index"
                 " (a memory storage takes its own max_size)",
             )
-        eviction = EvictionPolicy(budget) if evict else None
+        eviction = EvictionPolicy(budget, evicts=evict)
     name = top.values.get("cas") or next(iter(storages))
     limit = f" (budget {human_size(budget)})" if budget else ""
     description = f"blobs: {graph.descriptions[name]}{limit}; action cache: {results}"

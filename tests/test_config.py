@@ -304,3 +304,14 @@ async def test_read_cache_zero_leaves_the_index_at_the_top(tmp_path: Path) -> No
     deployment = build(await shorthand_config(flags), Path.cwd())
     assert isinstance(deployment.cas, SqliteIndex)
     assert "cached in memory" not in deployment.description
+
+
+def test_extra_workers_measure_the_budget_but_do_not_evict(tmp_path: Path) -> None:
+    config = dict(GOOD, max_size="1G")
+    assert build(config, tmp_path).eviction is not None
+    first, extra = build(config, tmp_path), build(config, tmp_path, evict=False)
+    assert first.eviction is not None
+    assert first.eviction.evicts
+    assert extra.eviction is not None
+    assert not extra.eviction.evicts
+    assert extra.eviction.budget.waits_for_room

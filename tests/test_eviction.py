@@ -86,3 +86,38 @@ async def test_action_results_never_crowd_out_every_blob(tmp_path: Path) -> None
             assert await action_cache.get("", newest) is not None, "the newest result went"
     finally:
         await action_cache.stop()
+
+
+async def test_a_worker_that_does_not_evict_holds_its_uploads_until_the_evicting_one_made_room(
+    tmp_path: Path,
+) -> None:
+    """With --workers only the first process evicts. The others' uploads used not to charge the
+    budget at all, so they could fill the disk between the first one's passes. Now they measure
+    the shared index, and far over the budget their uploads wait for the room to come back."""
+    evicting = EvictionPolicy(1_000_000, interval=3600)
+    measuring = EvictionPolicy(1_000_000, interval=0.05, evicts=False)
+    async with (
+        open_index(tmp_path) as first,
+        open_index(tmp_path) as second,  # a second process on the same store
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(measuring.run, second)
+        await anyio.sleep(0.1)  # the first measurement
+        for seed in range(11):  # 1.1 MB through the worker that does not evict
+            await store(second, *blob(BLOB, seed))
+        assert await second.get_total_size() == 11 * BLOB, "a measuring pass evicted"
+        await anyio.sleep(0.2)  # measured: 100 KB over, past the slack (50 KB)
+        held = anyio.Event()
+
+        async def upload_one_more() -> None:
+            await store(second, *blob(BLOB, 99))
+            held.set()
+
+        tasks.start_soon(upload_one_more)
+        with anyio.move_on_after(0.5):
+            await held.wait()
+        assert not held.is_set(), "an upload far over the budget did not wait"
+        assert await evicting.enforce_once(first) > 0  # the evicting process makes room
+        with anyio.fail_after(5):
+            await held.wait()
+        tasks.cancel_scope.cancel()
