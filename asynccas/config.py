@@ -316,7 +316,6 @@ _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] 
     "read-cache": _read_cache,
     "redis-index": _redis_index,
 }
-STORAGE_TYPES: Final = tuple(_BUILDERS)
 
 
 def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deployment:

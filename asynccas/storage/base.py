@@ -328,12 +328,8 @@ def require(storage: Storage, capability: type, purpose: str) -> None:
     if not storage.offers(capability):
         raise ConfigurationError(
             f"{purpose} needs a storage that offers {capability.__name__}; "
-            f"{describe(storage)} does not"
+            f"{type(storage).__name__} does not"
         )
-
-
-def describe(storage: Storage) -> str:
-    return type(storage).__name__
 
 
 def mask_of(batch: DigestBatch, missing: Iterable[Digest]) -> bytes:
