@@ -210,14 +210,8 @@ def test_two_processes_share_one_data_dir(env: dict[str, str], tmp_path: Path) -
         result = re_pb2.ActionResult(
             output_files=[re_pb2.OutputFile(path="o", digest=blobs[0][0].to_proto())]
         )
+        upload_batch(first_target, blobs)
         with grpc.insecure_channel(first_target) as a, grpc.insecure_channel(second_target) as b:
-            requests = [
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
-                for d, data in blobs
-            ]
-            re_grpc.ContentAddressableStorageStub(a).BatchUpdateBlobs(
-                re_pb2.BatchUpdateBlobsRequest(requests=requests)
-            )
             re_grpc.ActionCacheStub(a).UpdateActionResult(
                 re_pb2.UpdateActionResultRequest(
                     action_digest=action.to_proto(), action_result=result
@@ -254,14 +248,7 @@ def test_serve_with_redis_index_and_reindex(
     )  # fmt: skip
     try:
         assert f"index redis://127.0.0.1:{redis_server.port}/0" in where
-        with grpc.insecure_channel(target) as channel:
-            requests = [
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
-                for d, data in blobs
-            ]
-            re_grpc.ContentAddressableStorageStub(channel).BatchUpdateBlobs(
-                re_pb2.BatchUpdateBlobsRequest(requests=requests)
-            )
+        upload_batch(target, blobs)
     finally:
         stop(process, signal.SIGTERM)
     # Lose the index and one blob's file; reindex restores the truth from disk.
@@ -296,14 +283,7 @@ def test_reindex_sqlite_drops_stale_entries(env: dict[str, str], tmp_path: Path)
     )
     blobs = [blob(1000 + i, i) for i in range(3)]
     try:
-        with grpc.insecure_channel(target) as channel:
-            requests = [
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
-                for d, data in blobs
-            ]
-            re_grpc.ContentAddressableStorageStub(channel).BatchUpdateBlobs(
-                re_pb2.BatchUpdateBlobsRequest(requests=requests)
-            )
+        upload_batch(target, blobs)
     finally:
         stop(process, signal.SIGTERM)
     lost = blobs[1][0]
