@@ -14,7 +14,8 @@ CasError
 ├── UploadConflict               ABORTED: a write offset that does not continue the upload
 ├── StorageFull                  RESOURCE_EXHAUSTED: no room to store
 ├── Overloaded                   RESOURCE_EXHAUSTED: too much in progress (e.g. uploads); retry
-├── UploadStalled                DEADLINE_EXCEEDED: an upload stream that stopped sending data
+├── DeadlineExceeded             DEADLINE_EXCEEDED: a backend (e.g. a remote CAS) did not answer in time
+│   └── UploadStalled            an upload stream that stopped sending data
 ├── BackendUnavailable           UNAVAILABLE: a backend (disk, database, remote) failed; retry
 ├── Unauthenticated              UNAUTHENTICATED: no credentials, or ones that do not verify
 └── PermissionDenied             PERMISSION_DENIED: a known caller without the right to do this
@@ -89,7 +90,11 @@ class Overloaded(CasError):
     pass
 
 
-class UploadStalled(CasError):
+class DeadlineExceeded(CasError):
+    pass
+
+
+class UploadStalled(DeadlineExceeded):
     pass
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
-from asynccas.client.cas import _read_response_data
+from asynccas.client.channel import read_response_data
 from asynccas.digest import Digest
 from asynccas.errors import BatchTooLarge, BlobNotFound, InvalidDigest
 from asynccas.server.cas import batch_read_response, batch_update_response
@@ -155,13 +155,13 @@ def test_read_responses_are_read_off_the_wire_as_protobuf_reads_them(
     data: bytes, trailing: bytes
 ) -> None:
     message = bs_pb2.ReadResponse(data=data).SerializeToString()
-    assert _read_response_data(message) == data
-    assert _read_response_data(message + b"\x08\x01") == data  # then an unknown field
+    assert read_response_data(message) == data
+    assert read_response_data(message + b"\x08\x01") == data  # then an unknown field
     try:
         expected = bs_pb2.ReadResponse.FromString(message + trailing).data
     except Exception:  # not a message at all: protobuf's error is the client's too
         return
-    assert _read_response_data(message + trailing) == expected
+    assert read_response_data(message + trailing) == expected
 
 
 NOT_FOUND = BlobNotFound(Digest.of(b"gone"))

@@ -9,7 +9,6 @@ concurrency is bounded, and every download is checked against its digest.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import uuid
 from collections.abc import (
@@ -41,6 +40,15 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.client.caches import INLINE_LIMIT, ClientCaches
+from asynccas.client.channel import (
+    TRANSIENT,
+    backoff_delay,
+    check_token,
+    function_field,
+    open_channel,
+    read_response_data,
+    status_code_of,
+)
 from asynccas.client.merkle import build_tree, digest_of_file
 from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
 from asynccas.errors import (
@@ -55,18 +63,10 @@ from asynccas.errors import (
 )
 from asynccas.hashing import OverlappedHasher
 from asynccas.resource_names import format_read_name, format_write_name
-from asynccas.transport import TRANSPORT_OPTIONS, ClientTls
+from asynccas.transport import ClientTls
 
 T = TypeVar("T")
 
-TRANSIENT: Final = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-    }
-)
 CHUNK_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_BATCH: Final = 4 * 1024 * 1024
 _FIND_MISSING_CHUNK: Final = 10_000
@@ -147,10 +147,8 @@ class CasClient:
         offer; by default SHA256, or the first function the server offers."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
-        if token is not None and not (
-            token.isprintable() and token.isascii() and token.strip() == token and token
-        ):
-            raise ValueError("a bearer token must be printable ASCII without surrounding spaces")
+        if token is not None:
+            check_token(token)
         self.chunk_size = chunk_size
         self.endpoint = endpoint
         self._wanted_function = digest_function
@@ -177,20 +175,7 @@ class CasClient:
     async def __aenter__(self) -> Self:
         if self.cache is not None:
             await self.cache.open()
-        target, secure = _parse_endpoint(self.endpoint)
-        options = [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            *TRANSPORT_OPTIONS,
-        ]
-        interceptors = _bearer_token_interceptors(self.token) if self.token else None
-        if secure or self.tls is not None:
-            credentials = await anyio.to_thread.run_sync((self.tls or ClientTls()).credentials)
-            channel = grpc.aio.secure_channel(
-                target, credentials, options=options, interceptors=interceptors
-            )
-        else:
-            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        channel = await open_channel(self.endpoint, tls=self.tls, token=self.token)
         self._channel = channel
         self._cas = re_grpc.ContentAddressableStorageStub(channel)
         self._bytestream = bs_grpc.ByteStreamStub(channel)
@@ -198,7 +183,7 @@ class CasClient:
         self._read = channel.unary_stream(
             "/google.bytestream.ByteStream/Read",
             request_serializer=bs_pb2.ReadRequest.SerializeToString,
-            response_deserializer=_read_response_data,
+            response_deserializer=read_response_data,
         )
         self._action_cache = re_grpc.ActionCacheStub(channel)
         try:
@@ -257,7 +242,7 @@ class CasClient:
         raise AssertionError("unreachable")
 
     def _delay(self, attempt: int) -> float:
-        return float(min(5.0, self.backoff * 2**attempt) * (0.5 + random.random() / 2))
+        return backoff_delay(attempt, self.backoff, 5.0)
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -275,7 +260,7 @@ class CasClient:
                 request = re_pb2.FindMissingBlobsRequest(
                     instance_name=self.instance_name,
                     blob_digests=[d.to_proto() for d in chunk],
-                    digest_function=_function_field(chunk),
+                    digest_function=function_field(chunk),
                 )
                 response = await self._retrying(
                     partial(self._cas.FindMissingBlobs, request, timeout=self.timeout)
@@ -318,7 +303,7 @@ class CasClient:
         request = re_pb2.BatchReadBlobsRequest(
             instance_name=self.instance_name,
             digests=[d.to_proto() for d in wanted],
-            digest_function=_function_field(wanted),
+            digest_function=function_field(wanted),
         )
         response = await self._retrying(
             partial(self._cas.BatchReadBlobs, request, timeout=self.timeout)
@@ -369,7 +354,7 @@ class CasClient:
             for attempt in range(self.max_attempts):
                 request = re_pb2.BatchUpdateBlobsRequest(
                     instance_name=self.instance_name,
-                    digest_function=_function_field([d for d, _ in pending]),
+                    digest_function=function_field([d for d, _ in pending]),
                     requests=[
                         re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=b)
                         for d, b in pending
@@ -384,11 +369,14 @@ class CasClient:
                     if result.status.code == code:
                         self.bytes_sent += digest.size_bytes
                         tracker.advance(digest.size_bytes)
-                    elif _code(result.status.code) in TRANSIENT and attempt + 1 < self.max_attempts:
+                    elif (
+                        status_code_of(result.status.code) in TRANSIENT
+                        and attempt + 1 < self.max_attempts
+                    ):
                         retry.append((digest, data))
                     else:
                         raise InvalidArgument(
-                            f"server refused blob {digest}: {_code(result.status.code).name}"
+                            f"server refused blob {digest}: {status_code_of(result.status.code).name}"
                             f" {result.status.message}"
                         )
                 if not retry:
@@ -488,7 +476,7 @@ class CasClient:
                 request = re_pb2.BatchReadBlobsRequest(
                     instance_name=self.instance_name,
                     digests=[d.to_proto() for d in batch],
-                    digest_function=_function_field(batch),
+                    digest_function=function_field(batch),
                 )
                 response = await self._retrying(
                     lambda: self._cas.BatchReadBlobs(request, timeout=self.timeout)
@@ -666,7 +654,7 @@ class CasClient:
                 instance_name=self.instance_name,
                 root_digest=root.to_proto(),
                 page_token=token,
-                digest_function=_function_field([root]),
+                digest_function=function_field([root]),
             )
             token = ""
             try:
@@ -735,7 +723,7 @@ class CasClient:
         request = re_pb2.GetActionResultRequest(
             instance_name=self.instance_name,
             action_digest=action.to_proto(),
-            digest_function=_function_field([action]),
+            digest_function=function_field([action]),
         )
         try:
             result: re_pb2.ActionResult = await self._retrying(
@@ -754,7 +742,7 @@ class CasClient:
             instance_name=self.instance_name,
             action_digest=action.to_proto(),
             action_result=result,
-            digest_function=_function_field([action]),
+            digest_function=function_field([action]),
         )
         stored: re_pb2.ActionResult = await self._retrying(
             lambda: self._action_cache.UpdateActionResult(request, timeout=self.timeout)
@@ -791,14 +779,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-def _function_field(digests: Sequence[Digest]) -> Any:
-    """A request's ``digest_function``: unset for the legacy functions, which a server infers
-    from the hashes (servers older than REAPI 2.3 know no such field), else the function."""
-    if not digests or digests[0].function.is_legacy:
-        return 0
-    return digests[0].function.proto_value
-
-
 def _connection_error(endpoint: str, exc: grpc.aio.AioRpcError) -> CasError:
     """A failed first call to ``endpoint`` as the asynccas error a caller can act on."""
     code, details = exc.code(), exc.details() or ""
@@ -812,71 +792,12 @@ def _connection_error(endpoint: str, exc: grpc.aio.AioRpcError) -> CasError:
     return CasError(text)
 
 
-class _BearerToken:
-    """Adds ``authorization: Bearer TOKEN`` to every call, on plain and TLS channels alike
-    (grpc's call credentials refuse plain ones, and a TLS-terminating proxy is common)."""
-
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _with_token(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        metadata.append(self._header)
-        return details._replace(metadata=grpc.aio.Metadata(*metadata))
-
-
-# One class per kind of call: grpc.aio files an interceptor under the first kind it is an
-# instance of, so a single class of all four would only ever see unary-unary calls.
-class _UnaryUnaryToken(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_token(details), request)
-
-
-class _UnaryStreamToken(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_token(details), request)
-
-
-class _StreamUnaryToken(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._with_token(details), requests)
-
-
-class _StreamStreamToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._with_token(details), requests)
-
-
-def _bearer_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
-    return [kind(token) for kind in kinds]
-
-
-def _code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
-
-
 def _verify(digest: Digest, data: bytes) -> None:
     hasher = digest.function.new_hasher()
     hasher.update(data)
     if len(data) != digest.size_bytes or hasher.hexdigest() != digest.hash:
         actual = Digest.of(data, digest.function)
         raise DigestMismatch(f"got data with digest {actual}, expected {digest}")
-
-
-def _parse_endpoint(endpoint: str) -> tuple[str, bool]:
-    for scheme, secure in (
-        ("grpc://", False),
-        ("http://", False),
-        ("grpcs://", True),
-        ("https://", True),
-    ):
-        if endpoint.startswith(scheme):
-            return endpoint[len(scheme) :].rstrip("/"), secure
-    return endpoint, False
 
 
 def _finish_file(temp: Path, target: Path, executable: bool) -> None:
@@ -949,20 +870,3 @@ def _plan_directory(
     for child in directory.directories:
         child_digest = Digest.from_proto(child.digest, digest.function.proto_value)
         _plan_directory(child_digest, path / _safe_name(child.name), by_digest, plan)
-
-
-def _read_response_data(message: bytes) -> bytes:
-    """``ReadResponse.data`` taken from the message's bytes: a ReadResponse holds nothing else
-    (field 10), and building the message would copy each megabyte twice more."""
-    if message[:1] == b"\x52":  # field 10, length-delimited
-        length = shift = 0
-        for position in range(1, min(len(message), 11)):
-            byte = message[position]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                if position + 1 + length == len(message):
-                    return message[position + 1 :]
-                break
-    data: bytes = bs_pb2.ReadResponse.FromString(message).data  # anything else, e.g. empty
-    return data

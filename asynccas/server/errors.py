@@ -22,7 +22,7 @@ _CODES: Final[list[tuple[type[errors.CasError], grpc.StatusCode]]] = [
     (errors.UploadConflict, grpc.StatusCode.ABORTED),
     (errors.StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),

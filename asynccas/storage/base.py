@@ -221,6 +221,10 @@ class Storage(abc.ABC):
         describes. Wrappers answer for what they wrap too."""
         return isinstance(self, capability)
 
+    def why_not(self, capability: type) -> str:
+        """Why ``offers(capability)`` is False, for a configuration error."""
+        return f"{type(self).__name__} does not"
+
     @abc.abstractmethod
     async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
         """One byte per digest of ``batch``, in order: 1 where the blob is absent (at its first
@@ -327,8 +331,8 @@ def require(storage: Storage, capability: type, purpose: str) -> None:
     needs: one clear error instead of a failure on some later request."""
     if not storage.offers(capability):
         raise ConfigurationError(
-            f"{purpose} needs a storage that offers {capability.__name__}; "
-            f"{type(storage).__name__} does not"
+            f"{purpose} needs a storage that offers {capability.__name__};"
+            f" {storage.why_not(capability)}"
         )
 
 

@@ -31,6 +31,11 @@ class ForwardingStorage(Storage, Stageable, Deletable, Listable, DeletionMarked)
     def offers(self, capability: type) -> bool:
         return isinstance(self, capability) and self.inner.offers(capability)
 
+    def why_not(self, capability: type) -> str:
+        if isinstance(self, capability):
+            return f"{type(self).__name__} wraps a storage that does not: {self.inner.why_not(capability)}"
+        return super().why_not(capability)
+
     async def start(self) -> None:
         await self.inner.start()
 

@@ -39,6 +39,12 @@ class RoutingStorage(Storage, Stageable, Deletable, Listable, DeletionMarked):
     def offers(self, capability: type) -> bool:
         return isinstance(self, capability) and all(s.offers(capability) for s in self.routes)
 
+    def why_not(self, capability: type) -> str:
+        lacking = [s for s in self.routes if not s.offers(capability)]
+        if isinstance(self, capability) and lacking:
+            return f"{type(self).__name__} routes to one that does not: {lacking[0].why_not(capability)}"
+        return super().why_not(capability)
+
     def _positions(self, digests: Sequence[Digest]) -> dict[int, list[int]]:
         """For each route used, the positions of ``digests`` that go there."""
         by_route: dict[int, list[int]] = {}

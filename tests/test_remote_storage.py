@@ -1,0 +1,156 @@
+"""RemoteStorage: a storage that is another REAPI CAS, here a real asynccas server (and, in
+test_proxy_peers.py, BuildGrid) on a loopback port."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+
+from asynccas.auth import AccessPolicy, TokenFile
+from asynccas.digest import Digest, DigestBatch, DigestFunction
+from asynccas.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    DeadlineExceeded,
+    PermissionDenied,
+)
+from asynccas.index.sqlite import SqliteIndex
+from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
+from asynccas.storage.base import contains, put_chunks, read_all
+from asynccas.storage.context import NO_CONTEXT, RequestContext
+from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.remote import RemoteStorage
+from asynccas.testing import blob, check_storage
+from tests.servers import memory_server
+from tests.support.redis_servers import free_port
+from tests.test_security import TEAM, write_tokens
+
+pytestmark = pytest.mark.anyio
+
+
+async def chunks_of(data: bytes, size: int = 16 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def test_a_remote_asynccas_passes_the_storage_conformance_kit() -> None:
+    async with memory_server() as upstream:
+        remote = RemoteStorage(f"grpc://{upstream.target}")
+        async with remote:
+            await check_storage(remote)
+        assert remote.calls["GetCapabilities"] == 1, "the batch limit is asked for once"
+
+
+async def test_batches_follow_the_remotes_limit_and_larger_blobs_stream() -> None:
+    """A remote that takes 100 KB batches: many small blobs go in several batches, a blob
+    above the limit through ByteStream, and all read back the same ways."""
+    small = [blob(30_000, seed) for seed in range(10)]
+    large = blob(3 * 1024 * 1024 + 5, 99)
+    async with (
+        memory_server(max_batch_total_size_bytes=100_000) as upstream,
+        RemoteStorage(f"grpc://{upstream.target}") as remote,
+    ):
+        assert await remote.bulk_update(NO_CONTEXT, [*small, large]) == [None] * 11
+        assert remote.calls["BatchUpdateBlobs"] >= 4  # 300 KB in batches of under 100 KB
+        assert remote.calls["Write"] == 1
+        assert upstream.storage is not None
+        assert await contains(upstream.storage, NO_CONTEXT, large[0])
+        found = await remote.bulk_read(NO_CONTEXT, [d for d, _ in [*small, large]])
+        assert found == dict([*small, large])
+        assert remote.calls["BatchReadBlobs"] >= 4
+        assert remote.calls["Read"] == 1
+
+
+async def test_the_callers_instance_and_digest_function_reach_the_remote(tmp_path: Path) -> None:
+    """instance_name=None passes each caller's instance on; a fixed one replaces it. The remote
+    here lets the token write only team/* instances, which tells which instance arrived."""
+    policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
+    digest, data = blob(5000, 1)
+    async with memory_server(access=policy) as upstream:
+        target = f"grpc://{upstream.target}"
+        async with RemoteStorage(target, token=TEAM) as passing_on:
+            team = RequestContext(instance_name="team/a")
+            await put_chunks(passing_on, team, digest, chunks_of(data))
+            assert await read_all(passing_on, team, digest) == data
+            with pytest.raises(PermissionDenied, match="PERMISSION_DENIED"):
+                await put_chunks(passing_on, RequestContext(instance_name="other"), digest,
+                                 chunks_of(data))  # fmt: skip
+        async with RemoteStorage(target, instance_name="team/b", token=TEAM) as fixed:
+            other = RequestContext(instance_name="other")
+            await put_chunks(fixed, other, digest, chunks_of(data))
+            blake3 = Digest.of(b"blake3 through a remote", DigestFunction.BLAKE3)
+            await put_chunks(fixed, other, blake3, chunks_of(b"blake3 through a remote"))
+            assert await read_all(fixed, other, blake3) == b"blake3 through a remote"
+
+
+async def test_what_a_remote_cannot_do_is_refused_when_the_graph_is_built(tmp_path: Path) -> None:
+    remote = RemoteStorage("grpc://127.0.0.1:1")
+    with pytest.raises(ConfigurationError, match=r"Deletable; a remote CAS .* REAPI has no call"):
+        SqliteIndex(remote, tmp_path / "index.sqlite")
+
+
+async def test_without_retries_an_unreachable_remote_is_unavailable_naming_it() -> None:
+    async with RemoteStorage("grpc://127.0.0.1:1", request_timeout=5) as remote:
+        with pytest.raises(BackendUnavailable, match=r"remote CAS grpc://127.0.0.1:1"):
+            await contains(remote, NO_CONTEXT, blob(10)[0])
+
+
+async def test_with_retries_a_restarted_remote_loses_no_call() -> None:
+    """The remote goes away and comes back on the same port while an upload is under way: the
+    upload succeeds (retried with backoff), and what the remote stored before is still there."""
+    storage = MemoryStorage()
+    address = f"127.0.0.1:{free_port()}"
+    before = blob(20_000, 1)
+    digest, data = blob(300_000, 2)
+    async with RemoteStorage(f"grpc://{address}", retries=10, max_backoff=0.5) as remote:
+        async with CasServer(storage, MemoryActionCache(), address=address):
+            assert await remote.bulk_update(NO_CONTEXT, [before]) == [None]
+        uploaded = anyio.Event()
+
+        async def upload() -> None:
+            await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data))
+            uploaded.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(upload)
+            await anyio.sleep(0.8)  # the upload is failing and retrying by now
+            async with CasServer(storage, MemoryActionCache(), address=address):
+                with anyio.fail_after(30):
+                    await uploaded.wait()
+                assert await read_all(remote, NO_CONTEXT, digest) == data
+                assert await contains(remote, NO_CONTEXT, before[0])
+        assert remote.calls["Write"] > 1, "the upload was not retried: the remote never left"
+
+
+async def test_a_stalled_remote_gives_deadline_exceeded_promptly() -> None:
+    """A remote that accepts calls and never answers: request_timeout bounds each call."""
+
+    async def stall(request: bytes, context: object) -> bytes:
+        await anyio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    server = grpc.aio.server()
+    service = "build.bazel.remote.execution.v2.ContentAddressableStorage"
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(stall)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(service, {"FindMissingBlobs": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with RemoteStorage(f"grpc://127.0.0.1:{port}", request_timeout=0.5) as remote:
+            digest = blob(1)[0]
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="did not answer FindMissingBlobs"):
+                await remote.find_missing(
+                    NO_CONTEXT, DigestBatch.of(DigestFunction.SHA256, [digest])
+                )
+            assert time.monotonic() - started < 3
+    finally:
+        await server.stop(None)
