@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         f" (memory storage default: {human_size(_MEMORY_DEFAULT_BYTES)}; disk: unbounded)",
     )
     serve.add_argument(
+        "--upstream",
+        default=None,
+        metavar="grpc://HOST:PORT",
+        help="be a caching proxy of this REAPI server: blobs are kept in the local storage"
+        " (as the other flags describe) in front of it, existence checks it answered are"
+        " remembered for 5 minutes, and action results are its own (more in the README)",
+    )
+    serve.add_argument(
         "--read-cache",
         type=parse_size,
         default=DEFAULT_READ_CACHE,
@@ -299,6 +307,7 @@ _STORAGE_FLAGS = {
     "no_fsync": False,
     "direct_io_above": DEFAULT_DIRECT_IO_ABOVE,
     "read_cache": DEFAULT_READ_CACHE,
+    "upstream": None,
 }
 
 
@@ -371,26 +380,46 @@ async def shorthand_config(args: argparse.Namespace) -> dict[str, Any]:
         if args.index != "sqlite":
             raise CasError("--index applies to disk storage; memory storage needs no index")
         budget = args.max_size or _MEMORY_DEFAULT_BYTES
-        return {
+        local: dict[str, Any] = {
             "cas": "blobs",
             "storage": {"blobs": {"type": "memory", "max_size": budget}},
             "action_cache": {"type": "memory"},
         }
-    data_dir = await in_thread(_data_dir, args)
-    small_blob_limit = await _small_blob_limit(args, data_dir)
-    storages = {
-        "index": _index_table(args, data_dir, "blobs"),
-        **_disk_tables(args, data_dir, small_blob_limit),
-    }
-    read_cache = getattr(args, "read_cache", 0)  # reindex has no such option
-    if read_cache:
-        storages["cache"] = {"type": "read-cache", "max_size": read_cache, "storage": "index"}
-    return {
-        "cas": "cache" if read_cache else "index",
-        "max_size": args.max_size or 0,
-        "storage": storages,
-        "action_cache": {"type": "sqlite", "path": str(data_dir / "action-cache.sqlite")},
-    }
+    else:
+        data_dir = await in_thread(_data_dir, args)
+        small_blob_limit = await _small_blob_limit(args, data_dir)
+        local = {
+            "cas": "index",
+            "max_size": args.max_size or 0,
+            "storage": {
+                "index": _index_table(args, data_dir, "blobs"),
+                **_disk_tables(args, data_dir, small_blob_limit),
+            },
+            "action_cache": {"type": "sqlite", "path": str(data_dir / "action-cache.sqlite")},
+        }
+    upstream = getattr(args, "upstream", None)  # reindex has no such option
+    if upstream:
+        _in_front_of(local, upstream)
+    read_cache = getattr(args, "read_cache", 0)
+    if read_cache and args.storage != "memory":
+        top = local["cas"]
+        local["storage"]["cache"] = {"type": "read-cache", "max_size": read_cache, "storage": top}
+        local["cas"] = "cache"
+    return local
+
+
+def _in_front_of(local: dict[str, Any], upstream: str) -> None:
+    """Make the ``local`` configuration a caching proxy of ``upstream`` (``--upstream``)."""
+    remote = {"type": "remote", "url": upstream, "retries": 3, "request_timeout": 60}
+    local["storage"].update(
+        {
+            "upstream": remote,
+            "known": {"type": "existence-cache", "storage": "upstream", "ttl": 300},
+            "proxy": {"type": "with-cache", "fast": local["cas"], "slow": "known"},
+        }
+    )
+    local["cas"] = "proxy"
+    local["action_cache"] = dict(remote)
 
 
 async def _deployment(args: argparse.Namespace) -> config.Deployment:
@@ -665,6 +694,10 @@ def _check_serve_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(
             "--storage memory cannot be shared by --workers: each process would keep a store"
             " of its own and answer for it alone"
+        )
+    if args.upstream is not None and not args.upstream.startswith(("grpc://", "grpcs://")):
+        parser.error(
+            f"--upstream takes grpc://HOST:PORT or grpcs://HOST:PORT, not {args.upstream!r}"
         )
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")

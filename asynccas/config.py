@@ -54,11 +54,16 @@ from asynccas.redis_provider import RedisProvider
 from asynccas.storage.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
+from asynccas.storage.existence_cache import ExistenceCacheStorage
 from asynccas.storage.forwarding import innermost
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.read_cache import ReadCacheStorage
+from asynccas.storage.remote import RemoteStorage
+from asynccas.storage.remote_action_cache import RemoteActionCache
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
+from asynccas.storage.with_cache import WithCacheStorage
+from asynccas.transport import ClientTls
 
 _SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
@@ -307,6 +312,78 @@ def _redis_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     return index, f"{graph.describe(table, 'storage')}; index {provider.display_url}"
 
 
+def _remote(table: _Table) -> RemoteStorage:
+    """A RemoteStorage from a ``type = "remote"`` table (a storage, or the action cache)."""
+    url = table.text("url")
+    if not url.startswith(("grpc://", "grpcs://")):
+        raise table.error("url", f"expected grpc://HOST:PORT or grpcs://HOST:PORT, not {url!r}")
+    instance = table.raw("instance_name", None)
+    if instance is not None and not isinstance(instance, str):
+        raise table.error("instance_name", f"expected a string, not {instance!r}")
+    ca, cert, key = (
+        table.path(name) if name in table.values else table.raw(name, None)
+        for name in ("tls_ca", "tls_cert", "tls_key")
+    )
+    try:
+        tls = ClientTls(ca, cert, key) if url.startswith("grpcs://") or ca or cert else None
+    except ValueError as exc:
+        raise table.error("tls_cert", str(exc)) from None
+    token = None
+    if "token_file" in table.values:
+        token_path = table.path("token_file")
+        try:
+            token = token_path.read_text().strip()
+        except OSError as exc:
+            raise table.error("token_file", f"cannot read {token_path}: {exc.strerror}") from None
+    options = table.raw("channel_options", {})
+    if not isinstance(options, Mapping):
+        raise table.error("channel_options", f"expected a table, not {options!r}")
+    timeout = table.raw("request_timeout", None)
+    if timeout is not None:
+        timeout = table.number("request_timeout", 1.0)
+    try:
+        return RemoteStorage(
+            url,
+            instance_name=instance,
+            channel_options=list(options.items()),
+            credentials=tls,
+            retries=table.integer("retries", 3) or 0,
+            max_backoff=table.number("max_backoff", 64.0),
+            request_timeout=timeout,
+            token=token,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"{table.where}: {exc}") from None
+
+
+def _remote_storage(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    remote = _remote(table)
+    return remote, f"the remote CAS {remote.remote}"
+
+
+def _with_cache(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    fast = graph.storage(table, "fast")
+    slow = graph.storage(table, "slow")
+    write_behind = table.flag("write_behind", False)
+    queue_size = table.integer("queue_size", 10_000) or 10_000
+    storage = WithCacheStorage(fast, slow, write_behind=write_behind, queue_size=queue_size)
+    writes = "queued to it" if write_behind else "written through"
+    description = (
+        f"{graph.describe(table, 'slow')}, cached in {graph.describe(table, 'fast')}"
+        f" (uploads {writes})"
+    )
+    return storage, description
+
+
+def _existence_cache(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    inner = graph.storage(table, "storage")
+    ttl = table.number("ttl", 300.0)
+    entries = table.integer("max_entries", 1_000_000) or 1_000_000
+    storage = ExistenceCacheStorage(inner, ttl=ttl, max_entries=entries)
+    description = f"{graph.describe(table, 'storage')}; blobs found there trusted for {ttl:g} s"
+    return storage, description
+
+
 _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] = {
     "disk": _disk,
     "memory": _memory,
@@ -315,6 +392,9 @@ _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] 
     "sqlite-index": _sqlite_index,
     "read-cache": _read_cache,
     "redis-index": _redis_index,
+    "remote": _remote_storage,
+    "with-cache": _with_cache,
+    "existence-cache": _existence_cache,
 }
 
 
@@ -379,8 +459,13 @@ def _action_cache(top: _Table, base: Path) -> tuple[ActionCacheStore, str]:
         path = table.path("path")
         entries = table.integer("max_entries", 1_000_000) or 1_000_000
         store, description = SqliteActionCache(path, entries), str(path)
+    elif kind == "remote":
+        remote = _remote(table)
+        store, description = RemoteActionCache(remote), f"the remote {remote.remote}"
     else:
-        raise table.error("type", f"unknown action cache type {kind!r} (known: memory, sqlite)")
+        raise table.error(
+            "type", f"unknown action cache type {kind!r} (known: memory, sqlite, remote)"
+        )
     table.done()
     return store, description
 

@@ -98,7 +98,8 @@ async def check_storage(storage: Storage) -> None:
         DigestFunction.SHA256, [d.delimited for d in distinct], "\n".join(d.hash for d in distinct)
     )
     for batch in (DigestBatch.of(DigestFunction.SHA256, distinct), as_requests_carry_them):
-        assert await storage.find_missing(CTX, batch) == bytes([0, 1, 1]), "find_missing misread"
+        answer = await storage.find_missing(CTX, batch)
+        assert answer == bytes([0, 1, 1]), f"find_missing misread: {answer!r}"
     empty_batch = DigestBatch(DigestFunction.SHA256, [], [])
     assert await storage.find_missing(CTX, empty_batch) == b""
     chunks = await _read(storage, digest)

@@ -221,6 +221,12 @@ class Storage(abc.ABC):
         describes. Wrappers answer for what they wrap too."""
         return isinstance(self, capability)
 
+    def wrapped(self) -> Storage | None:
+        """For a wrapper, the storage below it that holds this server's own copies (a read
+        cache's inner storage, a proxy's local cache): where eviction and metrics look for
+        an index. None for a backend, or a wrapper over several equal storages."""
+        return None
+
     def why_not(self, capability: type) -> str:
         """Why ``offers(capability)`` is False, for a configuration error."""
         return f"{type(self).__name__} does not"

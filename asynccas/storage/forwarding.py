@@ -31,6 +31,9 @@ class ForwardingStorage(Storage, Stageable, Deletable, Listable, DeletionMarked)
     def offers(self, capability: type) -> bool:
         return isinstance(self, capability) and self.inner.offers(capability)
 
+    def wrapped(self) -> Storage:
+        return self.inner
+
     def why_not(self, capability: type) -> str:
         if isinstance(self, capability):
             return f"{type(self).__name__} wraps a storage that does not: {self.inner.why_not(capability)}"
@@ -85,11 +88,11 @@ class ForwardingStorage(Storage, Stageable, Deletable, Listable, DeletionMarked)
 
 
 def innermost(storage: Storage, kind: type) -> Storage | None:
-    """The first storage of type ``kind`` found going down through forwarding wrappers (the
-    index that eviction works through, under a read cache)."""
-    while True:
-        if isinstance(storage, kind):
-            return storage
-        if not isinstance(storage, ForwardingStorage):
-            return None
-        storage = storage.inner
+    """The first storage of type ``kind`` found going down through wrappers (the index that
+    eviction works through, under a read cache or behind a proxy's upstream)."""
+    below: Storage | None = storage
+    while below is not None:
+        if isinstance(below, kind):
+            return below
+        below = below.wrapped()
+    return None

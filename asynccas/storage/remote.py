@@ -160,6 +160,12 @@ class RemoteStorage(Storage):
             response_deserializer=read_response_data,
         )
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the remote (once started), for calls beyond the CAS's."""
+        assert self._channel is not None, "start() the storage first"
+        return self._channel
+
     async def stop(self) -> None:
         if self._channel is not None:
             await self._channel.close()

@@ -1,0 +1,192 @@
+"""asynccas as a caching proxy: the with-cache and existence-cache wrappers over a real remote
+asynccas server, and ``asynccas serve --upstream`` as a process in front of one."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas.client import CasClient
+from asynccas.digest import DigestBatch
+from asynccas.errors import BlobNotFound
+from asynccas.server.app import CasServer
+from asynccas.storage.base import contains, missing_digests, put_chunks, read_all
+from asynccas.storage.context import NO_CONTEXT
+from asynccas.storage.existence_cache import ExistenceCacheStorage
+from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.remote import RemoteStorage
+from asynccas.storage.with_cache import WithCacheStorage
+from asynccas.testing import blob, check_storage
+from tests.servers import memory_server
+from tests.test_cli import start, stop
+from tests.test_remote_storage import chunks_of
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def upstream_and_remote(**options: object) -> AsyncIterator[tuple[CasServer, RemoteStorage]]:
+    async with (
+        memory_server() as upstream,
+        RemoteStorage(f"grpc://{upstream.target}", **options) as remote,  # type: ignore[arg-type]
+    ):
+        yield upstream, remote
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["write-through", "write-behind"])
+async def test_a_cache_in_front_of_a_remote_passes_the_conformance_kit(write_behind: bool) -> None:
+    async with upstream_and_remote() as (_upstream, remote):
+        proxy = WithCacheStorage(MemoryStorage(), remote, write_behind=write_behind)
+        async with proxy:
+            await check_storage(proxy)
+
+
+async def test_an_existence_cache_passes_the_conformance_kit() -> None:
+    async with upstream_and_remote() as (_, remote), ExistenceCacheStorage(remote) as cached:
+        await check_storage(cached)
+
+
+async def test_the_existence_cache_asks_only_about_blobs_it_does_not_know() -> None:
+    present = [blob(100 + i, i) for i in range(50)]
+    absent = [blob(5000 + i, 100 + i)[0] for i in range(10)]
+    async with upstream_and_remote() as (upstream, remote):
+        cached = ExistenceCacheStorage(remote, ttl=60)
+        assert await remote.bulk_update(NO_CONTEXT, present) == [None] * 50
+        everything = [d for d, _ in present] + absent
+        assert await missing_digests(cached, NO_CONTEXT, everything) == absent
+        assert remote.calls["FindMissingBlobs"] == 1
+        # Known-present blobs are answered from memory; missing ones are asked again.
+        assert await missing_digests(cached, NO_CONTEXT, everything) == absent
+        assert remote.calls["FindMissingBlobs"] == 2
+        assert cached.answered == 50
+        assert cached.asked == 60 + 10
+        # A repeated absent digest is flagged once, at its first place: its second place's
+        # 0 does not make it "present" (it did, before this was tested).
+        twice = DigestBatch.of(absent[0].function, [absent[0], absent[0]])
+        assert await cached.find_missing(NO_CONTEXT, twice) == b"\x01\x00"
+        assert await missing_digests(cached, NO_CONTEXT, [absent[0]]) == [absent[0]]
+        asked = remote.calls["FindMissingBlobs"]
+        assert await missing_digests(cached, NO_CONTEXT, [d for d, _ in present]) == []
+        assert remote.calls["FindMissingBlobs"] == asked, "known blobs went upstream again"
+        # Per instance: another instance's question goes upstream.
+        other = NO_CONTEXT.__class__(instance_name="other")
+        assert await missing_digests(cached, other, [present[0][0]]) == []
+        assert remote.calls["FindMissingBlobs"] == asked + 1
+        # A blob the upstream lost is forgotten as soon as a read finds it gone.
+        assert upstream.storage is not None
+        await upstream.storage.delete([present[0][0]])  # type: ignore[attr-defined]
+        with pytest.raises(BlobNotFound):
+            await read_all(cached, NO_CONTEXT, present[0][0])
+        assert await missing_digests(cached, NO_CONTEXT, [present[0][0]]) == [present[0][0]]
+
+
+async def test_the_existence_cache_expires_what_it_knows() -> None:
+    digest, data = blob(100)
+    async with upstream_and_remote() as (_, remote):
+        cached = ExistenceCacheStorage(remote, ttl=0.2)
+        await remote.bulk_update(NO_CONTEXT, [(digest, data)])
+        batch = DigestBatch.of(digest.function, [digest])
+        await cached.find_missing(NO_CONTEXT, batch)
+        await cached.find_missing(NO_CONTEXT, batch)
+        assert remote.calls["FindMissingBlobs"] == 1
+        await anyio.sleep(0.3)
+        await cached.find_missing(NO_CONTEXT, batch)
+        assert remote.calls["FindMissingBlobs"] == 2
+
+
+async def test_concurrent_reads_of_a_blob_being_fetched_share_one_fetch() -> None:
+    """bazel-remote #318: there the second reader of a blob being fetched got a 404."""
+    digest, data = blob(5 * 1024 * 1024 + 3, 7)
+    async with upstream_and_remote() as (_, remote):
+        assert await remote.bulk_update(NO_CONTEXT, [(digest, data)]) == [None]
+        proxy = WithCacheStorage(MemoryStorage(), remote)
+        reads: list[bytes] = []
+
+        async def read() -> None:
+            reads.append(await read_all(proxy, NO_CONTEXT, digest))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(20):
+                tasks.start_soon(read)
+        assert reads == [data] * 20
+        assert remote.calls["Read"] == 1, "each reader fetched the blob itself"
+        assert proxy.fills == 1
+        # Served from the fast store from now on; part of it too.
+        assert await read_all(proxy, NO_CONTEXT, digest) == data
+        chunks = [c async for c in proxy.get(NO_CONTEXT, digest, 100, 50)]
+        assert b"".join(chunks) == data[100:150]
+        assert remote.calls["Read"] == 1
+
+
+async def test_a_blob_the_slow_store_lost_is_copied_back_up_not_reported_present() -> None:
+    """NativeLink PR #633: the fast store's copy kept a lost blob 'present' forever."""
+    digest, data = blob(200_000, 3)
+    async with upstream_and_remote() as (upstream, remote):
+        proxy = WithCacheStorage(MemoryStorage(), remote)
+        await put_chunks(proxy, NO_CONTEXT, digest, chunks_of(data))
+        assert upstream.storage is not None
+        await upstream.storage.delete([digest])  # type: ignore[attr-defined]
+        assert not await contains(upstream.storage, NO_CONTEXT, digest)
+        assert await contains(proxy, NO_CONTEXT, digest)
+        assert proxy.repairs == 1
+        assert await read_all(upstream.storage, NO_CONTEXT, digest) == data
+
+
+async def test_write_behind_copies_every_upload_up_even_past_the_queue() -> None:
+    blobs = [blob(1000 * (i + 1), i) for i in range(12)]
+    async with upstream_and_remote() as (upstream, remote):
+        proxy = WithCacheStorage(MemoryStorage(), remote, write_behind=True, queue_size=2)
+        async with proxy:
+            for digest, data in blobs[:6]:
+                await put_chunks(proxy, NO_CONTEXT, digest, chunks_of(data))
+            assert await proxy.bulk_update(NO_CONTEXT, blobs[6:]) == [None] * 6
+        # stop() drained the queue: every blob reached the slow store.
+        assert upstream.storage is not None
+        assert await missing_digests(upstream.storage, NO_CONTEXT, [d for d, _ in blobs]) == []
+
+
+async def test_serve_upstream_is_a_caching_proxy_sharing_the_upstreams_action_cache(
+    tmp_path: Path,
+) -> None:
+    """Two `asynccas serve --upstream` processes in front of one asynccas: what a client
+    stores through the first (blobs and an action result) is a hit through the second."""
+    digest, data = blob(300_000, 1)
+    action = blob(10, 2)[0]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    async with memory_server() as upstream:
+        flags = ["--address", "127.0.0.1:0", "--upstream", f"grpc://{upstream.target}"]
+        first, target, description = await anyio.to_thread.run_sync(
+            start, [*flags, "--data-dir", str(tmp_path / "first")], env
+        )
+        assert f"the remote CAS grpc://{upstream.target}" in description, description
+        try:
+            async with CasClient(f"grpc://{target}") as client:
+                await client.upload_blobs({digest: data})
+                result = re_pb2.ActionResult(exit_code=0)
+                result.output_files.add(path="out", digest=digest.to_proto())
+                await client.update_action_result(action, result)
+        finally:
+            await anyio.to_thread.run_sync(stop, first, signal.SIGTERM)
+        assert upstream.storage is not None
+        assert await contains(upstream.storage, NO_CONTEXT, digest)
+
+        second, target, _ = await anyio.to_thread.run_sync(
+            start, [*flags, "--data-dir", str(tmp_path / "second")], env
+        )
+        try:
+            async with CasClient(f"grpc://{target}") as client:
+                cached = await client.get_action_result(action)
+                assert cached is not None
+                assert cached.output_files[0].path == "out"
+                assert await client.download_blobs([digest]) == {digest: data}
+        finally:
+            await anyio.to_thread.run_sync(stop, second, signal.SIGTERM)
+    # The second proxy kept its own copy, on its disk.
+    assert any((tmp_path / "second").rglob(digest.hash))
