@@ -57,9 +57,11 @@ from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.existence_cache import ExistenceCacheStorage
 from asynccas.storage.forwarding import innermost
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.mirrored import MirroredStorage
 from asynccas.storage.read_cache import ReadCacheStorage
 from asynccas.storage.remote import RemoteStorage
 from asynccas.storage.remote_action_cache import RemoteActionCache
+from asynccas.storage.sharded import ShardedStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.storage.with_cache import WithCacheStorage
@@ -187,7 +189,20 @@ class _Graph:
 
     def storage(self, table: _Table, key: str) -> Storage:
         """The storage that ``table``'s ``key`` names, built (with what it wraps)."""
-        name = table.text(key)
+        return self._named(table, key, table.text(key))
+
+    def storage_list(self, table: _Table, key: str) -> tuple[list[str], list[Storage]]:
+        """The storages that ``table``'s ``key`` names (a list of names), built."""
+        names = table.raw(key, _REQUIRED)
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(n, str) and n for n in names)
+        ):
+            raise table.error(key, f"expected a list of storage names, not {names!r}")
+        return names, [self._named(table, key, name) for name in names]
+
+    def _named(self, table: _Table, key: str, name: str) -> Storage:
         if name not in self.storages:
             defined = ", ".join(sorted(self.storages)) or "none"
             raise table.error(key, f"no storage named {name!r} (defined: {defined})")
@@ -222,6 +237,9 @@ class _Graph:
 
     def describe(self, table: _Table, key: str) -> str:
         return self.descriptions[table.values[key]]
+
+    def describe_list(self, table: _Table, key: str) -> str:
+        return ", ".join(self.descriptions[name] for name in table.values[key])
 
 
 def _disk(table: _Table, graph: _Graph) -> tuple[Storage, str]:
@@ -384,6 +402,29 @@ def _existence_cache(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     return storage, description
 
 
+def _sharded(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    names, shards = graph.storage_list(table, "shards")
+    weights = table.raw("weights", [1] * len(names))
+    if (
+        not isinstance(weights, list)
+        or len(weights) != len(names)
+        or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
+    ):
+        raise table.error("weights", f"expected {len(names)} numbers, one per shard")
+    try:
+        storage = ShardedStorage(shards, names, [float(w) for w in weights])
+    except ValueError as exc:
+        raise table.error("weights", str(exc)) from None
+    return storage, f"sharded over {graph.describe_list(table, 'shards')}"
+
+
+def _mirrored(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    _, sides = graph.storage_list(table, "sides")
+    if len(sides) != 2:
+        raise table.error("sides", f"a mirror has two sides, not {len(sides)}")
+    return MirroredStorage(*sides), f"mirrored in {graph.describe_list(table, 'sides')}"
+
+
 _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] = {
     "disk": _disk,
     "memory": _memory,
@@ -395,6 +436,8 @@ _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] 
     "remote": _remote_storage,
     "with-cache": _with_cache,
     "existence-cache": _existence_cache,
+    "sharded": _sharded,
+    "mirrored": _mirrored,
 }
 
 

@@ -387,6 +387,37 @@ async def put_chunks(
     await writer.commit()
 
 
+async def copy_blob(ctx: RequestContext, source: Storage, target: Storage, digest: Digest) -> None:
+    """Stream ``digest`` from ``source`` into ``target``, verified on the way in."""
+    async with aclosing(source.get(ctx, digest)) as chunks:
+        await put_chunks(target, ctx, digest, chunks)
+
+
+async def opened(
+    source: Storage, ctx: RequestContext, digest: Digest, offset: int, limit: int
+) -> AsyncGenerator[bytes] | None:
+    """``source``'s read of ``digest``, begun: None if ``source`` lacks the blob."""
+    chunks = source.get(ctx, digest, offset, limit)
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return _prepended(b"", chunks)
+    except BlobNotFound:
+        return None
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return _prepended(first, chunks)
+
+
+async def _prepended(first: bytes, rest: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+    async with aclosing(rest):
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+
+
 async def read_all(storage: Storage, ctx: RequestContext, digest: Digest) -> bytes:
     """A whole blob in memory: only for blobs known to be small (batch RPCs, Directory protos)."""
     parts = []

@@ -37,6 +37,11 @@ class RequestContext:
         remaining = self.time_remaining()
         return seconds if remaining is None else min(seconds, remaining)
 
+    def detached(self) -> RequestContext:
+        """This context for work that outlives the request (a shared fill, a background
+        copy): the same caller and instance, no deadline."""
+        return RequestContext(self.instance_name, self.digest_function, None, self.identity)
+
 
 NO_CONTEXT: Final = RequestContext()
 """For calls made outside any request: background work, tools, library users' own calls."""

@@ -19,7 +19,6 @@ shape of a caching proxy, a local disk in front of a shared or remote CAS.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing, suppress
@@ -28,16 +27,11 @@ import anyio
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch
-from asynccas.storage.base import BlobWriter, Storage, put_chunks
+from asynccas.storage.base import BlobWriter, Storage, copy_blob, opened
 from asynccas.storage.context import RequestContext
+from asynccas.storage.tee_writer import TeeWriter
 
 logger = logging.getLogger(__name__)
-
-
-async def copy_blob(ctx: RequestContext, source: Storage, target: Storage, digest: Digest) -> None:
-    """Stream ``digest`` from ``source`` into ``target``, verified on the way in."""
-    async with aclosing(source.get(ctx, digest)) as chunks:
-        await put_chunks(target, ctx, digest, chunks)
 
 
 class WithCacheStorage(Storage):
@@ -127,12 +121,12 @@ class WithCacheStorage(Storage):
     async def get(
         self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
-        chunks = await _opened(self.fast, ctx, digest, offset, limit)
+        chunks = await opened(self.fast, ctx, digest, offset, limit)
         if chunks is None:  # fill the fast store, then read from it (or, failing that, slow)
             if await self._filled(ctx, digest):
-                chunks = await _opened(self.fast, ctx, digest, offset, limit)
+                chunks = await opened(self.fast, ctx, digest, offset, limit)
             if chunks is None:
-                chunks = await _opened(self.slow, ctx, digest, offset, limit)
+                chunks = await opened(self.slow, ctx, digest, offset, limit)
             if chunks is None:
                 raise BlobNotFound(digest)
         async with aclosing(chunks):
@@ -148,8 +142,7 @@ class WithCacheStorage(Storage):
         if fill is None:
             # The copy outlives the reader that started it (others may wait on it), so it
             # carries no deadline of that reader's.
-            detached = dataclasses.replace(ctx, deadline=None)
-            fill = asyncio.create_task(self._fill(detached, digest))
+            fill = asyncio.create_task(self._fill(ctx.detached(), digest))
             self._fills[key] = fill
             fill.add_done_callback(lambda _: self._fills.pop(key, None))
         return await asyncio.shield(fill)
@@ -190,11 +183,12 @@ class WithCacheStorage(Storage):
             return _QueuingWriter(self, ctx, await self.fast.put(ctx, digest))
         slow = await self.slow.put(ctx, digest)
         try:
-            fast: BlobWriter | None = await self.fast.put(ctx, digest)
+            fast = await self.fast.put(ctx, digest)
         except CasError as exc:  # the fast store is a cache: the upload goes on without it
             logger.warning("not keeping %s in the fast store: %s", digest, exc)
-            fast = None
-        return _BothWriter(digest, slow, fast)
+            return slow
+        # The slow store must take the upload; the fast one, a cache, may drop out of it.
+        return TeeWriter(digest, [slow, fast], required=slow)
 
     async def bulk_update(
         self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
@@ -218,7 +212,7 @@ class WithCacheStorage(Storage):
 
     async def _queue_copy(self, ctx: RequestContext, digest: Digest) -> None:
         try:
-            self._queue.put_nowait((dataclasses.replace(ctx, deadline=None), digest))
+            self._queue.put_nowait((ctx.detached(), digest))
         except asyncio.QueueFull:  # back-pressure: this writer copies its own blob up
             await copy_blob(ctx, self.fast, self.slow, digest)
 
@@ -231,106 +225,6 @@ class WithCacheStorage(Storage):
                 logger.warning("could not copy %s to the slow store: %s", digest, exc)
             finally:
                 self._queue.task_done()
-
-
-async def _opened(
-    source: Storage, ctx: RequestContext, digest: Digest, offset: int, limit: int
-) -> AsyncGenerator[bytes] | None:
-    """``source``'s read of ``digest``, begun: None if ``source`` lacks the blob."""
-    chunks = source.get(ctx, digest, offset, limit)
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        return _prepended(b"", chunks)
-    except BlobNotFound:
-        return None
-    except BaseException:
-        await chunks.aclose()
-        raise
-    return _prepended(first, chunks)
-
-
-async def _prepended(first: bytes, rest: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
-    async with aclosing(rest):
-        if first:
-            yield first
-        async for chunk in rest:
-            yield chunk
-
-
-class _BothWriter(BlobWriter):
-    """Writes each piece to the slow store's writer and, while it keeps up, the fast one's:
-    the fast store is a cache, so its failures drop it from this upload and nothing more."""
-
-    def __init__(self, digest: Digest, slow: BlobWriter, fast: BlobWriter | None) -> None:
-        super().__init__(digest)
-        self._slow = slow
-        self._fast = fast
-
-    async def write(self, data: bytes) -> None:
-        # No gathering here: each writer below gathers for itself.
-        if self.committed_size + len(data) > self.digest.size_bytes:
-            raise DigestMismatch(
-                f"received more than the {self.digest.size_bytes} bytes of digest {self.digest}"
-            )
-        self.committed_size += len(data)
-        await self._slow.write(data)
-        if self._fast is not None:
-            try:
-                await self._fast.write(data)
-            except CasError as exc:
-                await self._drop_fast(exc)
-
-    async def _drop_fast(self, error: CasError) -> None:
-        assert self._fast is not None
-        logger.warning("not keeping %s in the fast store: %s", self.digest, error)
-        fast, self._fast = self._fast, None
-        await fast.abort()
-
-    async def flush(self) -> None:
-        await self._slow.flush()
-        if self._fast is not None:
-            await self._fast.flush()
-
-    async def verify(self) -> None:
-        self.check_size()
-        # Each writer checks the hash itself, side by side; the slow one also finishes its
-        # upload here. The slow store's failure is the one that counts.
-        if self._fast is None:
-            await self._slow.verify()
-        else:
-            outcomes = await asyncio.gather(
-                self._slow.verify(), self._verify_fast(), return_exceptions=True
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-        self._verified = True
-
-    async def _verify_fast(self) -> None:
-        assert self._fast is not None
-        try:
-            await self._fast.verify()
-        except DigestMismatch:
-            raise
-        except CasError as exc:
-            await self._drop_fast(exc)
-
-    async def _write(self, parts: list[bytes]) -> None:
-        raise AssertionError("write() hands data on directly")
-
-    async def _publish(self) -> None:
-        await self._slow.publish()
-        if self._fast is not None:
-            try:
-                await self._fast.publish()
-            except CasError as exc:
-                await self._drop_fast(exc)
-
-    async def _abort(self) -> None:
-        await self._slow.abort()
-        if self._fast is not None:
-            await self._fast.abort()
 
 
 class _QueuingWriter(BlobWriter):
