@@ -71,9 +71,13 @@ async def _delete(storage: Storage, digests: list[Digest]) -> list[Digest] | Non
     return await cast(Deletable, storage).delete(digests)
 
 
-async def check_storage(storage: Storage) -> None:
+async def check_storage(storage: Storage, *, peer_quirks: bool = False) -> None:
     """Exercise the whole Storage contract (and each optional capability the storage offers);
-    raises AssertionError naming what broke."""
+    raises AssertionError naming what broke.
+
+    ``peer_quirks``: for a storage that forwards to another server which keys blobs by hash
+    alone (a same-hash digest of another size counts as present) and knows only SHA256
+    (BuildGrid 0.4.4): those checks are left out, the rest is the same."""
     absent, _ = blob(100, 1)
     assert not await _has(storage, absent), "absent blob reported present"
     assert await _missing(storage, [absent, absent]) == [absent], "missing digests must dedupe"
@@ -93,13 +97,15 @@ async def check_storage(storage: Storage) -> None:
     assert await storage.find_missing(CTX, batch) == bytes([1, 0, 0, 0]), (
         "find_missing must flag each absent digest once, at its first position"
     )
-    distinct = [digest, absent, Digest(absent.hash, absent.size_bytes + 1)]
+    distinct = [digest, absent] + (
+        [] if peer_quirks else [Digest(absent.hash, absent.size_bytes + 1)]
+    )
     as_requests_carry_them = DigestBatch.of_delimited(
         DigestFunction.SHA256, [d.delimited for d in distinct], "\n".join(d.hash for d in distinct)
     )
     for batch in (DigestBatch.of(DigestFunction.SHA256, distinct), as_requests_carry_them):
         answer = await storage.find_missing(CTX, batch)
-        assert answer == bytes([0, 1, 1]), f"find_missing misread: {answer!r}"
+        assert answer == bytes([0, 1, 1][: len(distinct)]), f"find_missing misread: {answer!r}"
     empty_batch = DigestBatch(DigestFunction.SHA256, [], [])
     assert await storage.find_missing(CTX, empty_batch) == b""
     chunks = await _read(storage, digest)
@@ -112,7 +118,8 @@ async def check_storage(storage: Storage) -> None:
 
     # The size is part of the identity.
     wrong_size = Digest(digest.hash, digest.size_bytes + 1)
-    assert not await _has(storage, wrong_size), "same hash with another size is another blob"
+    if not peer_quirks:
+        assert not await _has(storage, wrong_size), "same hash with another size is another blob"
 
     # Wrong data never becomes visible.
     bad, bad_data = blob(5000, 3)
@@ -167,6 +174,8 @@ async def check_storage(storage: Storage) -> None:
         listed = {d async for d, _ in cast(Listable, storage).list_blobs()}
         assert digest in listed, "a stored blob was not listed"
 
+    if peer_quirks:
+        return
     # Other digest functions live side by side.
     sha1 = Digest.of(b"sha1 blob", DigestFunction.SHA1)
     await _put(storage, sha1, b"sha1 blob")

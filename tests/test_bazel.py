@@ -11,8 +11,10 @@ registry, which bundles a Netty that speaks TLS)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -29,6 +31,7 @@ from asynccas.storage.action_cache import SqliteActionCache
 from asynccas.storage.disk import DiskStorage
 from asynccas.transport import ServerTls
 from tests.support.tls import make_pki
+from tests.test_cli import start, stop
 
 pytestmark = [
     pytest.mark.anyio,
@@ -224,3 +227,38 @@ async def test_official_bazel_over_tls_with_a_token(
         )
         assert code == 0, output[-3000:]
         assert hits(output) == RULES, output[-3000:]
+
+
+async def test_bazel_through_caching_proxies(tmp_path: Path, output_bases: Path) -> None:
+    """Bazel builds through one `asynccas serve --upstream` proxy, then, from a fresh output
+    base, through a second proxy with an empty disk: every action is a hit, served from the
+    upstream's action cache and blobs."""
+    upstream_storage = SqliteIndex(
+        DiskStorage(tmp_path / "upstream", fsync=False), tmp_path / "upstream.sqlite"
+    )
+    workspace = tmp_path / "ws"
+    await anyio.to_thread.run_sync(make_workspace, workspace)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    async with CasServer(
+        upstream_storage, SqliteActionCache(tmp_path / "ac.sqlite"), address="127.0.0.1:0"
+    ) as upstream:
+        for name in ("first", "second"):
+            proxy, target, _ = await anyio.to_thread.run_sync(
+                start,
+                ["--address", "127.0.0.1:0", "--upstream", f"grpc://{upstream.target}",
+                 "--data-dir", str(tmp_path / name)],
+                env,
+            )  # fmt: skip
+            try:
+                code, output = await build(
+                    workspace, output_bases / name, [f"--remote_cache=grpc://{target}"]
+                )
+            finally:
+                await anyio.to_thread.run_sync(stop, proxy, signal.SIGTERM)
+            assert code == 0, output[-3000:]
+            assert "WARNING" not in output, output[-3000:]
+            if name == "first":
+                stored = await upstream_storage.get_total_size()
+                assert stored >= sum(2000 * (i + 1) ** 3 for i in range(RULES))
+            else:
+                assert hits(output) == RULES, output[-3000:]

@@ -291,29 +291,30 @@ class RemoteStorage(Storage):
         self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
         name = format_read_name(self.instance(ctx), digest)
+        wanted = limit or digest.size_bytes - offset
         received = 0
         attempt = 0
-        while True:
-            request = bs_pb2.ReadRequest(
-                resource_name=name,
-                read_offset=offset + received,
-                read_limit=limit - received if limit else 0,
-            )
+        while received < wanted or attempt == 0:
+            # No read_limit is sent: the stream is cut here once ``wanted`` bytes came, since
+            # BuildGrid 0.4.4 fails reads with a limit under its chunk size (DATA_LOSS).
+            request = bs_pb2.ReadRequest(resource_name=name, read_offset=offset + received)
             self.calls["Read"] += 1
             call = self._read(request, timeout=self.timeout(ctx))
             try:
                 async for data in call:
+                    if len(data) > wanted - received:
+                        data = data[: wanted - received]
                     received += len(data)
                     for start in range(0, len(data), CHUNK_SIZE):
                         yield data[start : start + CHUNK_SIZE] if len(data) > CHUNK_SIZE else data
+                    if received >= wanted:
+                        break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     raise BlobNotFound(digest) from exc
                 if not await self.retry_after(ctx, exc, attempt):
                     raise self.error("Read", exc) from exc
                 attempt += 1
-                if limit and received >= limit:
-                    return
                 continue
             finally:
                 call.cancel()  # a reader that stopped early ends the stream now, not at GC
