@@ -4,16 +4,18 @@ in process over memory stores and over gRPC between real `asynccas serve` proces
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 import anyio
 import pytest
 
+from asynccas.config import load
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
 from asynccas.storage.base import contains, missing_digests, put_chunks, read_all
@@ -21,8 +23,11 @@ from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.mirrored import MirroredStorage
 from asynccas.storage.remote import RemoteStorage
+from asynccas.storage.remote_action_cache import RemoteActionCache
 from asynccas.storage.sharded import ShardedStorage
+from asynccas.storage.with_cache import WithCacheStorage
 from asynccas.testing import blob, check_storage
+from tests.servers import memory_server
 from tests.support.redis_servers import free_port
 from tests.test_cli import start
 from tests.test_remote_storage import chunks_of
@@ -191,3 +196,51 @@ async def test_a_mirrored_pair_survives_losing_either_side(tmp_path: Path) -> No
                         await missing_digests(mirror, NO_CONTEXT, [d for d, _ in blobs])
                         await anyio.sleep(0.2)
             assert mirror.copies >= len(blobs)
+
+
+def readme_examples() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("### Proxies and clusters") :]
+    section = section[: section.index("\n### ", 1)]
+    return re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+
+
+EXAMPLES = readme_examples()
+
+
+@pytest.mark.parametrize("number", range(3), ids=["proxy", "sharded", "mirrored"])
+async def test_the_readme_examples_of_proxies_and_clusters_work(
+    number: int, tmp_path: Path
+) -> None:
+    """Each example, its hosts replaced by real asynccas servers, builds a storage graph that
+    passes the conformance kit and keeps its blobs where the example says."""
+    assert len(EXAMPLES) == 3
+    example = EXAMPLES[number]
+    hosts = sorted(set(re.findall(r"grpc://([\w.-]+\.internal:50051)", example)))
+    async with AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(memory_server()) for _ in hosts]
+        for host, server in zip(hosts, servers, strict=True):
+            example = example.replace(host, server.target)
+        path = tmp_path / "cluster.toml"
+        await anyio.Path(path).write_text(example)
+        deployment = await anyio.to_thread.run_sync(load, path)
+        async with deployment.cas:
+            await deployment.action_cache.start()
+            await check_storage(deployment.cas)
+            digest, data = blob(70_000, 5)
+            await put_chunks(deployment.cas, NO_CONTEXT, digest, chunks_of(data))
+            await deployment.action_cache.stop()
+        holders = [
+            s for s in servers if s.storage and await contains(s.storage, NO_CONTEXT, digest)
+        ]
+        assert len(holders) == (1 if number < 2 else 2), "the blob is not where it should be"
+    if number == 0:
+        assert isinstance(deployment.cas, WithCacheStorage)
+        assert deployment.index is not None, "eviction of the local copies needs the index"
+        assert deployment.eviction is not None
+        assert isinstance(deployment.action_cache, RemoteActionCache)
+    elif number == 1:
+        assert isinstance(deployment.cas, ShardedStorage)
+        assert deployment.cas.names == ["node-a", "node-b", "node-c"]
+    else:
+        assert isinstance(deployment.cas, MirroredStorage)
