@@ -387,7 +387,7 @@ def _with_cache(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     storage = WithCacheStorage(fast, slow, write_behind=write_behind, queue_size=queue_size)
     writes = "queued to it" if write_behind else "written through"
     description = (
-        f"{graph.describe(table, 'slow')}, cached in {graph.describe(table, 'fast')}"
+        f"{graph.describe(table, 'fast')}, in front of {graph.describe(table, 'slow')}"
         f" (uploads {writes})"
     )
     return storage, description

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bazel_build, bazel_traffic, client, fmb, harness
+from benchmarks import bazel_build, bazel_traffic, client, fmb, harness, proxy
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTIONS = "## Latest run of each benchmark"
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Callable[..., str]] = {
     "fmb": fmb.run,
     "client": client.run,
     "harness": harness.run,
+    "proxy": proxy.run,
 }
 
 

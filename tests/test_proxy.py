@@ -15,7 +15,7 @@ import pytest
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.client import CasClient
 from asynccas.digest import DigestBatch
-from asynccas.errors import BlobNotFound
+from asynccas.errors import BlobNotFound, DigestMismatch
 from asynccas.server.app import CasServer
 from asynccas.storage.base import contains, missing_digests, put_chunks, read_all
 from asynccas.storage.context import NO_CONTEXT
@@ -85,6 +85,23 @@ async def test_the_existence_cache_asks_only_about_blobs_it_does_not_know() -> N
         with pytest.raises(BlobNotFound):
             await read_all(cached, NO_CONTEXT, present[0][0])
         assert await missing_digests(cached, NO_CONTEXT, [present[0][0]]) == [present[0][0]]
+
+
+async def test_the_existence_cache_knows_what_was_uploaded_through_it() -> None:
+    """A build asks about the blobs it just uploaded (its next FindMissingBlobs, the check of
+    the action result naming them): no upstream call for those."""
+    streamed, batched = blob(300_000, 1), blob(100, 2)
+    async with upstream_and_remote() as (_, remote):
+        cached = ExistenceCacheStorage(remote)
+        await put_chunks(cached, NO_CONTEXT, streamed[0], chunks_of(streamed[1]))
+        assert await cached.bulk_update(NO_CONTEXT, [batched]) == [None]
+        assert await missing_digests(cached, NO_CONTEXT, [streamed[0], batched[0]]) == []
+        assert remote.calls["FindMissingBlobs"] == 0
+        # A failed upload is not remembered.
+        digest, data = blob(5000, 3)
+        with pytest.raises(DigestMismatch):
+            await put_chunks(cached, NO_CONTEXT, digest, chunks_of(data[:-1] + b"?"))
+        assert await missing_digests(cached, NO_CONTEXT, [digest]) == [digest]
 
 
 async def test_the_existence_cache_expires_what_it_knows() -> None:

@@ -3,7 +3,7 @@ ExistenceCachingBlobAccess), so that a proxy does not ask its upstream again abo
 was just told are there: without it, existence checks were 93.8% of bazel-remote's backend
 calls (bazel-remote #919).
 
-Only "present" is remembered, never "missing": a blob reported missing is uploaded next, and
+Blobs uploaded through it are remembered too. Only "present" is remembered, never "missing": a blob reported missing is uploaded next, and
 a stale "missing" would make clients upload it again and again. A remembered blob is trusted
 for ``ttl`` seconds, which is the window in which the storage below could evict it unseen;
 pick it well under the upstream's eviction age (REAPI lets a server forget a blob, and
@@ -20,9 +20,10 @@ from contextlib import aclosing
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, CasError
-from asynccas.storage.base import Storage
+from asynccas.storage.base import BlobWriter, Storage
 from asynccas.storage.context import RequestContext
 from asynccas.storage.forwarding import ForwardingStorage
+from asynccas.storage.tee_writer import TeeWriter
 
 _Key = tuple[str, Digest]
 
@@ -96,6 +97,9 @@ class ExistenceCacheStorage(ForwardingStorage):
             self.forget(ctx.instance_name, [digest])
             raise
 
+    async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
+        return _RememberingWriter(self, ctx, await self.inner.put(ctx, digest))
+
     async def bulk_read(
         self, ctx: RequestContext, digests: Sequence[Digest]
     ) -> dict[Digest, bytes]:
@@ -116,3 +120,20 @@ class ExistenceCacheStorage(ForwardingStorage):
         for key in [k for k in self._present if k[1] in gone]:
             del self._present[key]
         return await super().delete(digests)
+
+
+class _RememberingWriter(TeeWriter):
+    """The storage below's writer; a blob it published is known present from then on (a
+    build asks about the blobs it just uploaded: the next FindMissingBlobs, the check of the
+    action result naming them)."""
+
+    def __init__(
+        self, cache: ExistenceCacheStorage, ctx: RequestContext, writer: BlobWriter
+    ) -> None:
+        super().__init__(writer.digest, [writer])
+        self._cache = cache
+        self._instance = ctx.instance_name
+
+    async def _publish(self) -> None:
+        await super()._publish()
+        self._cache.remember(self._instance, [self.digest])
