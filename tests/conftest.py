@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # grpc ships no stubs for it
 from hypothesis import settings
 
 from asynccas.index.sqlite import SqliteIndex
@@ -46,6 +47,19 @@ settings.load_profile("asynccas")
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def grpc_aio_kept_up() -> Iterator[None]:
+    """grpc.aio starts its poller thread with the first channel or server of a process and
+    joins it when the last one is gone, which happens when the last call object is garbage
+    collected: at a random point of a later test, inside asynccas code, where blockbuster
+    reports the join as a blocking call (seen once tests began to open and close many
+    channels to remote servers). Held for the whole session, it is started once and never
+    joined mid-test, as in a server process."""
+    cygrpc.init_grpc_aio()
+    yield
+    cygrpc.shutdown_grpc_aio()
 
 
 @pytest.fixture(autouse=True)

@@ -21,14 +21,17 @@ from asynccas.errors import (
 )
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.server.app import CasServer
+from asynccas.server.uploads import UploadSessions
 from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.base import contains, put_chunks, read_all
 from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.remote import RemoteStorage
 from asynccas.testing import blob, check_storage
+from tests.conftest import serve_with_bytestream
 from tests.servers import memory_server
 from tests.support.redis_servers import free_port
+from tests.test_client_resume import DroppingByteStream
 from tests.test_security import TEAM, write_tokens
 
 pytestmark = pytest.mark.anyio
@@ -154,3 +157,33 @@ async def test_a_stalled_remote_gives_deadline_exceeded_promptly() -> None:
             assert time.monotonic() - started < 3
     finally:
         await server.stop(None)
+
+
+async def test_an_interrupted_upload_resumes_where_the_remote_stopped() -> None:
+    """The remote's ByteStream drops the first stream of each upload after 2 MiB (keeping what
+    arrived): the writer asks QueryWriteStatus and sends only the rest, from what it kept."""
+    storage = MemoryStorage()
+    bytestream = DroppingByteStream(storage, UploadSessions(storage), cut_after=2 * 1024 * 1024)
+    digest, data = blob(6 * 1024 * 1024, 9)
+    async with (
+        serve_with_bytestream(storage, bytestream) as port,
+        RemoteStorage(f"grpc://127.0.0.1:{port}", retries=3, max_backoff=0.1) as remote,
+    ):
+        await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data))
+        assert await read_all(storage, NO_CONTEXT, digest) == data
+        assert remote.calls["QueryWriteStatus"] == 1
+    assert len(bytestream.first_offsets) == 2
+    assert bytestream.first_offsets[1] >= 2 * 1024 * 1024, "the retry restarted from 0"
+
+
+async def test_without_retries_an_interrupted_upload_fails_unavailable_and_stores_nothing() -> None:
+    storage = MemoryStorage()
+    bytestream = DroppingByteStream(storage, UploadSessions(storage), cut_after=1024 * 1024)
+    digest, data = blob(3 * 1024 * 1024, 10)
+    async with (
+        serve_with_bytestream(storage, bytestream) as port,
+        RemoteStorage(f"grpc://127.0.0.1:{port}") as remote,
+    ):
+        with pytest.raises(BackendUnavailable, match="UNAVAILABLE"):
+            await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data))
+        assert not await contains(storage, NO_CONTEXT, digest)

@@ -88,8 +88,11 @@ RECONNECT_OPTIONS: Final = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 5000),
 ]
-REPLAY_BYTES: Final = 2 * CHUNK_SIZE
-"""What an upload keeps of the data it already sent, to resume after an interruption."""
+REPLAY_BYTES: Final = 16 * CHUNK_SIZE
+"""What an upload keeps of the data it already sent, to resume after an interruption: HTTP/2
+flow control lets several megabytes be under way that the remote never stored. It is charged
+to the process's ``WRITE_BUFFERS`` budget and shrinks to the last message when the budget is
+spent, so that many large uploads at once cost resumability, not memory."""
 
 
 class RemoteStorage(Storage):
@@ -493,7 +496,7 @@ class RemoteWriter(BlobWriter):
         if self._call is not None:
             self._call.cancel()
             self._call = None
-        self._sent.clear()
+        self._forget_sent()
 
     async def _send(self, parts: list[bytes], *, finish: bool) -> None:
         pending = deque(
@@ -550,6 +553,7 @@ class RemoteWriter(BlobWriter):
         await self._call.done_writing()
         answer = await self._call
         self._call = None
+        self._forget_sent()
         remote._outages.succeeded()
         if answer.committed_size not in (self.digest.size_bytes, -1):
             raise DigestMismatch(
@@ -561,15 +565,39 @@ class RemoteWriter(BlobWriter):
         if data:
             self._sent.append((self._offset, data))
             self._sent_bytes += len(data)
+            self._buffers.in_use += len(data)
             self._offset += len(data)
-        while self._sent and self._sent_bytes - len(self._sent[0][1]) >= REPLAY_BYTES:
-            self._sent_bytes -= len(self._sent.popleft()[1])
+        buffers = self._buffers
+        while len(self._sent) > 1 and (
+            self._sent_bytes - len(self._sent[0][1]) >= REPLAY_BYTES
+            or buffers.in_use > buffers.total
+        ):
+            dropped = len(self._sent.popleft()[1])
+            self._sent_bytes -= dropped
+            buffers.in_use -= dropped
+
+    def _forget_sent(self) -> None:
+        self._buffers.in_use -= self._sent_bytes
+        self._sent.clear()
+        self._sent_bytes = 0
 
     async def _outcome(self, exc: BaseException) -> grpc.aio.AioRpcError | None:
         """The failure behind ``exc``, or None if the stream ended because the remote already
         had the blob (it may answer before reading everything)."""
         call, self._call = self._call, None
         if isinstance(exc, grpc.aio.AioRpcError):
+            if exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (
+                exc.debug_error_string() or ""
+            ):
+                # A send on a stream the remote already ended: grpc reports its own failed
+                # send, not the remote's status. The stream is gone, like a dropped
+                # connection; QueryWriteStatus (and a new stream) will say why.
+                return grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    f"the upload stream broke while sending: {exc.details()}",
+                )
             return exc
         assert call is not None
         try:
@@ -599,8 +627,7 @@ class RemoteWriter(BlobWriter):
         for start, data in reversed(self._sent):
             if start + len(data) > committed:
                 pending.appendleft(data[max(0, committed - start) :])
-        self._sent.clear()
-        self._sent_bytes = 0
+        self._forget_sent()
         self._offset = committed
 
     async def _committed_size(self) -> int:
