@@ -410,7 +410,8 @@ async def shorthand_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def _in_front_of(local: dict[str, Any], upstream: str) -> None:
     """Make the ``local`` configuration a caching proxy of ``upstream`` (``--upstream``)."""
-    remote = {"type": "remote", "url": upstream, "retries": 3, "request_timeout": 60}
+    # Six retries back off for about 6 s in all: an upstream that restarts is waited for.
+    remote = {"type": "remote", "url": upstream, "retries": 6, "request_timeout": 60}
     local["storage"].update(
         {
             "upstream": remote,

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from asynccas.auth import AccessPolicy, TokenFile
+from asynccas.config import build
 from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import (
     BackendUnavailable,
@@ -28,11 +29,13 @@ from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.remote import RemoteStorage
 from asynccas.testing import blob, check_storage
+from asynccas.transport import ServerTls
 from tests.conftest import serve_with_bytestream
 from tests.servers import memory_server
 from tests.support.redis_servers import free_port
+from tests.support.tls import make_pki
 from tests.test_client_resume import DroppingByteStream
-from tests.test_security import TEAM, write_tokens
+from tests.test_security import TEAM, WRITER, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -187,3 +190,34 @@ async def test_without_retries_an_interrupted_upload_fails_unavailable_and_store
         with pytest.raises(BackendUnavailable, match="UNAVAILABLE"):
             await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data))
         assert not await contains(storage, NO_CONTEXT, digest)
+
+
+async def test_a_remote_over_mutual_tls_with_a_token_from_a_config_file(tmp_path: Path) -> None:
+    """The TLS files, the token file and channel options of a `remote` table reach the
+    channel: a remote that wants a client certificate and a writer's token takes uploads."""
+    pki = await anyio.to_thread.run_sync(make_pki, tmp_path / "pki")
+    policy = AccessPolicy(tokens=TokenFile(write_tokens(tmp_path / "tokens.toml")))
+    tls = ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca)
+    await anyio.Path(tmp_path / "token").write_text(f"{WRITER}\n")
+    async with memory_server(tls=tls, access=policy) as upstream:
+        table: dict[str, object] = {
+            "type": "remote", "url": f"grpcs://{upstream.target}",
+            "tls_ca": str(pki.ca), "tls_cert": str(pki.client_cert),
+            "tls_key": str(pki.client_key), "token_file": "token",
+            "channel_options": {"grpc.keepalive_time_ms": 30_000},
+        }  # fmt: skip
+        config = {"cas": "up", "storage": {"up": table}}
+        deployment = await anyio.to_thread.run_sync(build, config, tmp_path)
+        remote = deployment.cas
+        assert isinstance(remote, RemoteStorage)
+        assert ("grpc.keepalive_time_ms", 30_000) in remote.channel_options
+        digest, data = blob(3 * 1024 * 1024, 4)
+        async with remote:
+            await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data))
+            assert await read_all(remote, NO_CONTEXT, digest) == data
+        # Without the client certificate the remote cannot be reached at all.
+        del table["tls_cert"], table["tls_key"]
+        deployment = await anyio.to_thread.run_sync(build, config, tmp_path)
+        async with deployment.cas as without_certificate:
+            with pytest.raises(BackendUnavailable):
+                await contains(without_certificate, NO_CONTEXT, digest)
