@@ -17,6 +17,7 @@ from asynccas.client import CasClient
 from asynccas.digest import DigestBatch
 from asynccas.errors import BlobNotFound, DigestMismatch
 from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.base import contains, missing_digests, put_chunks, read_all
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.existence_cache import ExistenceCacheStorage
@@ -25,6 +26,7 @@ from asynccas.storage.remote import RemoteStorage
 from asynccas.storage.with_cache import WithCacheStorage
 from asynccas.testing import blob, check_storage
 from tests.servers import memory_server
+from tests.support.redis_servers import free_port
 from tests.test_cli import start, stop
 from tests.test_remote_storage import chunks_of
 
@@ -207,3 +209,39 @@ async def test_serve_upstream_is_a_caching_proxy_sharing_the_upstreams_action_ca
             await anyio.to_thread.run_sync(stop, second, signal.SIGTERM)
     # The second proxy kept its own copy, on its disk.
     assert any((tmp_path / "second").rglob(digest.hash))
+
+
+async def test_a_client_of_the_proxy_sees_no_error_while_the_upstream_restarts(
+    tmp_path: Path,
+) -> None:
+    """The upstream stops and comes back on its port in the middle of a run; a client of the
+    proxy that never retries by itself (one attempt per call) sees every call succeed."""
+    storage = MemoryStorage()
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    blobs = [blob(20_000 + i, i) for i in range(40)]
+    async with CasServer(storage, MemoryActionCache(), address=address):
+        proxy, target, _ = await anyio.to_thread.run_sync(
+            start, ["--address", "127.0.0.1:0", "--upstream", f"grpc://{address}",
+                    "--data-dir", str(tmp_path / "proxy")], env,
+        )  # fmt: skip
+    try:
+        async with CasClient(f"grpc://{target}", max_attempts=1) as client:
+            done = anyio.Event()
+
+            async def run() -> None:
+                for digest, data in blobs:  # each: FindMissingBlobs, then a ByteStream write
+                    await client.upload_blobs({digest: data})
+                    await anyio.sleep(0.05)
+                done.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(run)
+                await anyio.sleep(1.5)  # the upstream is away for the run's first 1.5 s
+                async with CasServer(storage, MemoryActionCache(), address=address):
+                    with anyio.fail_after(60):
+                        await done.wait()
+                    assert await client.download_blobs([d for d, _ in blobs]) == dict(blobs)
+        assert await missing_digests(storage, NO_CONTEXT, [d for d, _ in blobs]) == []
+    finally:
+        await anyio.to_thread.run_sync(stop, proxy, signal.SIGTERM)
