@@ -3,6 +3,7 @@ blocking calls on the event loop turned into failures; servers listen on 127.0.0
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
-from grpc._cython import cygrpc  # type: ignore[attr-defined]  # grpc ships no stubs for it
 from hypothesis import settings
 
 from asynccas.index.sqlite import SqliteIndex
@@ -49,17 +49,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return request.param  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def grpc_aio_kept_up() -> Iterator[None]:
-    """grpc.aio starts its poller thread with the first channel or server of a process and
-    joins it when the last one is gone, which happens when the last call object is garbage
-    collected: at a random point of a later test, inside asynccas code, where blockbuster
-    reports the join as a blocking call (seen once tests began to open and close many
-    channels to remote servers). Held for the whole session, it is started once and never
-    joined mid-test, as in a server process."""
-    cygrpc.init_grpc_aio()
+@pytest.fixture(autouse=True)
+def collect_garbage_after() -> Iterator[None]:
+    """Objects a test left in reference cycles (a grpc call held by an exception's traceback)
+    are collected when the test ends, outside any event loop. Collected later, at a random
+    point of another test, the last grpc.aio call object going away shuts grpc.aio down and
+    joins its poller thread inside that test's event loop, which blockbuster reports as a
+    blocking call. (Set up before ``blockbuster``, so torn down after it.)"""
     yield
-    cygrpc.shutdown_grpc_aio()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
