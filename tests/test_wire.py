@@ -178,7 +178,8 @@ read_results = st.lists(
         digests,
         st.one_of(st.none(), st.binary(max_size=300), st.binary(min_size=200, max_size=20_000)),
         errors,
-    ).map(lambda r: (r[0], r[1], r[2] if r[1] is not None else r[2] or NOT_FOUND)),
+        st.sampled_from([0, 0, 1]),  # identity, or zstd (Compressor.ZSTD)
+    ).map(lambda r: (r[0], r[1], r[2] if r[1] is not None else r[2] or NOT_FOUND, r[3])),
     max_size=30,
 )
 

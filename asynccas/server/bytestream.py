@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -13,8 +13,10 @@ import grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.auth import Access
-from asynccas.errors import InvalidArgument, OutOfRange, UnsupportedFeature, UploadStalled
-from asynccas.resource_names import BlobResource, parse_read_name, parse_write_name
+from asynccas.compression import check_compressor, compressed
+from asynccas.digest import Digest
+from asynccas.errors import InvalidArgument, OutOfRange, UploadStalled
+from asynccas.resource_names import parse_read_name, parse_write_name
 from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
 from asynccas.server.registration import (
@@ -26,6 +28,7 @@ from asynccas.server.registration import (
 )
 from asynccas.server.uploads import UploadSessions
 from asynccas.storage.base import CHUNK_SIZE, Storage, contains
+from asynccas.storage.context import RequestContext
 
 HALF_CLOSE_GRACE: Final = 0.1
 """Seconds to wait before parking an upload whose stream ended without finish_write."""
@@ -41,14 +44,6 @@ def _discard(lookup: asyncio.Future[Any]) -> None:
     """Cancel a lookup whose answer is no longer wanted, and consume whatever it ends with."""
     lookup.cancel()
     lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-
-def _reject_compression(resource: BlobResource) -> None:
-    if resource.compressor is not None:
-        raise UnsupportedFeature(
-            f"compressor {resource.compressor} is not supported by this server;"
-            " use a blobs/ resource name"
-        )
 
 
 class ByteStreamService(bs_grpc.ByteStreamServicer):
@@ -83,7 +78,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         resource = parse_read_name(request.resource_name)
         digest = resource.digest
         ctx = authorize(Access.READ, resource.instance_name, context, digest.function)
-        _reject_compression(resource)
+        check_compressor(resource.compressor)
         if not 0 <= request.read_offset <= digest.size_bytes:
             raise OutOfRange(
                 f"read_offset {request.read_offset} is outside blob {digest}"
@@ -91,6 +86,17 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             )
         if request.read_limit < 0:
             raise OutOfRange(f"read_limit {request.read_limit} is negative")
+        if resource.compressor is not None:
+            if request.read_limit:
+                raise InvalidArgument(
+                    f"read_limit must be 0 for a compressed read, not {request.read_limit}"
+                )
+            async with aclosing(
+                compressed(self._uncompressed(ctx, digest, request.read_offset))
+            ) as pieces:
+                async for piece in pieces:
+                    yield bs_pb2.ReadResponse(data=piece)
+            return
         if digest.is_empty:
             return
         async with aclosing(
@@ -98,6 +104,15 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         ) as chunks:
             async for chunk in chunks:
                 yield bs_pb2.ReadResponse(data=chunk)
+
+    async def _uncompressed(
+        self, ctx: RequestContext, digest: Digest, offset: int
+    ) -> AsyncGenerator[bytes]:
+        if digest.is_empty:
+            return
+        async with aclosing(self.storage.get(ctx, digest, offset)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     @unary_rpc
     async def Write(
@@ -111,10 +126,12 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         resource = parse_write_name(first.resource_name)
         digest = resource.digest
         ctx = authorize(Access.WRITE, resource.instance_name, context, digest.function)
-        _reject_compression(resource)
-        # REAPI: a blob that is already there (the empty one always is) completes at once.
+        check_compressor(resource.compressor)
+        # REAPI: a blob that is already there (the empty one always is) completes at once,
+        # with committed_size -1 for a compressed upload (its sizes are compressed ones).
+        already = -1 if resource.compressor else digest.size_bytes
         if digest.is_empty:
-            return bs_pb2.WriteResponse(committed_size=0)
+            return bs_pb2.WriteResponse(committed_size=already)
         # Clients upload what FindMissingBlobs called missing, so whether the blob is there
         # is nearly always no. For a large blob the question is asked while the data streams
         # in (a yes saves receiving the rest); a blob of at most a chunk is stored without
@@ -135,7 +152,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     if _reported_stored(stored):
                         finished = True
                         await self.uploads.end(upload, abort=True)
-                        return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
+                        return bs_pb2.WriteResponse(committed_size=already)
                     stored = None
                 if request.resource_name and request.resource_name != first.resource_name:
                     raise InvalidArgument(
@@ -153,7 +170,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 if request.finish_write:
                     await writer.commit()
                     finished = True
-                    return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
+                    # All bytes received: the blob's size, or a compressed upload's bytes.
+                    return bs_pb2.WriteResponse(committed_size=writer.committed_size)
                 # A stream that stops sending holds an upload slot and its buffered data:
                 # give up on it after stream_idle_timeout seconds without a message.
                 try:
@@ -176,7 +194,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             if await asyncio.wait([stored]) and _reported_stored(stored):
                 finished = True
                 await self.uploads.end(upload, abort=True)
-                return bs_pb2.WriteResponse(committed_size=digest.size_bytes)
+                return bs_pb2.WriteResponse(committed_size=already)
         except BaseException:
             finished = True
             with anyio.CancelScope(shield=True):
@@ -198,7 +216,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         resource = parse_write_name(request.resource_name)
         digest = resource.digest
         ctx = authorize(Access.WRITE, resource.instance_name, context, digest.function)
-        _reject_compression(resource)
+        check_compressor(resource.compressor)
         if digest.is_empty or await contains(self.storage, ctx, digest):
             return bs_pb2.QueryWriteStatusResponse(committed_size=digest.size_bytes, complete=True)
         return bs_pb2.QueryWriteStatusResponse(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from asynccas import compression
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.build.bazel.semver import semver_pb2
@@ -33,6 +34,8 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
                 max_batch_total_size_bytes=max_batch_total_size_bytes,
                 # A cache stores symlink targets verbatim; it has no root to escape.
                 symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
+                supported_compressors=compression.SUPPORTED,
+                supported_batch_update_compressors=compression.SUPPORTED,
             ),
             deprecated_api_version=semver_pb2.SemVer(major=2),
             low_api_version=semver_pb2.SemVer(major=2),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from itertools import compress
 from typing import Final
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from asynccas import metrics
+from asynccas import compression, metrics
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.auth import Access
 from asynccas.digest import Digest, DigestBatch
@@ -21,6 +21,7 @@ from asynccas.errors import (
     InvalidArgument,
     UnsupportedFeature,
 )
+from asynccas.hashing import THREAD_THRESHOLD
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.blobs import read_small_blobs
 from asynccas.server.calls import authorize
@@ -29,6 +30,7 @@ from asynccas.server.get_tree_cache import CachedTree, GetTreeCache
 from asynccas.server.registration import register, server_streaming, unary
 from asynccas.storage.base import CHUNK_SIZE, Storage, deletion_marker, missing_digests
 from asynccas.storage.context import RequestContext
+from asynccas.threads import in_thread
 from asynccas.wire.messages import (
     FindMissingBlobsWire,
     ReadResult,
@@ -54,15 +56,62 @@ def batch_update_response(results: Iterable[UpdateResult]) -> re_pb2.BatchUpdate
     )
 
 
+def _inflated(compressor: int, data: bytes, digest: Digest) -> bytes:
+    if compressor != re_pb2.Compressor.ZSTD:
+        name = re_pb2.Compressor.Value.Name(compressor).lower()  # type: ignore[arg-type]
+        raise UnsupportedFeature(f"compressor {name} is not supported by this server")
+    return compression.decompress(data, digest)
+
+
+def _read_results(
+    messages: Sequence[re_pb2.Digest],
+    parsed: Sequence[Digest | CasError],
+    found: Mapping[Digest, bytes],
+    compressed: Mapping[Digest, bytes],
+) -> list[ReadResult]:
+    results: list[ReadResult] = []
+    for message, digest in zip(messages, parsed, strict=True):
+        if isinstance(digest, CasError):
+            results.append((message, None, digest, 0))
+        elif digest in compressed:
+            results.append((message, compressed[digest], None, re_pb2.Compressor.ZSTD))
+        else:
+            data = found.get(digest)
+            error = None if data is not None else BlobNotFound(digest)
+            results.append((message, data, error, 0))
+    return results
+
+
+def _compressed_results(
+    messages: Sequence[re_pb2.Digest],
+    parsed: Sequence[Digest | CasError],
+    found: Mapping[Digest, bytes],
+) -> list[ReadResult]:
+    """The results for a client that accepts zstd: each blob compressed where that makes it
+    smaller (identity is always acceptable, and tiny or random blobs only grow)."""
+    compressed = {}
+    for digest, data in found.items():
+        if len(data) >= _COMPRESS_FROM:
+            packed = compression.compress(data)
+            if len(packed) < len(data):
+                compressed[digest] = packed
+    return _read_results(messages, parsed, found, compressed)
+
+
+_COMPRESS_FROM: Final = 256
+"""Blobs smaller than this go uncompressed: a zstd frame's own bytes eat what it saves."""
+
+
 def batch_read_response(results: Iterable[ReadResult]) -> re_pb2.BatchReadBlobsResponse:
     """The response message for ``results``: what ``encode_batch_read_response``, which the
     server sends, must equal byte for byte (the property tests' reference)."""
     responses = []
-    for message, data, error in results:
+    for message, data, error, compressor in results:
         response = re_pb2.BatchReadBlobsResponse.Response(digest=message)
         if data is not None and error is None:
             response.data = data
         response.status.CopyFrom(rpc_status(error))
+        response.compressor = compressor  # type: ignore[assignment]
         responses.append(response)
     return re_pb2.BatchReadBlobsResponse(responses=responses)
 
@@ -194,6 +243,14 @@ class ContentAddressableStorageService:
         datas = [entry.data for entry in entries]  # each access copies the bytes out
         self._check_batch_size(sum(map(len, datas)), "upload")
         parsed = _parse_digests(messages, request.digest_function)
+        # Compressed blobs are inflated in memory: their uncompressed sizes count too.
+        inflated = sum(
+            d.size_bytes
+            for entry, d in zip(entries, parsed, strict=True)
+            if entry.compressor and isinstance(d, Digest)
+        )
+        if inflated:
+            self._check_batch_size(inflated, "upload, uncompressed,")
         results: list[CasError | None] = []
         to_store: list[tuple[Digest, bytes]] = []
         stored_at: list[int] = []
@@ -202,11 +259,11 @@ class ContentAddressableStorageService:
                 results.append(digest)
                 continue
             if entry.compressor != re_pb2.Compressor.IDENTITY:
-                name = re_pb2.Compressor.Value.Name(entry.compressor).lower()
-                results.append(
-                    UnsupportedFeature(f"compressor {name} is not supported by this server")
-                )
-                continue
+                try:
+                    data = _inflated(entry.compressor, data, digest)
+                except CasError as exc:
+                    results.append(exc)
+                    continue
             if digest.is_empty:  # always present; only check the data agrees
                 results.append(DigestMismatch("empty digest with data") if data else None)
                 continue
@@ -246,14 +303,11 @@ class ContentAddressableStorageService:
                 f" this server's {self.max_response_bytes}-byte message limit; ask for fewer"
             )
         found = await read_small_blobs(self.storage, ctx, valid)
-        results: list[ReadResult] = []
-        for message, digest in zip(request.digests, parsed, strict=True):
-            if isinstance(digest, CasError):
-                results.append((message, None, digest))
-            else:
-                data = found.get(digest)
-                results.append((message, data, None if data is not None else BlobNotFound(digest)))
-        return results
+        if re_pb2.Compressor.ZSTD in request.acceptable_compressors and found:
+            if total < THREAD_THRESHOLD:
+                return _compressed_results(request.digests, parsed, found)
+            return await in_thread(_compressed_results, request.digests, parsed, found)
+        return _read_results(request.digests, parsed, found, {})
 
     @streaming_rpc
     async def GetTree(

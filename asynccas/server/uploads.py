@@ -17,19 +17,22 @@ from dataclasses import dataclass, field
 import anyio
 
 from asynccas import metrics
+from asynccas.compression import DecompressingWriter
 from asynccas.errors import InvalidArgument, Overloaded, UploadConflict
 from asynccas.resource_names import BlobResource
 from asynccas.storage.base import BlobWriter, Storage
 from asynccas.storage.context import RequestContext
 
-UploadKey = tuple[str, str, str, str]  # caller, instance name, upload id, digest key
+UploadKey = tuple[str, str, str, str, str]
+"""Caller, instance name, upload id, digest key, compressor ("" for none)."""
 
 
 def upload_key(ctx: RequestContext, resource: BlobResource) -> UploadKey:
     """Uploads are the caller's own: another caller naming the same upload id (guessed, or
     by chance) neither resumes it nor learns how far it got."""
     caller = ctx.identity.name if ctx.identity is not None else ""
-    return (caller, resource.instance_name, resource.upload_id, resource.digest.key)
+    return (caller, resource.instance_name, resource.upload_id, resource.digest.key,
+            resource.compressor or "")  # fmt: skip
 
 
 @dataclass
@@ -47,11 +50,13 @@ class UploadSessions:
         idle_timeout: float = 600.0,
         max_parked: int = 1000,
         max_active: int = 1000,
+        max_parked_compressed: int = 16,
     ) -> None:
         self.storage = storage
         self.idle_timeout = idle_timeout
         self.max_parked = max_parked
         self.max_active = max_active
+        self.max_parked_compressed = max_parked_compressed
         self._parked: OrderedDict[UploadKey, Upload] = OrderedDict()
         self._active: set[UploadKey] = set()
 
@@ -77,7 +82,10 @@ class UploadSessions:
                 f"write_offset {write_offset} does not continue upload {resource.upload_id}:"
                 f" the server holds {held} bytes of it (see QueryWriteStatus)"
             )
-        upload = Upload(key, await self.storage.put(ctx, resource.digest))
+        writer = await self.storage.put(ctx, resource.digest)
+        if resource.compressor is not None:
+            writer = DecompressingWriter(writer)
+        upload = Upload(key, writer)
         self._active.add(key)
         self._count_active()
         return upload
@@ -96,6 +104,12 @@ class UploadSessions:
         while len(self._parked) > self.max_parked:
             _, oldest = self._parked.popitem(last=False)
             await _abort(oldest)
+        # A parked compressed upload also keeps its decoder's window (up to 16 MiB) in memory.
+        compressed = [
+            k for k, u in self._parked.items() if isinstance(u.writer, DecompressingWriter)
+        ]
+        for key in compressed[: max(0, len(compressed) - self.max_parked_compressed)]:
+            await _abort(self._parked.pop(key))
 
     async def end(self, upload: Upload, *, abort: bool) -> None:
         try:

@@ -138,8 +138,9 @@ def _instance_name(body: bytes) -> tuple[int, str | None]:
     return position + length, name
 
 
-ReadResult: TypeAlias = tuple[re_pb2.Digest, bytes | None, CasError | None]
-"""A digest of a BatchReadBlobs request with its data, or the error in its place."""
+ReadResult: TypeAlias = tuple[re_pb2.Digest, bytes | None, CasError | None, int]
+"""A digest of a BatchReadBlobs request with its data, or the error in its place, and the
+``Compressor`` value the data is in (0: identity)."""
 UpdateResult: TypeAlias = tuple[re_pb2.Digest, CasError | None]
 """A digest of a BatchUpdateBlobs request with its error, or None: stored."""
 
@@ -149,17 +150,20 @@ def encode_batch_read_response(results: Iterable[ReadResult]) -> bytes:
     each blob's data is copied once, into the answer, and no message is made per blob.
     """
     pieces: list[bytes] = []
-    for message, data, error in results:
+    for message, data, error, compressor in results:
         digest = message.SerializeToString()
-        # Response: digest (field 1), data (field 2), status (field 3).
+        # Response: digest (field 1), data (field 2), status (field 3), compressor (field 4).
         if data is None or error is not None:
             data = b""
         data_head = b"\x12" + varint.encode(len(data)) if data else b""
         status = _status_field(b"\x1a", error)
+        compressor_field = b"\x20" + varint.encode(compressor) if compressor else b""
         digest_head = b"\x0a" + varint.encode(len(digest))
-        length = len(digest_head) + len(digest) + len(data_head) + len(data) + len(status)
+        length = (len(digest_head) + len(digest) + len(data_head) + len(data) + len(status)
+                  + len(compressor_field))  # fmt: skip
         # BatchReadBlobsResponse.responses is field 1.
-        pieces += (b"\x0a", varint.encode(length), digest_head, digest, data_head, data, status)
+        pieces += (b"\x0a", varint.encode(length), digest_head, digest, data_head, data, status,
+                   compressor_field)  # fmt: skip
     return b"".join(pieces)
 
 
