@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         f" per process; 0 turns it off (default {human_size(DEFAULT_READ_CACHE)})",
     )
     serve.add_argument(
+        "--max-blob-size",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="refuse uploads of larger blobs (INVALID_ARGUMENT, advertised to clients as"
+        " max_cas_blob_size_bytes); default: no limit beyond the byte budget, since a blob"
+        " larger than the whole budget could never be kept",
+    )
+    serve.add_argument(
         "--max-batch-size",
         type=parse_size,
         default=DEFAULT_MAX_BATCH_BYTES,
@@ -430,6 +439,16 @@ async def _deployment(args: argparse.Namespace) -> config.Deployment:
     return config.build(await shorthand_config(args), Path.cwd(), evict=evict)
 
 
+def _max_blob_size(asked: int, deployment: config.Deployment) -> int:
+    """``--max-blob-size``, and never more than the byte budget (0: no limit at all)."""
+    budgets = [asked] if asked else []
+    if deployment.eviction is not None:
+        budgets.append(deployment.eviction.max_bytes)
+    if isinstance(deployment.cas, MemoryStorage):
+        budgets.append(deployment.cas.max_bytes)
+    return min(budgets, default=0)
+
+
 def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
     if args.auth_tokens is None and args.auth_jwks is None:
         return None
@@ -468,6 +487,7 @@ async def serve(args: argparse.Namespace) -> None:
         count_metrics=args.metrics_address is not None,
         access_log=args.access_log,
         reuse_port=args.workers > 1,
+        max_blob_size=_max_blob_size(args.max_blob_size, deployment),
     )
     metrics_server = None
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

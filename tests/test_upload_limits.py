@@ -3,6 +3,8 @@ are abandoned after a while, and only so many uploads stream at once (reads go o
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,14 +14,21 @@ import anyio
 import grpc
 import pytest
 
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.digest import Digest
 from asynccas.index.sqlite import SqliteIndex
+from asynccas.resource_names import format_write_name
 from asynccas.server.app import CasServer
 from asynccas.storage.action_cache import MemoryActionCache
+from asynccas.storage.base import missing_digests
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from asynccas.testing import blob
+from tests.servers import memory_server
+from tests.test_cli import start, stop
 
 pytestmark = pytest.mark.anyio
 
@@ -118,3 +127,61 @@ async def test_cancelled_uploads_leave_no_temp_files(tmp_path: Path) -> None:
         with anyio.fail_after(20):  # the server notices each cancellation a moment later
             while list((tmp_path / "tmp").iterdir()):  # noqa: ASYNC110 - watching a directory
                 await anyio.sleep(0.05)
+
+
+async def test_blobs_over_the_size_limit_are_refused_before_anything_is_stored() -> None:
+    """max_cas_blob_size_bytes is advertised, and a larger upload fails at its first message
+    (the stream below never sends a second one), in a batch per blob."""
+    async with (
+        memory_server(max_blob_size=1000) as server,
+        grpc.aio.insecure_channel(server.target) as channel,
+    ):
+        capabilities = await re_grpc.CapabilitiesStub(channel).GetCapabilities(
+            re_pb2.GetCapabilitiesRequest()
+        )
+        assert capabilities.cache_capabilities.max_cas_blob_size_bytes == 1000
+        big, fits = blob(1001, 1), blob(1000, 2)
+        name = format_write_name("", str(uuid.uuid4()), big[0])
+
+        async def first_message_only() -> AsyncIterator[bs_pb2.WriteRequest]:
+            yield bs_pb2.WriteRequest(resource_name=name, data=big[1][:10])
+            await anyio.sleep(3600)
+
+        with anyio.fail_after(10), pytest.raises(grpc.aio.AioRpcError) as caught:
+            await bs_grpc.ByteStreamStub(channel).Write(first_message_only())
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_cas_blob_size_bytes (1000)" in (caught.value.details() or "")
+        response = await re_grpc.ContentAddressableStorageStub(channel).BatchUpdateBlobs(
+            re_pb2.BatchUpdateBlobsRequest(
+                requests=[
+                    re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=b)
+                    for d, b in (big, fits)
+                ]
+            )
+        )
+        codes = [r.status.code for r in response.responses]
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+        assert await missing_digests(server.storage, NO_CONTEXT, [big[0], fits[0]]) == [big[0]]
+
+
+@pytest.mark.parametrize(
+    ("flags", "limit"),
+    [
+        ([], 0),
+        (["--max-blob-size", "100K"], 100 * 1024),
+        (["--max-size", "1M"], 1024 * 1024),  # never over the whole budget
+        (["--max-size", "1M", "--max-blob-size", "10G"], 1024 * 1024),
+        (["--storage", "memory", "--max-size", "2M"], 2 * 1024 * 1024),
+    ],
+)
+def test_serve_advertises_the_blob_size_limit(flags: list[str], limit: int, tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    process, target, _ = start(["--address", "127.0.0.1:0", *flags], env)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            capabilities = re_grpc.CapabilitiesStub(channel).GetCapabilities(
+                re_pb2.GetCapabilitiesRequest()
+            )
+        assert capabilities.cache_capabilities.max_cas_blob_size_bytes == limit
+    finally:
+        stop(process, signal.SIGTERM)

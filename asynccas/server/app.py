@@ -52,6 +52,7 @@ class CasServer:
         count_metrics: bool = False,
         access_log: bool = False,
         reuse_port: bool = False,
+        max_blob_size: int = 0,
     ) -> None:
         """``upload_idle_timeout``: seconds a parked upload (a stream that ended early) is kept
         for a resume; ``stream_idle_timeout``: seconds a Write stream may send nothing before
@@ -62,7 +63,9 @@ class CasServer:
         credentials and rights; ``count_metrics``: count calls in ``asynccas.metrics``;
         ``access_log``: log one line per call on the ``asynccas.access`` logger;
         ``reuse_port``: let other processes listen on the same port (``--workers``; off, a
-        second server on a port in use fails instead of silently sharing it)."""
+        second server on a port in use fails instead of silently sharing it);
+        ``max_blob_size``: the largest blob taken, advertised as ``max_cas_blob_size_bytes``
+        (0: no limit)."""
         self.storage = storage
         self.action_cache = action_cache
         self.address = address
@@ -94,14 +97,19 @@ class CasServer:
         CapabilitiesService(
             max_batch_total_size_bytes=max_batch_total_size_bytes,
             allow_action_cache_updates=allow_action_cache_updates,
+            max_blob_size=max_blob_size,
         ).add_to_server(self._server)
         ContentAddressableStorageService(
             storage,
             max_batch_total_size_bytes=max_batch_total_size_bytes,
             max_response_bytes=message_limit,
+            max_blob_size=max_blob_size,
         ).add_to_server(self._server)
         ByteStreamService(
-            storage, self.uploads, stream_idle_timeout=stream_idle_timeout
+            storage,
+            self.uploads,
+            stream_idle_timeout=stream_idle_timeout,
+            max_blob_size=max_blob_size,
         ).add_to_server(self._server)
         ActionCacheService(
             action_cache,

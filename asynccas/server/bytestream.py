@@ -17,6 +17,7 @@ from asynccas.compression import check_compressor, compressed
 from asynccas.digest import Digest
 from asynccas.errors import InvalidArgument, OutOfRange, UploadStalled
 from asynccas.resource_names import parse_read_name, parse_write_name
+from asynccas.server.blobs import check_blob_size
 from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, streaming_rpc, unary_rpc
 from asynccas.server.registration import (
@@ -48,10 +49,17 @@ def _discard(lookup: asyncio.Future[Any]) -> None:
 
 class ByteStreamService(bs_grpc.ByteStreamServicer):
     def __init__(
-        self, storage: Storage, uploads: UploadSessions, *, stream_idle_timeout: float = 120.0
+        self,
+        storage: Storage,
+        uploads: UploadSessions,
+        *,
+        stream_idle_timeout: float = 120.0,
+        max_blob_size: int = 0,
     ) -> None:
         """``stream_idle_timeout``: seconds a Write stream may send nothing before its upload
-        is abandoned (DEADLINE_EXCEEDED)."""
+        is abandoned (DEADLINE_EXCEEDED); ``max_blob_size``: larger uploads are refused (0:
+        no limit)."""
+        self.max_blob_size = max_blob_size
         self.storage = storage
         self.uploads = uploads
         self.stream_idle_timeout = stream_idle_timeout
@@ -132,6 +140,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         already = -1 if resource.compressor else digest.size_bytes
         if digest.is_empty:
             return bs_pb2.WriteResponse(committed_size=already)
+        check_blob_size(digest, self.max_blob_size)
         # Clients upload what FindMissingBlobs called missing, so whether the blob is there
         # is nearly always no. For a large blob the question is asked while the data streams
         # in (a yes saves receiving the rest); a blob of at most a chunk is stored without

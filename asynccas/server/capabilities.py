@@ -17,7 +17,11 @@ from asynccas.server.registration import register, unary
 
 class CapabilitiesService(re_grpc.CapabilitiesServicer):
     def __init__(
-        self, *, max_batch_total_size_bytes: int, allow_action_cache_updates: bool
+        self,
+        *,
+        max_batch_total_size_bytes: int,
+        allow_action_cache_updates: bool,
+        max_blob_size: int = 0,
     ) -> None:
         self._capabilities = re_pb2.ServerCapabilities(
             cache_capabilities=re_pb2.CacheCapabilities(
@@ -36,6 +40,7 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
                 symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
                 supported_compressors=compression.SUPPORTED,
                 supported_batch_update_compressors=compression.SUPPORTED,
+                max_cas_blob_size_bytes=max_blob_size,
             ),
             deprecated_api_version=semver_pb2.SemVer(major=2),
             low_api_version=semver_pb2.SemVer(major=2),

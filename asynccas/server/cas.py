@@ -23,7 +23,7 @@ from asynccas.errors import (
 )
 from asynccas.hashing import THREAD_THRESHOLD
 from asynccas.resource_names import validate_instance_name
-from asynccas.server.blobs import read_small_blobs
+from asynccas.server.blobs import check_blob_size, read_small_blobs
 from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
 from asynccas.server.get_tree_cache import CachedTree, GetTreeCache
@@ -139,11 +139,13 @@ class ContentAddressableStorageService:
         max_batch_total_size_bytes: int,
         tree_cache: GetTreeCache | None = None,
         max_response_bytes: int | None = None,
+        max_blob_size: int = 0,
     ) -> None:
         """``max_response_bytes``: the server's gRPC send limit (by default what
         ``response_limit`` gives for the batch limit); a batch whose answer would exceed it
         is refused before anything is read."""
         self.storage = storage
+        self.max_blob_size = max_blob_size
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
         self.max_response_bytes = max_response_bytes or response_limit(max_batch_total_size_bytes)
         self.tree_cache = tree_cache if tree_cache is not None else GetTreeCache()
@@ -257,6 +259,11 @@ class ContentAddressableStorageService:
         for position, (entry, data, digest) in enumerate(zip(entries, datas, parsed, strict=True)):
             if isinstance(digest, CasError):
                 results.append(digest)
+                continue
+            try:
+                check_blob_size(digest, self.max_blob_size)
+            except CasError as exc:
+                results.append(exc)
                 continue
             if entry.compressor != re_pb2.Compressor.IDENTITY:
                 try:

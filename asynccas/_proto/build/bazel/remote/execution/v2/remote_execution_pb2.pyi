@@ -1249,9 +1249,14 @@ class CacheCapabilities(_message.Message):
     SYMLINK_ABSOLUTE_PATH_STRATEGY_FIELD_NUMBER: _builtins.int
     SUPPORTED_COMPRESSORS_FIELD_NUMBER: _builtins.int
     SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: _builtins.int
+    MAX_CAS_BLOB_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     max_batch_total_size_bytes: _builtins.int
     """Largest total blob size one batch RPC may carry; 0 means no limit."""
     symlink_absolute_path_strategy: Global___SymlinkAbsolutePathStrategy.Value.ValueType
+    max_cas_blob_size_bytes: _builtins.int
+    """The largest blob the server accepts, in bytes (0: no limit); larger uploads
+    are INVALID_ARGUMENT before any of their data is stored.
+    """
     @_builtins.property
     def digest_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___DigestFunction.Value.ValueType]: ...
     @_builtins.property
@@ -1274,10 +1279,11 @@ class CacheCapabilities(_message.Message):
         symlink_absolute_path_strategy: Global___SymlinkAbsolutePathStrategy.Value.ValueType = ...,
         supported_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
         supported_batch_update_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
+        max_cas_blob_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "digest_functions", b"digest_functions", "max_batch_total_size_bytes", b"max_batch_total_size_bytes", "supported_batch_update_compressors", b"supported_batch_update_compressors", "supported_compressors", b"supported_compressors", "symlink_absolute_path_strategy", b"symlink_absolute_path_strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "digest_functions", b"digest_functions", "max_batch_total_size_bytes", b"max_batch_total_size_bytes", "max_cas_blob_size_bytes", b"max_cas_blob_size_bytes", "supported_batch_update_compressors", b"supported_batch_update_compressors", "supported_compressors", b"supported_compressors", "symlink_absolute_path_strategy", b"symlink_absolute_path_strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
