@@ -13,7 +13,7 @@ bomb) costs one chunk of memory and an INVALID_ARGUMENT. Frames that need a wind
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator
 from typing import Final
 
 import anyio.to_thread
@@ -85,6 +85,41 @@ async def compressed(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes]:
         if out:
             yield out
     yield compressor.flush()
+
+
+def _inflate(decompressor: zstd.ZstdDecompressor, data: bytes, digest: Digest) -> Iterator[bytes]:
+    """What ``data`` decompresses to, a chunk at a time (the next chunk is made only when the
+    caller asks for it, so a bomb never inflates further than its consumer takes)."""
+    if decompressor.eof:
+        if data:
+            raise DigestMismatch(f"data after the end of the zstd frame of {digest}")
+        return
+    try:
+        out = decompressor.decompress(data, max_length=CHUNK_SIZE)
+        while True:
+            if out:
+                yield out
+            if decompressor.eof or decompressor.needs_input:
+                break
+            out = decompressor.decompress(b"", max_length=CHUNK_SIZE)
+    except zstd.ZstdError as exc:
+        raise DigestMismatch(f"zstd data for {digest} does not decompress: {exc}") from None
+    if decompressor.eof and decompressor.unused_data:
+        raise DigestMismatch(f"data after the end of the zstd frame of {digest}")
+
+
+async def decompressed(frame: AsyncIterable[bytes], digest: Digest) -> AsyncGenerator[bytes]:
+    """A zstd frame arriving in pieces, decompressed; never more than ``digest``'s size."""
+    decompressor = _decompressor()
+    total = 0
+    async for piece in frame:
+        for out in _inflate(decompressor, piece, digest):
+            total += len(out)
+            if total > digest.size_bytes:
+                raise DigestMismatch(f"zstd data for {digest} inflates past its size")
+            yield out
+    if not decompressor.eof:
+        raise DigestMismatch(f"the zstd frame of {digest} ended early")
 
 
 class DecompressingWriter(BlobWriter):

@@ -17,13 +17,18 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.client import CasClient
 from asynccas.digest import Digest
+from asynccas.errors import UnsupportedFeature
 from asynccas.index.redis import RedisIndex
 from asynccas.redis_provider import RedisProvider
 from asynccas.resource_names import format_read_name, format_write_name
 from asynccas.server.app import CasServer
 from asynccas.storage.action_cache import MemoryActionCache
+from asynccas.storage.base import read_all
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
+from tests.servers import memory_server
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -225,3 +230,16 @@ async def test_compression_over_a_redis_index(tmp_path: Path, redis_server: Redi
     ):
         await test_a_compressed_upload_reads_back_every_way(channel)
         await test_compressed_batches(channel)
+
+
+async def test_the_client_moves_large_blobs_compressed() -> None:
+    digest, data = compressible(5 * 1024 * 1024, 7)
+    async with memory_server() as server:
+        async with CasClient(f"grpc://{server.target}", compressor="zstd") as client:
+            await client.upload_blobs({digest: data})
+            assert 0 < client.bytes_sent < len(data) // 10, "the upload was not compressed"
+            assert await client.download_blobs([digest]) == {digest: data}
+            assert 0 < client.bytes_received < len(data) // 10
+        assert await read_all(server.storage, NO_CONTEXT, digest) == data
+        with pytest.raises(UnsupportedFeature, match="brotli is not supported"):
+            CasClient(f"grpc://{server.target}", compressor="brotli")

@@ -13,6 +13,7 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.client import CasClient
+from asynccas.errors import UnsupportedFeature
 from asynccas.storage.remote import RemoteStorage
 from asynccas.testing import blob, check_storage
 from benchmarks.peers import Target, buildgrid_server
@@ -64,3 +65,9 @@ async def test_a_proxy_in_front_of_buildgrid(buildgrid: Target, tmp_path: Path) 
             await anyio.to_thread.run_sync(stop, proxy, signal.SIGTERM)
     async with CasClient(f"grpc://{buildgrid.address}") as buildgrid_itself:
         assert await buildgrid_itself.find_missing(blobs) == []
+
+
+async def test_the_client_refuses_compression_buildgrid_does_not_offer(buildgrid: Target) -> None:
+    with pytest.raises(UnsupportedFeature, match="does not offer zstd"):
+        async with CasClient(f"grpc://{buildgrid.address}", compressor="zstd"):
+            pass

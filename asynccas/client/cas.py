@@ -13,6 +13,7 @@ import shutil
 import uuid
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -50,6 +51,7 @@ from asynccas.client.channel import (
     status_code_of,
 )
 from asynccas.client.merkle import build_tree, digest_of_file
+from asynccas.compression import ZSTD, check_compressor, compressed, decompressed
 from asynccas.digest import DEFAULT_FUNCTION, Digest, DigestFunction
 from asynccas.errors import (
     BackendUnavailable,
@@ -139,16 +141,20 @@ class CasClient:
         tls: ClientTls | None = None,
         token: str | None = None,
         digest_function: DigestFunction | None = None,
+        compressor: str | None = None,
     ) -> None:
         """``chunk_size``: the data per ByteStream WriteRequest (Bazel sends 16 KiB);
         ``tls``: the CA to trust and a client certificate (a ``grpcs://`` endpoint without it
         trusts the system's CAs); ``token``: sent as ``authorization: Bearer TOKEN``;
         ``digest_function``: hash new blobs with this one (e.g. BLAKE3), which the server must
-        offer; by default SHA256, or the first function the server offers."""
+        offer; by default SHA256, or the first function the server offers; ``compressor``:
+        ``"zstd"`` to move ByteStream data zstd-compressed, if the server offers it."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         if token is not None:
             check_token(token)
+        check_compressor(compressor)
+        self.compressor = compressor
         self.chunk_size = chunk_size
         self.endpoint = endpoint
         self._wanted_function = digest_function
@@ -198,6 +204,11 @@ class CasClient:
             self._channel = None
             raise _connection_error(self.endpoint, exc) from exc
         cache = self.capabilities.cache_capabilities
+        if self.compressor and re_pb2.Compressor.ZSTD not in cache.supported_compressors:
+            await self.__aexit__(None, None, None)
+            raise UnsupportedFeature(
+                f"{self.endpoint} does not offer {self.compressor} compression"
+            )
         self.max_batch_bytes = cache.max_batch_total_size_bytes or DEFAULT_MAX_BATCH
         offered = set(cache.digest_functions)
         wanted = self._wanted_function
@@ -403,6 +414,9 @@ class CasClient:
         """ByteStream Write, resuming at the server's committed size after transient errors.
         With ``tracker``, each message's bytes count as they are sent; the caller's
         ``advance(0)`` then counts the blob."""
+        if self.compressor is not None:
+            await self._write_compressed(digest, chunks_from)
+            return
         name = format_write_name(self.instance_name, str(uuid.uuid4()), digest)
         offset = 0
         reported = 0  # bytes counted so far: a resume may send some of them again
@@ -446,6 +460,52 @@ class CasClient:
                 raise DigestMismatch(
                     f"server committed {response.committed_size} of {digest.size_bytes} bytes"
                     f" for {digest}"
+                )
+            return
+
+    async def _write_compressed(
+        self, digest: Digest, chunks_from: Callable[[int], AsyncGenerator[bytes]]
+    ) -> None:
+        """ByteStream Write of the blob as one zstd frame. A failed attempt starts over (with a
+        new upload name): resuming would mean compressing everything before the server's
+        offset again only to skip it."""
+        for attempt in range(self.max_attempts):
+            name = format_write_name(self.instance_name, str(uuid.uuid4()), digest, ZSTD)
+            sent = 0
+
+            async def requests(name: str = name) -> AsyncIterator[bs_pb2.WriteRequest]:
+                nonlocal sent
+                held: bytes | None = None  # one piece behind, so the last can say finish_write
+                async with aclosing(compressed(chunks_from(0))) as frame:
+                    async for chunk in frame:
+                        for piece in _pieces(chunk, self.chunk_size):
+                            if held is not None:
+                                yield bs_pb2.WriteRequest(
+                                    resource_name=name if sent == 0 else "",
+                                    write_offset=sent, data=held,
+                                )  # fmt: skip
+                                sent += len(held)
+                                self.bytes_sent += len(held)
+                            held = piece
+                last = held or b""
+                yield bs_pb2.WriteRequest(
+                    resource_name=name if sent == 0 else "", write_offset=sent, data=last,
+                    finish_write=True,
+                )  # fmt: skip
+                sent += len(last)
+                self.bytes_sent += len(last)
+
+            try:
+                response = await self._bytestream.Write(requests(), timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT or attempt + 1 == self.max_attempts:
+                    raise
+                await anyio.sleep(self._delay(attempt))
+                continue
+            if response.committed_size not in (sent, -1):
+                raise DigestMismatch(
+                    f"server committed {response.committed_size} of the {sent} compressed bytes"
+                    f" of {digest}"
                 )
             return
 
@@ -520,6 +580,10 @@ class CasClient:
 
     async def read_blob(self, digest: Digest) -> AsyncIterator[bytes]:
         """Stream a blob through ByteStream, resuming after transient errors; verified at the end."""
+        if self.compressor is not None:
+            async for data in self._read_compressed(digest):
+                yield data
+            return
         hasher = OverlappedHasher(digest.function.new_hasher())
         received = 0
         attempt = 0
@@ -543,6 +607,38 @@ class CasClient:
                 await anyio.sleep(self._delay(attempt))
         if received != digest.size_bytes or await hasher.hexdigest() != digest.hash:
             raise DigestMismatch(f"server sent {received} bytes that do not match {digest}")
+
+    async def _read_compressed(self, digest: Digest) -> AsyncIterator[bytes]:
+        """``read_blob`` as zstd frames: after a failure, a new frame from the uncompressed
+        offset reached."""
+        hasher = OverlappedHasher(digest.function.new_hasher())
+        name = format_read_name(self.instance_name, digest, ZSTD)
+        received = 0
+        attempt = 0
+        while True:
+            call = self._read(bs_pb2.ReadRequest(resource_name=name, read_offset=received),
+                              timeout=self.timeout)  # fmt: skip
+            wanted = Digest(digest.hash, digest.size_bytes - received, digest.function)
+            try:
+                async for data in decompressed(self._counted(call), wanted):
+                    await hasher.update(data)
+                    received += len(data)
+                    yield data
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise BlobNotFound(digest) from exc
+                attempt += 1
+                if exc.code() not in TRANSIENT or attempt == self.max_attempts:
+                    raise
+                await anyio.sleep(self._delay(attempt))
+        if received != digest.size_bytes or await hasher.hexdigest() != digest.hash:
+            raise DigestMismatch(f"server sent {received} bytes that do not match {digest}")
+
+    async def _counted(self, pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        async for piece in pieces:
+            self.bytes_received += len(piece)
+            yield piece
 
     # -- files -------------------------------------------------------------------------------
 
