@@ -51,6 +51,11 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
                        help="fmb: share of the digests stored beforehand, 0 to 1 (default 0.5)")  # fmt: skip
     bench.add_argument("--chunk-size", type=parse_size, default=16 * 1024,
                        help="data per ByteStream WriteRequest (default 16K, as Bazel sends)")  # fmt: skip
+    bench.add_argument("--compressor", choices=["zstd"], default=None,
+                       help="move ByteStream data zstd-compressed (the server must offer it)")  # fmt: skip
+    bench.add_argument("--compressible", action="store_true",
+                       help="bytestream-write/-read: blobs of 3 bits of entropy per byte (zstd"
+                            " makes them about 40%%), not random bytes")  # fmt: skip
     bench.add_argument("--seed", type=int, default=None,
                        help="makes the run's blobs and actions; the default, a new one per run,"
                             " keeps a run from meeting an earlier run's data already stored")  # fmt: skip
@@ -136,6 +141,7 @@ def run_bench(args: argparse.Namespace) -> int:
         requests=args.requests, processes=max(1, min(args.processes, args.concurrency)),
         settings=Settings(blob_size=args.blob_size, batch=batch, size_mix=size_mix,
                           present=args.present, chunk_size=args.chunk_size,
+                          compressor=args.compressor, compressible=args.compressible,
                           seed=fresh_seed() if args.seed is None else args.seed),
         server_pid=args.server_pid, label=args.label, tls=tls, token=token,
     )  # fmt: skip

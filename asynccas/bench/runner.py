@@ -151,6 +151,7 @@ def run(config: RunConfig, progress: bool = True) -> RunResult:
         "processes": config.processes, "blob_size": config.settings.blob_size,
         "batch": config.settings.batch, "present": config.settings.present,
         "chunk_size": config.settings.chunk_size, "seed": config.settings.seed,
+        "compressor": config.settings.compressor, "compressible": config.settings.compressible,
         "label": config.label,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
@@ -203,6 +204,7 @@ async def _worker(
         config.instance,
         max_concurrency=max(1, tasks_here) * 4,
         chunk_size=settings.chunk_size,
+        compressor=settings.compressor,
         tls=config.tls,
         token=config.token,
     ) as cas:

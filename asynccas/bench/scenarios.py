@@ -43,6 +43,11 @@ class Settings:
     """fmb: the share of the digests that are uploaded before timing starts."""
     chunk_size: int = 16 * 1024
     """Data per ByteStream WriteRequest: 16 KiB, as Bazel's ``Chunker`` sends."""
+    compressor: str | None = None
+    """``"zstd"``: ByteStream data moves zstd-compressed."""
+    compressible: bool = False
+    """ByteStream scenarios' blobs of 3 bits of entropy per byte, which zstd shrinks to about
+    40% as it does build outputs, instead of random bytes."""
 
 
 def fresh_seed() -> int:
@@ -101,13 +106,20 @@ async def measured(
     return result
 
 
+_EIGHT_LETTERS: Final = bytes(b"abcdefgh"[i % 8] for i in range(256))
+
+
 class FreshBlobs:
     """An endless supply of distinct blobs of one size, cheap to make and to digest."""
 
-    def __init__(self, size: int, rng: random.Random, tag: int) -> None:
+    def __init__(
+        self, size: int, rng: random.Random, tag: int, *, compressible: bool = False
+    ) -> None:
         self.size = max(size, 8)
         # Large bodies repeat one random block: randbytes() cannot make gigabytes at once.
         block = rng.randbytes(min(self.size - 8, 64 * 1024 * 1024))
+        if compressible:  # eight letters: 3 bits of entropy per byte
+            block = block.translate(_EIGHT_LETTERS)
         repeats, rest = divmod(self.size - 8, max(len(block), 1))
         self.body = block * repeats + block[:rest]
         self._hasher = Digest.empty().function.new_hasher()
@@ -206,7 +218,8 @@ class BatchRead:
 
 class ByteStreamWrite:
     def __init__(self, settings: Settings) -> None:
-        self.fresh = FreshBlobs(settings.blob_size, random.Random(settings.seed), settings.worker)
+        self.fresh = FreshBlobs(settings.blob_size, random.Random(settings.seed), settings.worker,
+                                compressible=settings.compressible)  # fmt: skip
 
     async def setup(self, cas: CasClient) -> None:
         pass
@@ -222,7 +235,8 @@ class ByteStreamWrite:
 
 class ByteStreamRead:
     def __init__(self, settings: Settings) -> None:
-        self.fresh = FreshBlobs(settings.blob_size, random.Random(settings.seed), settings.worker)
+        self.fresh = FreshBlobs(settings.blob_size, random.Random(settings.seed), settings.worker,
+                                compressible=settings.compressible)  # fmt: skip
         # A few blobs to read in turn, but never more than 1 GiB to upload first.
         count = max(1, min(4, (1 << 30) // max(settings.blob_size, 1)))
         self.pool = [self.fresh.next() for _ in range(count)]
