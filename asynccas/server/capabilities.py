@@ -8,6 +8,7 @@ from asynccas import compression
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.build.bazel.semver import semver_pb2
+from asynccas.chunking import FastCdcParams
 from asynccas.digest import DigestFunction
 from asynccas.resource_names import validate_instance_name
 from asynccas.server.calls import record_instance
@@ -22,6 +23,7 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
         max_batch_total_size_bytes: int,
         allow_action_cache_updates: bool,
         max_blob_size: int = 0,
+        fast_cdc: FastCdcParams | None = None,
     ) -> None:
         self._capabilities = re_pb2.ServerCapabilities(
             cache_capabilities=re_pb2.CacheCapabilities(
@@ -41,6 +43,9 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
                 supported_compressors=compression.SUPPORTED,
                 supported_batch_update_compressors=compression.SUPPORTED,
                 max_cas_blob_size_bytes=max_blob_size,
+                split_blob_support=True,
+                splice_blob_support=True,
+                fast_cdc_2020_params=(fast_cdc or FastCdcParams()).to_proto(),
             ),
             deprecated_api_version=semver_pb2.SemVer(major=2),
             low_api_version=semver_pb2.SemVer(major=2),

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from asynccas import compression, metrics
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.auth import Access
+from asynccas.chunking import FastCdcParams
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import (
     BatchTooLarge,
@@ -28,6 +29,7 @@ from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
 from asynccas.server.get_tree_cache import CachedTree, GetTreeCache
 from asynccas.server.registration import register, server_streaming, unary
+from asynccas.server.split_splice import splice_blob, split_blob
 from asynccas.storage.base import CHUNK_SIZE, Storage, deletion_marker, missing_digests
 from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
@@ -98,6 +100,8 @@ def _compressed_results(
     return _read_results(messages, parsed, found, compressed)
 
 
+_SPLITS_WITH: Final = (re_pb2.ChunkingFunction.UNKNOWN, re_pb2.ChunkingFunction.FAST_CDC_2020)
+"""What SplitBlob takes: its own choice (UNKNOWN) is FastCDC 2020 too."""
 _COMPRESS_FROM: Final = 256
 """Blobs smaller than this go uncompressed: a zstd frame's own bytes eat what it saves."""
 
@@ -140,12 +144,14 @@ class ContentAddressableStorageService:
         tree_cache: GetTreeCache | None = None,
         max_response_bytes: int | None = None,
         max_blob_size: int = 0,
+        fast_cdc: FastCdcParams | None = None,
     ) -> None:
         """``max_response_bytes``: the server's gRPC send limit (by default what
         ``response_limit`` gives for the batch limit); a batch whose answer would exceed it
         is refused before anything is read."""
         self.storage = storage
         self.max_blob_size = max_blob_size
+        self.fast_cdc = fast_cdc or FastCdcParams()
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
         self.max_response_bytes = max_response_bytes or response_limit(max_batch_total_size_bytes)
         self.tree_cache = tree_cache if tree_cache is not None else GetTreeCache()
@@ -215,6 +221,12 @@ class ContentAddressableStorageService:
                 "BatchReadBlobs": unary(self.batch_read_blobs_wire, re_pb2.BatchReadBlobsRequest),
                 "GetTree": server_streaming(
                     self.GetTree, re_pb2.GetTreeRequest, re_pb2.GetTreeResponse
+                ),
+                "SplitBlob": unary(
+                    self.SplitBlob, re_pb2.SplitBlobRequest, re_pb2.SplitBlobResponse
+                ),
+                "SpliceBlob": unary(
+                    self.SpliceBlob, re_pb2.SpliceBlobRequest, re_pb2.SpliceBlobResponse
                 ),
             },
         )
@@ -315,6 +327,39 @@ class ContentAddressableStorageService:
                 return _compressed_results(request.digests, parsed, found)
             return await in_thread(_compressed_results, request.digests, parsed, found)
         return _read_results(request.digests, parsed, found, {})
+
+    @unary_rpc
+    async def SplitBlob(
+        self, request: re_pb2.SplitBlobRequest, context: Context
+    ) -> re_pb2.SplitBlobResponse:
+        validate_instance_name(request.instance_name)
+        ctx = authorize(Access.READ, request.instance_name, context, request.digest_function)
+        digest = Digest.from_proto(request.blob_digest, request.digest_function)
+        if request.chunking_function not in _SPLITS_WITH:
+            name = re_pb2.ChunkingFunction.Value.Name(request.chunking_function)
+            raise UnsupportedFeature(
+                f"chunking function {name} is not supported by this server (FAST_CDC_2020 is)"
+            )
+        chunks = await split_blob(self.storage, ctx, digest, self.fast_cdc)
+        return re_pb2.SplitBlobResponse(
+            chunk_digests=[d.to_proto() for d in chunks],
+            chunking_function=re_pb2.ChunkingFunction.FAST_CDC_2020,
+        )
+
+    @unary_rpc
+    async def SpliceBlob(
+        self, request: re_pb2.SpliceBlobRequest, context: Context
+    ) -> re_pb2.SpliceBlobResponse:
+        validate_instance_name(request.instance_name)
+        ctx = authorize(Access.WRITE, request.instance_name, context, request.digest_function)
+        digest = Digest.from_proto(request.blob_digest, request.digest_function)
+        check_blob_size(digest, self.max_blob_size)
+        chunks = [
+            Digest.from_proto(d, request.digest_function or digest.function.proto_value)
+            for d in request.chunk_digests
+        ]
+        await splice_blob(self.storage, ctx, digest, chunks)
+        return re_pb2.SpliceBlobResponse(blob_digest=request.blob_digest)
 
     @streaming_rpc
     async def GetTree(

@@ -1019,6 +1019,172 @@ class GetTreeResponse(_message.Message):
 Global___GetTreeResponse: _TypeAlias = GetTreeResponse  # noqa: Y015
 
 @_typing.final
+class SplitBlobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
+    BLOB_DIGEST_FIELD_NUMBER: _builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
+    CHUNKING_FUNCTION_FIELD_NUMBER: _builtins.int
+    instance_name: _builtins.str
+    digest_function: Global___DigestFunction.Value.ValueType
+    chunking_function: Global___ChunkingFunction.Value.ValueType
+    @_builtins.property
+    def blob_digest(self) -> Global___Digest: ...
+    def __init__(
+        self,
+        *,
+        instance_name: _builtins.str = ...,
+        blob_digest: Global___Digest | None = ...,
+        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        chunking_function: Global___ChunkingFunction.Value.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob_digest", b"blob_digest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_digest", b"blob_digest", "chunking_function", b"chunking_function", "digest_function", b"digest_function", "instance_name", b"instance_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitBlobRequest: _TypeAlias = SplitBlobRequest  # noqa: Y015
+
+@_typing.final
+class SplitBlobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_DIGESTS_FIELD_NUMBER: _builtins.int
+    CHUNKING_FUNCTION_FIELD_NUMBER: _builtins.int
+    chunking_function: Global___ChunkingFunction.Value.ValueType
+    @_builtins.property
+    def chunk_digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Digest]: ...
+    def __init__(
+        self,
+        *,
+        chunk_digests: _abc.Iterable[Global___Digest] | None = ...,
+        chunking_function: Global___ChunkingFunction.Value.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_digests", b"chunk_digests", "chunking_function", b"chunking_function"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitBlobResponse: _TypeAlias = SplitBlobResponse  # noqa: Y015
+
+@_typing.final
+class SpliceBlobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
+    BLOB_DIGEST_FIELD_NUMBER: _builtins.int
+    CHUNK_DIGESTS_FIELD_NUMBER: _builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
+    CHUNKING_FUNCTION_FIELD_NUMBER: _builtins.int
+    instance_name: _builtins.str
+    digest_function: Global___DigestFunction.Value.ValueType
+    chunking_function: Global___ChunkingFunction.Value.ValueType
+    @_builtins.property
+    def blob_digest(self) -> Global___Digest: ...
+    @_builtins.property
+    def chunk_digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Digest]: ...
+    def __init__(
+        self,
+        *,
+        instance_name: _builtins.str = ...,
+        blob_digest: Global___Digest | None = ...,
+        chunk_digests: _abc.Iterable[Global___Digest] | None = ...,
+        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        chunking_function: Global___ChunkingFunction.Value.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob_digest", b"blob_digest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_digest", b"blob_digest", "chunk_digests", b"chunk_digests", "chunking_function", b"chunking_function", "digest_function", b"digest_function", "instance_name", b"instance_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpliceBlobRequest: _TypeAlias = SpliceBlobRequest  # noqa: Y015
+
+@_typing.final
+class SpliceBlobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_DIGEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blob_digest(self) -> Global___Digest: ...
+    def __init__(
+        self,
+        *,
+        blob_digest: Global___Digest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob_digest", b"blob_digest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_digest", b"blob_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpliceBlobResponse: _TypeAlias = SpliceBlobResponse  # noqa: Y015
+
+@_typing.final
+class ChunkingFunction(_message.Message):
+    """How blobs are cut into chunks. UNKNOWN: the server chooses (split), or only
+    the concatenation is checked (splice).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Value:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ValueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ChunkingFunction._Value.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        UNKNOWN: ChunkingFunction._Value.ValueType  # 0
+        FAST_CDC_2020: ChunkingFunction._Value.ValueType  # 1
+        REP_MAX_CDC: ChunkingFunction._Value.ValueType  # 2
+
+    class Value(_Value, metaclass=_ValueEnumTypeWrapper): ...
+    UNKNOWN: ChunkingFunction.Value.ValueType  # 0
+    FAST_CDC_2020: ChunkingFunction.Value.ValueType  # 1
+    REP_MAX_CDC: ChunkingFunction.Value.ValueType  # 2
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkingFunction: _TypeAlias = ChunkingFunction  # noqa: Y015
+
+@_typing.final
+class FastCdc2020Params(_message.Message):
+    """FastCDC 2020 (Xia et al.) with normalization level 2, min = avg / 4 and
+    max = avg * 4.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVG_CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    avg_chunk_size_bytes: _builtins.int
+    """Between 1 KiB and 1 MiB; 524288 recommended."""
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        avg_chunk_size_bytes: _builtins.int = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_chunk_size_bytes", b"avg_chunk_size_bytes", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FastCdc2020Params: _TypeAlias = FastCdc2020Params  # noqa: Y015
+
+@_typing.final
 class GetCapabilitiesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1250,6 +1416,9 @@ class CacheCapabilities(_message.Message):
     SUPPORTED_COMPRESSORS_FIELD_NUMBER: _builtins.int
     SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: _builtins.int
     MAX_CAS_BLOB_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SPLIT_BLOB_SUPPORT_FIELD_NUMBER: _builtins.int
+    SPLICE_BLOB_SUPPORT_FIELD_NUMBER: _builtins.int
+    FAST_CDC_2020_PARAMS_FIELD_NUMBER: _builtins.int
     max_batch_total_size_bytes: _builtins.int
     """Largest total blob size one batch RPC may carry; 0 means no limit."""
     symlink_absolute_path_strategy: Global___SymlinkAbsolutePathStrategy.Value.ValueType
@@ -1257,6 +1426,8 @@ class CacheCapabilities(_message.Message):
     """The largest blob the server accepts, in bytes (0: no limit); larger uploads
     are INVALID_ARGUMENT before any of their data is stored.
     """
+    split_blob_support: _builtins.bool
+    splice_blob_support: _builtins.bool
     @_builtins.property
     def digest_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___DigestFunction.Value.ValueType]: ...
     @_builtins.property
@@ -1269,6 +1440,8 @@ class CacheCapabilities(_message.Message):
 
     @_builtins.property
     def supported_batch_update_compressors(self) -> _containers.RepeatedScalarFieldContainer[Global___Compressor.Value.ValueType]: ...
+    @_builtins.property
+    def fast_cdc_2020_params(self) -> Global___FastCdc2020Params: ...
     def __init__(
         self,
         *,
@@ -1280,10 +1453,13 @@ class CacheCapabilities(_message.Message):
         supported_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
         supported_batch_update_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
         max_cas_blob_size_bytes: _builtins.int = ...,
+        split_blob_support: _builtins.bool = ...,
+        splice_blob_support: _builtins.bool = ...,
+        fast_cdc_2020_params: Global___FastCdc2020Params | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "fast_cdc_2020_params", b"fast_cdc_2020_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "digest_functions", b"digest_functions", "max_batch_total_size_bytes", b"max_batch_total_size_bytes", "max_cas_blob_size_bytes", b"max_cas_blob_size_bytes", "supported_batch_update_compressors", b"supported_batch_update_compressors", "supported_compressors", b"supported_compressors", "symlink_absolute_path_strategy", b"symlink_absolute_path_strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "digest_functions", b"digest_functions", "fast_cdc_2020_params", b"fast_cdc_2020_params", "max_batch_total_size_bytes", b"max_batch_total_size_bytes", "max_cas_blob_size_bytes", b"max_cas_blob_size_bytes", "splice_blob_support", b"splice_blob_support", "split_blob_support", b"split_blob_support", "supported_batch_update_compressors", b"supported_batch_update_compressors", "supported_compressors", b"supported_compressors", "symlink_absolute_path_strategy", b"symlink_absolute_path_strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

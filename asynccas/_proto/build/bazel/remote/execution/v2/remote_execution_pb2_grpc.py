@@ -183,6 +183,16 @@ class ContentAddressableStorageStub:
                 request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
                 response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeResponse.FromString,
                 _registered_method=True)
+        self.SplitBlob = channel.unary_unary(
+                '/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob',
+                request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobRequest.SerializeToString,
+                response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobResponse.FromString,
+                _registered_method=True)
+        self.SpliceBlob = channel.unary_unary(
+                '/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob',
+                request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobRequest.SerializeToString,
+                response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobResponse.FromString,
+                _registered_method=True)
 
 
 class ContentAddressableStorageServicer:
@@ -224,6 +234,23 @@ class ContentAddressableStorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitBlob(self, request, context):
+        """Stores the blob's chunks (content-defined) and answers their digests, in
+        order; NOT_FOUND if the blob is absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpliceBlob(self, request, context):
+        """Stores the blob made of the given chunks, after checking it against the
+        blob's digest (INVALID_ARGUMENT if it differs); NOT_FOUND if a chunk is
+        absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContentAddressableStorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +273,16 @@ def add_ContentAddressableStorageServicer_to_server(servicer, server):
                     servicer.GetTree,
                     request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeRequest.FromString,
                     response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeResponse.SerializeToString,
+            ),
+            'SplitBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitBlob,
+                    request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobRequest.FromString,
+                    response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobResponse.SerializeToString,
+            ),
+            'SpliceBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpliceBlob,
+                    request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobRequest.FromString,
+                    response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +398,60 @@ class ContentAddressableStorage:
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree',
             build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
             build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob',
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobRequest.SerializeToString,
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpliceBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob',
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobRequest.SerializeToString,
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

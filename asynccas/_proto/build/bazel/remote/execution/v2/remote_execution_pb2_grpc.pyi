@@ -115,6 +115,15 @@ class ContentAddressableStorageStub:
     """Streams every Directory reachable from a root, in pages. Missing subtrees
     are left out; a missing root is NOT_FOUND.
     """
+    SplitBlob: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.SplitBlobRequest, _remote_execution_pb2.SplitBlobResponse]
+    """Stores the blob's chunks (content-defined) and answers their digests, in
+    order; NOT_FOUND if the blob is absent.
+    """
+    SpliceBlob: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.SpliceBlobRequest, _remote_execution_pb2.SpliceBlobResponse]
+    """Stores the blob made of the given chunks, after checking it against the
+    blob's digest (INVALID_ARGUMENT if it differs); NOT_FOUND if a chunk is
+    absent.
+    """
 
 @_typing.type_check_only
 class ContentAddressableStorageAsyncStub(ContentAddressableStorageStub):
@@ -139,6 +148,15 @@ class ContentAddressableStorageAsyncStub(ContentAddressableStorageStub):
     GetTree: _aio.UnaryStreamMultiCallable[_remote_execution_pb2.GetTreeRequest, _remote_execution_pb2.GetTreeResponse]  # type: ignore[assignment]
     """Streams every Directory reachable from a root, in pages. Missing subtrees
     are left out; a missing root is NOT_FOUND.
+    """
+    SplitBlob: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.SplitBlobRequest, _remote_execution_pb2.SplitBlobResponse]  # type: ignore[assignment]
+    """Stores the blob's chunks (content-defined) and answers their digests, in
+    order; NOT_FOUND if the blob is absent.
+    """
+    SpliceBlob: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.SpliceBlobRequest, _remote_execution_pb2.SpliceBlobResponse]  # type: ignore[assignment]
+    """Stores the blob made of the given chunks, after checking it against the
+    blob's digest (INVALID_ARGUMENT if it differs); NOT_FOUND if a chunk is
+    absent.
     """
 
 class ContentAddressableStorageServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +203,27 @@ class ContentAddressableStorageServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_remote_execution_pb2.GetTreeResponse], _abc.AsyncIterator[_remote_execution_pb2.GetTreeResponse]]:
         """Streams every Directory reachable from a root, in pages. Missing subtrees
         are left out; a missing root is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def SplitBlob(
+        self,
+        request: _remote_execution_pb2.SplitBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_remote_execution_pb2.SplitBlobResponse, _abc.Awaitable[_remote_execution_pb2.SplitBlobResponse]]:
+        """Stores the blob's chunks (content-defined) and answers their digests, in
+        order; NOT_FOUND if the blob is absent.
+        """
+
+    @_abc_1.abstractmethod
+    def SpliceBlob(
+        self,
+        request: _remote_execution_pb2.SpliceBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_remote_execution_pb2.SpliceBlobResponse, _abc.Awaitable[_remote_execution_pb2.SpliceBlobResponse]]:
+        """Stores the blob made of the given chunks, after checking it against the
+        blob's digest (INVALID_ARGUMENT if it differs); NOT_FOUND if a chunk is
+        absent.
         """
 
 def add_ContentAddressableStorageServicer_to_server(servicer: ContentAddressableStorageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
