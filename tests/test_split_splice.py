@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import grpc
 import pytest
 
@@ -20,6 +21,8 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.chunking import FastCdcParams, chunks_of
+from asynccas.client import CasClient
+from asynccas.client.caches import ClientCaches
 from asynccas.digest import Digest
 from asynccas.errors import DigestMismatch, NotFound
 from asynccas.index.redis import RedisIndex
@@ -31,6 +34,7 @@ from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.base import contains, read_all
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
+from tests.servers import memory_server
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -218,3 +222,34 @@ async def test_a_large_splice_streams_in_bounded_memory(tmp_path: Path) -> None:
                 storage, NO_CONTEXT, Digest.of(b"ab"), [Digest.of(b"a"), Digest.of(b"b")]
             )
         assert await read_all(storage, NO_CONTEXT, chunk_digest) == chunk
+
+
+async def test_the_client_moves_an_edited_file_by_its_changed_chunks(tmp_path: Path) -> None:
+    """A 12 MiB file, then the same with 100 KB changed in the middle: the second upload
+    sends only the chunks around the edit and splices; a client whose cache holds the first
+    version's chunks downloads only those too."""
+    first = bytearray(random.Random(1).randbytes(12 << 20))
+    second = bytearray(first)
+    second[6 << 20 : (6 << 20) + 100_000] = os.urandom(100_000)
+    for name, data in (("first", first), ("second", second)):
+        await anyio.Path(tmp_path / name).write_bytes(bytes(data))
+    async with memory_server() as server:
+        target = f"grpc://{server.target}"
+        async with CasClient(target) as uploader:
+            assert uploader.fast_cdc == FastCdcParams()
+            first_digest = await uploader.upload_file(tmp_path / "first")
+            sent_first = uploader.bytes_sent
+            second_digest = await uploader.upload_file(tmp_path / "second")
+            sent_second = uploader.bytes_sent - sent_first
+        assert sent_first >= len(first)
+        assert sent_second < 3 << 20, f"the edited file sent {sent_second >> 10} KiB"
+        assert await read_all(server.storage, NO_CONTEXT, second_digest) == bytes(second)
+        async with CasClient(target, cache=ClientCaches(tmp_path / "cache")) as downloader:
+            await downloader.download_file(first_digest, tmp_path / "first-copy")
+            received_first = downloader.bytes_received
+            await downloader.download_file(second_digest, tmp_path / "second-copy")
+            received_second = downloader.bytes_received - received_first
+        assert await anyio.Path(tmp_path / "second-copy").read_bytes() == bytes(second)
+        assert await anyio.Path(tmp_path / "first-copy").read_bytes() == bytes(first)
+        assert received_first >= len(first)
+        assert received_second < 3 << 20, f"the edited file took {received_second >> 10} KiB"

@@ -40,6 +40,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.chunking import FastCdcParams, file_chunks
 from asynccas.client.caches import INLINE_LIMIT, ClientCaches
 from asynccas.client.channel import (
     TRANSIENT,
@@ -70,6 +71,12 @@ from asynccas.transport import ClientTls
 T = TypeVar("T")
 
 CHUNK_SIZE: Final = 1024 * 1024
+CHUNKED_FROM: Final = 4
+"""Files of at least this many average chunks move by chunks (SpliceBlob, SplitBlob) when
+the server offers them: below it, the chunks cost more requests than they can save."""
+CHUNK_GROUP_BYTES: Final = 16 * 1024 * 1024
+"""Chunks are read, uploaded and downloaded this many bytes at a time (bounded memory)."""
+CHUNKS_PER_GROUP: Final = 16
 DEFAULT_MAX_BATCH: Final = 4 * 1024 * 1024
 _FIND_MISSING_CHUNK: Final = 10_000
 _PER_BLOB_OVERHEAD: Final = 200  # bytes of framing per blob inside a batch request
@@ -656,7 +663,30 @@ class CasClient:
         await self._upload_path(digest, source, tracker)
         return digest
 
+    @property
+    def fast_cdc(self) -> FastCdcParams | None:
+        """The server's FastCDC parameters if it splits and splices blobs, else None."""
+        cache = self.capabilities.cache_capabilities
+        if not (cache.split_blob_support and cache.splice_blob_support):
+            return None
+        if not cache.HasField("fast_cdc_2020_params"):
+            return FastCdcParams()
+        try:
+            return FastCdcParams.from_proto(cache.fast_cdc_2020_params)
+        except ValueError:
+            return None  # parameters outside the API's range: do not chunk at all
+
+    def _chunked(self, size: int) -> FastCdcParams | None:
+        """The parameters to move a blob of ``size`` bytes by chunks, if worth it."""
+        params = self.fast_cdc
+        return (
+            params if params is not None and size >= CHUNKED_FROM * params.avg_chunk_size else None
+        )
+
     async def _upload_path(self, digest: Digest, source: Path, tracker: _Tracker) -> None:
+        params = self._chunked(digest.size_bytes)
+        if params is not None and await self._upload_chunked(digest, source, params, tracker):
+            return
         if digest.size_bytes <= self.batch_blob_limit:
             async with aiofiles.open(source, "rb") as handle:
                 data = await handle.read()
@@ -674,6 +704,61 @@ class CasClient:
             await self._write(digest, chunks, tracker)
         tracker.advance(0)  # its bytes were counted as they were sent
 
+    async def _upload_chunked(
+        self, digest: Digest, source: Path, params: FastCdcParams, tracker: _Tracker
+    ) -> bool:
+        """Upload the file's FastCDC chunks the server lacks, then splice them into the blob.
+        False if the server lost chunks before the splice (the caller then uploads whole)."""
+        cuts = await anyio.to_thread.run_sync(file_chunks, source, params)
+        function = digest.function
+        chunk_digests = await anyio.to_thread.run_sync(_digests_of_pieces, source, cuts, function)
+        missing = set(await self.find_missing(chunk_digests))
+        group: list[tuple[Digest, bytes]] = []
+        group_bytes = 0
+        async with aiofiles.open(source, "rb") as handle:
+            for (offset, length), chunk_digest in zip(cuts, chunk_digests, strict=True):
+                if chunk_digest not in missing:
+                    tracker.add_bytes(length)
+                    continue
+                missing.discard(chunk_digest)  # a chunk repeated in the file goes once
+                await handle.seek(offset)
+                group.append((chunk_digest, await handle.read(length)))
+                group_bytes += length
+                if group_bytes >= CHUNK_GROUP_BYTES:
+                    await self._upload_chunks(group)
+                    tracker.add_bytes(group_bytes)
+                    group, group_bytes = [], 0
+        await self._upload_chunks(group)
+        tracker.add_bytes(group_bytes)
+        request = re_pb2.SpliceBlobRequest(
+            instance_name=self.instance_name,
+            blob_digest=digest.to_proto(),
+            chunk_digests=[d.to_proto() for d in chunk_digests],
+            digest_function=function_field([digest]),
+            chunking_function=re_pb2.ChunkingFunction.FAST_CDC_2020,
+        )
+        try:
+            await self._retrying(partial(self._cas.SpliceBlob, request, timeout=self.timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise DigestMismatch(
+                    f"the server refused the chunks of {digest}: {exc.details()}"
+                ) from exc
+            raise
+        tracker.advance(0)
+        return True
+
+    async def _upload_chunks(self, chunks: list[tuple[Digest, bytes]]) -> None:
+        tracker = _Tracker(None, len(chunks), 0)  # the file's tracker counts their bytes
+        small = {d: b for d, b in chunks if d.size_bytes <= self.batch_blob_limit}
+        jobs = [partial(self._upload_batch, [(d, small[d]) for d in batch], tracker)
+                for batch in self._batches(list(small))]  # fmt: skip
+        jobs += [partial(self._upload_bytes, d, b, tracker) for d, b in chunks
+                 if d.size_bytes > self.batch_blob_limit]  # fmt: skip
+        await _run_all(jobs)
+
     async def download_file(
         self, digest: Digest, path: str | os.PathLike[str], *, executable: bool = False
     ) -> None:
@@ -684,8 +769,13 @@ class CasClient:
         cached = None if self.cache is None else await self.cache.blobs.get_path(digest)
         received = 0
         try:
+            params = self._chunked(digest.size_bytes) if self.cache is not None else None
             if cached is not None:
                 await anyio.to_thread.run_sync(shutil.copyfile, cached, temp)
+            elif params is not None and await self._download_chunked(digest, temp, tracker):
+                received = digest.size_bytes
+                assert self.cache is not None
+                await self.cache.blobs.put_file(digest, temp)
             else:
                 async with aiofiles.open(temp, "wb") as handle:
                     async for chunk in self.read_blob(digest):
@@ -700,6 +790,41 @@ class CasClient:
                 await anyio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
             raise
         tracker.advance(digest.size_bytes - received)
+
+    async def _download_chunked(self, digest: Digest, temp: Path, tracker: _Tracker) -> bool:
+        """Write ``digest`` into ``temp`` from its chunks (SplitBlob), fetching only those the
+        client cache lacks; False if the server cannot split it (the caller reads it whole)."""
+        assert self.cache is not None
+        request = re_pb2.SplitBlobRequest(
+            instance_name=self.instance_name,
+            blob_digest=digest.to_proto(),
+            digest_function=function_field([digest]),
+            chunking_function=re_pb2.ChunkingFunction.FAST_CDC_2020,
+        )
+        try:
+            split = await self._retrying(
+                partial(self._cas.SplitBlob, request, timeout=self.timeout)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                return False
+            raise
+        chunks = [Digest.from_proto(d, digest.function.proto_value) for d in split.chunk_digests]
+        hasher = OverlappedHasher(digest.function.new_hasher())
+        async with aiofiles.open(temp, "wb") as handle:
+            for start in range(0, len(chunks), CHUNKS_PER_GROUP):
+                group = chunks[start : start + CHUNKS_PER_GROUP]
+                found = await self.download_blobs(group)  # cached chunks are not fetched
+                for chunk in group:
+                    data = found[chunk]
+                    await hasher.update(data)
+                    await handle.write(data)
+                    tracker.add_bytes(len(data))
+        if sum(c.size_bytes for c in chunks) != digest.size_bytes or (
+            await hasher.hexdigest() != digest.hash
+        ):
+            raise DigestMismatch(f"the server's chunks of {digest} do not make it")
+        return True
 
     # -- directories -------------------------------------------------------------------------
 
@@ -886,6 +1011,18 @@ def _connection_error(endpoint: str, exc: grpc.aio.AioRpcError) -> CasError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return BackendUnavailable(f"cannot reach {endpoint} ({code.name}): {details}")
     return CasError(text)
+
+
+def _digests_of_pieces(
+    source: Path, pieces: Sequence[tuple[int, int]], function: DigestFunction
+) -> list[Digest]:
+    """The digest of each (offset, length) piece of a file (blocking)."""
+    digests = []
+    with source.open("rb") as handle:
+        for offset, length in pieces:
+            handle.seek(offset)
+            digests.append(Digest.of(handle.read(length), function))
+    return digests
 
 
 def _verify(digest: Digest, data: bytes) -> None:
