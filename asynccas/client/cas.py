@@ -100,6 +100,8 @@ ProgressCallback = Callable[[Progress], None]
 
 
 class _Tracker:
+    """Reports one transfer's progress to ``callback`` (None: counts only)."""
+
     def __init__(
         self, callback: ProgressCallback | None, blobs: int, total: int, phase: str = "sending"
     ) -> None:
@@ -110,6 +112,11 @@ class _Tracker:
 
     def phase(self, phase: str) -> None:
         self._phase = phase
+        self._report()
+
+    def expect(self, blobs: int, total: int) -> None:
+        """Set what the transfer will move, once that is known."""
+        self._state[1], self._state[3] = total, blobs
         self._report()
 
     def add_bytes(self, size: int) -> None:
@@ -128,6 +135,21 @@ class _Tracker:
         if self._callback is not None:
             done, total, blobs_done, blobs = self._state
             self._callback(Progress(done, total, blobs_done, blobs, self._phase))
+
+
+class _PartsOf(_Tracker):
+    """The tracker of the pieces of one blob (its chunks): their bytes move the blob's own
+    tracker, and finishing a piece is not finishing a blob."""
+
+    def __init__(self, whole: _Tracker) -> None:
+        super().__init__(None, 0, 0)
+        self._whole = whole
+
+    def add_bytes(self, size: int) -> None:
+        self._whole.add_bytes(size)
+
+    def advance(self, size: int, blobs: int = 1) -> None:
+        self._whole.add_bytes(size)
 
 
 class CasClient:
@@ -527,6 +549,12 @@ class CasClient:
 
     async def download_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
         """Download whole blobs (mind their size); raises BlobNotFound for an absent one."""
+        return await self._download_blobs(digests, _Tracker(self.progress, 0, 0))
+
+    async def _download_blobs(
+        self, digests: Iterable[Digest], tracker: _Tracker
+    ) -> dict[Digest, bytes]:
+        """``download_blobs``, reporting to ``tracker`` (set to the blobs to fetch)."""
         unique = list(dict.fromkeys(digests))
         found: dict[Digest, bytes] = {d: b"" for d in unique if d.is_empty}
         wanted = [d for d in unique if not d.is_empty]
@@ -536,7 +564,7 @@ class CasClient:
         fetched_from = len(found)
         small = [d for d in wanted if d.size_bytes <= self.batch_blob_limit]
         large = [d for d in wanted if d.size_bytes > self.batch_blob_limit]
-        tracker = _Tracker(self.progress, len(wanted), sum(d.size_bytes for d in wanted))
+        tracker.expect(len(wanted), sum(d.size_bytes for d in wanted))
 
         async def read_batch(batch: list[Digest]) -> None:
             async with self._limiter:
@@ -725,11 +753,9 @@ class CasClient:
                 group.append((chunk_digest, await handle.read(length)))
                 group_bytes += length
                 if group_bytes >= CHUNK_GROUP_BYTES:
-                    await self._upload_chunks(group)
-                    tracker.add_bytes(group_bytes)
+                    await self._upload_chunks(group, tracker)
                     group, group_bytes = [], 0
-        await self._upload_chunks(group)
-        tracker.add_bytes(group_bytes)
+        await self._upload_chunks(group, tracker)
         request = re_pb2.SpliceBlobRequest(
             instance_name=self.instance_name,
             blob_digest=digest.to_proto(),
@@ -750,8 +776,8 @@ class CasClient:
         tracker.advance(0)
         return True
 
-    async def _upload_chunks(self, chunks: list[tuple[Digest, bytes]]) -> None:
-        tracker = _Tracker(None, len(chunks), 0)  # the file's tracker counts their bytes
+    async def _upload_chunks(self, chunks: list[tuple[Digest, bytes]], file: _Tracker) -> None:
+        tracker = _PartsOf(file)
         small = {d: b for d, b in chunks if d.size_bytes <= self.batch_blob_limit}
         jobs = [partial(self._upload_batch, [(d, small[d]) for d in batch], tracker)
                 for batch in self._batches(list(small))]  # fmt: skip
@@ -814,7 +840,8 @@ class CasClient:
         async with aiofiles.open(temp, "wb") as handle:
             for start in range(0, len(chunks), CHUNKS_PER_GROUP):
                 group = chunks[start : start + CHUNKS_PER_GROUP]
-                found = await self.download_blobs(group)  # cached chunks are not fetched
+                # Cached chunks are not fetched; every chunk counts once written.
+                found = await self._download_blobs(group, _Tracker(None, 0, 0))
                 for chunk in group:
                     data = found[chunk]
                     await hasher.update(data)
