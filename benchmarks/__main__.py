@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bazel_build, bazel_traffic, client, fmb, harness, proxy
+from benchmarks import bazel_build, bazel_traffic, client, fmb, harness, proxy, reapi212
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTIONS = "## Latest run of each benchmark"
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[..., str]] = {
     "client": client.run,
     "harness": harness.run,
     "proxy": proxy.run,
+    "reapi212": reapi212.run,
 }
 
 
