@@ -143,7 +143,8 @@ async def test_health_and_reflection_list_the_services() -> None:
 
         services, methods, status = await anyio.to_thread.run_sync(ask)
     assert set(SERVICE_NAMES) | {"grpc.health.v1.Health"} <= set(services)
-    assert methods == ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "GetTree"]
+    assert methods == ["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "GetTree",
+                       "SplitBlob", "SpliceBlob"]  # fmt: skip
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
