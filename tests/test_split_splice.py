@@ -39,8 +39,8 @@ from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 
-SHARED = Path(__file__).parent.parent.parent / "shared" / "reapi-v2.12"
-VECTORS = SHARED / "fastcdc2020_test_vectors.txt"
+VECTORS_DIR = Path(__file__).parent / "data" / "fastcdc2020"
+VECTORS = VECTORS_DIR / "fastcdc2020_test_vectors.txt"
 
 
 def vectors() -> dict[int, list[tuple[int, int, str]]]:
@@ -61,12 +61,11 @@ async def pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
         yield data[start : start + size]
 
 
-@pytest.mark.skipif(not VECTORS.exists(), reason="needs ../shared/reapi-v2.12")
 @pytest.mark.parametrize("seed", [0, 666])
 async def test_fastcdc_reproduces_the_reapi_test_vectors(seed: int) -> None:
     """min 4096 / avg 16384 as the vectors; their max is 65535, ours avg * 4 = 65536, which
     no chunk of this input reaches. Fed in 1,000-byte pieces, as a stream arrives."""
-    data = (SHARED / "SekienAkashita.jpg").read_bytes()
+    data = (VECTORS_DIR / "SekienAkashita.jpg").read_bytes()
     assert hashlib.sha256(data).hexdigest().startswith("d9e749d9")
     cut = [c async for c in chunks_of(pieces(data, 1000), FastCdcParams(16384, seed))]
     offsets = [sum(map(len, cut[:i])) for i in range(len(cut))]
