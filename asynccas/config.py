@@ -51,7 +51,12 @@ from asynccas.index.base import StorageIndex
 from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.redis_provider import RedisProvider
-from asynccas.storage.action_cache import ActionCacheStore, MemoryActionCache, SqliteActionCache
+from asynccas.storage.action_cache import (
+    ActionCacheStore,
+    MemoryActionCache,
+    RedisActionCache,
+    SqliteActionCache,
+)
 from asynccas.storage.base import Storage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.existence_cache import ExistenceCacheStorage
@@ -308,14 +313,18 @@ def _sqlite_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "redis+cluster://", "redis+sentinel://")
 
 
-def _redis_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+def _redis_provider(table: _Table) -> RedisProvider:
     url = table.text("url")
     if not url.startswith(REDIS_SCHEMES):
         raise table.error("url", f"expected a URL starting with {', '.join(REDIS_SCHEMES)}")
     try:
-        provider = RedisProvider(url)
+        return RedisProvider(url)
     except ValueError as exc:
         raise table.error("url", str(exc)) from None
+
+
+def _redis_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    provider = _redis_provider(table)
     inner = graph.storage(table, "storage")
     try:
         index = RedisIndex(
@@ -505,9 +514,15 @@ def _action_cache(top: _Table, base: Path) -> tuple[ActionCacheStore, str]:
     elif kind == "remote":
         remote = _remote(table)
         store, description = RemoteActionCache(remote), f"the remote {remote.remote}"
+    elif kind == "redis":
+        provider = _redis_provider(table)
+        store = RedisActionCache(
+            provider, prefix=table.text("prefix", "asynccas"), ttl=table.number("ttl", 7 * 86400.0)
+        )
+        description = f"Redis at {provider.display_url}"
     else:
         raise table.error(
-            "type", f"unknown action cache type {kind!r} (known: memory, sqlite, remote)"
+            "type", f"unknown action cache type {kind!r} (known: memory, sqlite, remote, redis)"
         )
     table.done()
     return store, description

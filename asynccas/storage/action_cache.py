@@ -14,8 +14,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Final
 
+import anyio
+
 from asynccas.digest import Digest
 from asynccas.index.recency import TouchedThisInterval, recency_window
+from asynccas.redis_provider import Client, ConnectionTurns, RedisProvider
 from asynccas.sqlite_database import SqliteDatabase
 
 
@@ -177,3 +180,59 @@ def _drop_least_recent(conn: sqlite3.Connection, entries: int) -> None:
         " (SELECT instance_name, action_key FROM action_results ORDER BY accessed_at LIMIT ?)",
         (entries,),
     )
+
+
+class RedisActionCache(ActionCacheStore):
+    """Action results in Redis (plain, TLS, Sentinel or Cluster, as the index), so that every
+    frontend sharing it serves every other's results.
+
+    One string per (instance, action), written with an expiry and given it again when read:
+    a result unused for ``ttl`` seconds goes, one in use stays; Redis's own ``maxmemory``
+    policy can bound it further. Each call is one command, one round trip. Results are not
+    counted toward ``--max-size``, which bounds the blobs a storage holds: their bound is
+    ``ttl`` (and Redis's memory limit)."""
+
+    def __init__(
+        self, provider: RedisProvider, *, prefix: str = "asynccas", ttl: float = 7 * 86400
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, not {ttl}")
+        self.provider = provider
+        self.prefix = prefix
+        self.ttl = int(max(1, ttl))
+        self._client: Client | None = None
+        self._turns = ConnectionTurns(provider)
+
+    def key(self, instance_name: str, action: Digest) -> str:
+        # The instance's length first: no instance name can make another's key.
+        return f"{self.prefix}:ac:{len(instance_name)}:{instance_name}:{action.key}"
+
+    async def start(self) -> None:
+        self._client = self.provider.client()
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with anyio.CancelScope(shield=True):
+                await self.provider.close(client)
+
+    def _connected(self) -> Client:
+        assert self._client is not None, "start() the action cache first"
+        return self._client
+
+    async def get(self, instance_name: str, action: Digest) -> bytes | None:
+        client = self._connected()
+        async with self._turns.take("read an action result"):
+            data = await client.getex(self.key(instance_name, action), ex=self.ttl)
+        assert data is None or isinstance(data, bytes)  # the provider does not decode replies
+        return data
+
+    async def put(self, instance_name: str, action: Digest, result: bytes) -> None:
+        client = self._connected()
+        async with self._turns.take("store an action result"):
+            await client.set(self.key(instance_name, action), result, ex=self.ttl)
+
+    async def delete(self, instance_name: str, action: Digest) -> None:
+        client = self._connected()
+        async with self._turns.take("delete an action result"):
+            await client.delete(self.key(instance_name, action))

@@ -1,0 +1,131 @@
+"""Action results in Redis: what one frontend stores is a hit on another, per instance, with a
+TTL refreshed by use, on a single redis-server, a Redis Cluster and over TLS, all real."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from asynccas.config import build
+from asynccas.digest import Digest
+from asynccas.errors import BackendUnavailable
+from asynccas.redis_provider import RedisProvider
+from asynccas.server.app import CasServer
+from asynccas.storage.action_cache import RedisActionCache
+from asynccas.storage.context import NO_CONTEXT
+from asynccas.storage.memory import MemoryStorage
+from asynccas.testing import blob
+from tests.support.redis_servers import RedisCluster, RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+def cache(url: str, **options: float) -> RedisActionCache:
+    return RedisActionCache(RedisProvider(url), prefix=f"ac-{uuid.uuid4().hex[:8]}", **options)
+
+
+async def check_action_cache(store: RedisActionCache) -> None:
+    action, other = blob(100, 1)[0], blob(100, 2)[0]
+    await store.start()
+    try:
+        assert await store.get("", action) is None
+        await store.put("", action, b"result one")
+        assert await store.get("", action) == b"result one"
+        # Instances are apart, whatever their names hold.
+        for instance in ("a", "a:0", "a/b", "0:a"):
+            assert await store.get(instance, action) is None
+        await store.put("a/b", action, b"for a/b")
+        assert await store.get("a/b", action) == b"for a/b"
+        assert await store.get("", action) == b"result one"
+        await store.put("", action, b"replaced")
+        assert await store.get("", action) == b"replaced"
+        await store.delete("", action)
+        assert await store.get("", action) is None
+        assert await store.get("", other) is None
+    finally:
+        await store.stop()
+
+
+async def test_on_one_redis_server(redis_server: RedisServer) -> None:
+    await check_action_cache(cache(redis_server.url))
+
+
+async def test_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    await check_action_cache(cache(redis_cluster.url))
+
+
+async def test_over_tls(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", tls=True)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        await check_action_cache(cache(server.url))
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+
+
+async def test_results_unused_for_the_ttl_expire_and_used_ones_stay(
+    redis_server: RedisServer,
+) -> None:
+    store = cache(redis_server.url, ttl=2)
+    used, unused = blob(10, 1)[0], blob(10, 2)[0]
+    await store.start()
+    try:
+        await store.put("", used, b"used")
+        await store.put("", unused, b"unused")
+        for _ in range(3):  # 3 s in all: past the TTL, but each read gives it again
+            await anyio.sleep(1)
+            assert await store.get("", used) == b"used"
+        assert await store.get("", unused) is None
+    finally:
+        await store.stop()
+
+
+async def test_a_result_stored_through_one_frontend_is_a_hit_on_another(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two servers sharing one Redis action cache (configured from a file's table) and one
+    blob store: UpdateActionResult through the first, GetActionResult through the second."""
+    storage = MemoryStorage()
+    prefix = f"shared-{uuid.uuid4().hex[:8]}"
+    table = {"type": "redis", "url": redis_server.url, "prefix": prefix, "ttl": 3600}
+    config = {"cas": "m", "storage": {"m": {"type": "memory"}}, "action_cache": table}
+    first_ac = (await anyio.to_thread.run_sync(build, config, tmp_path)).action_cache
+    second_ac = (await anyio.to_thread.run_sync(build, config, tmp_path)).action_cache
+    output, data = blob(5000, 3)
+    assert await storage.bulk_update(NO_CONTEXT, [(output, data)]) == [None]
+    action = Digest.of(b"an action")
+    result = re_pb2.ActionResult(exit_code=0)
+    result.output_files.add(path="out", digest=output.to_proto())
+    async with (
+        CasServer(storage, first_ac, address="127.0.0.1:0") as first,
+        CasServer(storage, second_ac, address="127.0.0.1:0") as second,
+        grpc.aio.insecure_channel(first.target) as to_first,
+        grpc.aio.insecure_channel(second.target) as to_second,
+    ):
+        await re_grpc.ActionCacheStub(to_first).UpdateActionResult(
+            re_pb2.UpdateActionResultRequest(action_digest=action.to_proto(), action_result=result)
+        )
+        hit = await re_grpc.ActionCacheStub(to_second).GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=action.to_proto())
+        )
+        assert hit == result
+
+
+async def test_redis_down_is_unavailable_naming_it(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    await anyio.to_thread.run_sync(server.start)
+    store = cache(server.url)
+    await store.start()
+    try:
+        await store.put("", blob(10)[0], b"x")
+        await anyio.to_thread.run_sync(server.stop)
+        with pytest.raises(BackendUnavailable, match=r"Redis at redis://127\.0\.0\.1"):
+            await store.get("", blob(10)[0])
+    finally:
+        await store.stop()
