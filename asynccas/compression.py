@@ -25,9 +25,9 @@ from asynccas.hashing import THREAD_THRESHOLD
 from asynccas.storage.base import CHUNK_SIZE, BlobWriter
 
 if sys.version_info >= (3, 14):
-    from compression import zstd
+    from compression import zstd as zstd  # the module the disk storage uses too
 else:
-    from backports import zstd
+    from backports import zstd as zstd
 
 ZSTD: Final = "zstd"
 SUPPORTED: Final = (re_pb2.Compressor.ZSTD,)

@@ -58,6 +58,7 @@ from asynccas.storage.action_cache import (
     SqliteActionCache,
 )
 from asynccas.storage.base import Storage
+from asynccas.storage.compressed_disk import CompressedDiskStorage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.existence_cache import ExistenceCacheStorage
 from asynccas.storage.forwarding import innermost
@@ -250,9 +251,14 @@ class _Graph:
 def _disk(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     root = table.path("path")
     graph.disk_roots.append(root)
+    fsync = table.flag("fsync", True)
+    if table.flag("compress", False):
+        if "direct_io_above" in table.values:
+            raise table.error("direct_io_above", "compressed files are not written with O_DIRECT")
+        return CompressedDiskStorage(root, fsync=fsync), f"zstd files in {root / 'cas-zstd'}"
     storage = DiskStorage(
         root,
-        fsync=table.flag("fsync", True),
+        fsync=fsync,
         direct_io_above=table.size("direct_io_above", DEFAULT_DIRECT_IO_ABOVE),
     )
     return storage, f"files in {root / 'cas'}"

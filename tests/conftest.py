@@ -22,6 +22,7 @@ from asynccas.server.capabilities import CapabilitiesService
 from asynccas.server.cas import ContentAddressableStorageService
 from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
 from asynccas.storage.base import Storage
+from asynccas.storage.compressed_disk import CompressedDiskStorage
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.read_cache import ReadCacheStorage
@@ -88,12 +89,16 @@ def make_storage(kind: str, root: Path) -> Storage:
         return SqliteIndex(make_storage("tiered", root), root / "index.sqlite")
     if kind == "read-cache":  # a small cache, so that blobs come and go through it
         return ReadCacheStorage(make_storage("sqlite-tiered", root), max_bytes=256 * 1024)
+    if kind == "disk-zstd":
+        return CompressedDiskStorage(root / "data", fsync=False)
+    if kind == "sqlite-disk-zstd":
+        return SqliteIndex(make_storage("disk-zstd", root), root / "index.sqlite")
     raise ValueError(kind)
 
 
 STORAGE_KINDS = [
     "memory", "disk", "disk-direct", "sqlite-disk", "sqlite-memory", "sqlite-blobs", "tiered", "sqlite-tiered",
-    "read-cache",
+    "read-cache", "disk-zstd", "sqlite-disk-zstd",
 ]  # fmt: skip
 
 

@@ -4,6 +4,8 @@ decompression bombs) and compressed batches, on disk, memory and tiered servers 
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from tests.servers import memory_server
 from tests.support.redis_servers import RedisServer
+from tests.test_cli import start, stop
 
 pytestmark = pytest.mark.anyio
 
@@ -243,3 +246,35 @@ async def test_the_client_moves_large_blobs_compressed() -> None:
         assert await read_all(server.storage, NO_CONTEXT, digest) == data
         with pytest.raises(UnsupportedFeature, match="brotli is not supported"):
             CasClient(f"grpc://{server.target}", compressor="brotli")
+
+
+async def test_blobs_compressed_at_rest_take_less_disk_and_are_served_as_stored(
+    tmp_path: Path,
+) -> None:
+    """`serve --compress-at-rest`: a compressible blob's file is a fraction of it; a
+    compressed read from the start sends that file's bytes as they are (no compression work),
+    an identity read decompresses them, from any offset."""
+    digest, data = compressible(3 * 1024 * 1024, 8)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    flags = ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+             "--compress-at-rest", "--no-fsync"]  # fmt: skip
+    process, target, description = await anyio.to_thread.run_sync(start, flags, env)
+    try:
+        assert "zstd files in" in description
+        async with grpc.aio.insecure_channel(target) as channel:
+            await write(channel, messages(upload_name(digest), zstd.compress(data)))
+            stored = tmp_path / "data" / "cas-zstd" / "sha256" / digest.hash[:2]
+            stored_file = stored / f"{digest.hash}.{digest.size_bytes}"
+            on_disk = await anyio.Path(stored_file).read_bytes()
+            assert len(on_disk) < len(data) // 10
+            request = bs_pb2.ReadRequest(resource_name=format_read_name("", digest, "zstd"))
+            frame = b"".join([r.data async for r in bs_grpc.ByteStreamStub(channel).Read(request)])
+            assert frame == on_disk, "the compressed read was not the stored frame"
+            plain = bs_pb2.ReadRequest(
+                resource_name=format_read_name("", digest), read_offset=1_000_001, read_limit=7
+            )
+            chunks = [r.data async for r in bs_grpc.ByteStreamStub(channel).Read(plain)]
+            assert b"".join(chunks) == data[1_000_001:1_000_008]
+            assert await read(channel, digest, offset=5) == data[5:]
+    finally:
+        await anyio.to_thread.run_sync(stop, process, signal.SIGTERM)

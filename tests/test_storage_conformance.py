@@ -34,7 +34,7 @@ async def test_storage_conformance(kind: str, tmp_path: Path) -> None:
             await check_storage(storage)
 
 
-@pytest.mark.parametrize("kind", ["disk", "sqlite-blobs", "tiered"])
+@pytest.mark.parametrize("kind", ["disk", "sqlite-blobs", "tiered", "disk-zstd"])
 async def test_stores_that_can_list_their_blobs_list_them_all(kind: str, tmp_path: Path) -> None:
     """What ``asynccas reindex`` rebuilds an index from: every blob, whichever tier holds it."""
     blobs = [blob(size, seed) for seed, size in enumerate([10, 1000, 70_000, 300_000])]

@@ -66,6 +66,24 @@ class StorageIndex(Storage, Stageable, Deletable, Listable, DeletionMarked):
             raise
         await self._touch([digest])
 
+    def get_zstd(self, ctx: RequestContext, digest: Digest) -> AsyncGenerator[bytes] | None:
+        frame = self.storage.get_zstd(ctx, digest)
+        return None if frame is None else self._read_through(digest, frame)
+
+    async def _read_through(
+        self, digest: Digest, chunks: AsyncGenerator[bytes]
+    ) -> AsyncGenerator[bytes]:
+        """``chunks`` of ``digest``, with the index's bookkeeping of a read (as ``get``)."""
+        started = time.time()
+        try:
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        except BlobNotFound:
+            await self._forget([digest], started)
+            raise
+        await self._touch([digest])
+
     async def bulk_read(
         self, ctx: RequestContext, digests: Sequence[Digest]
     ) -> dict[Digest, bytes]:

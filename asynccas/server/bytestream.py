@@ -99,9 +99,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 raise InvalidArgument(
                     f"read_limit must be 0 for a compressed read, not {request.read_limit}"
                 )
-            async with aclosing(
-                compressed(self._uncompressed(ctx, digest, request.read_offset))
-            ) as pieces:
+            stored = self.storage.get_zstd(ctx, digest) if request.read_offset == 0 else None
+            frame = stored if stored is not None and not digest.is_empty else None
+            if frame is None:
+                frame = compressed(self._uncompressed(ctx, digest, request.read_offset))
+            async with aclosing(frame) as pieces:
                 async for piece in pieces:
                     yield bs_pb2.ReadResponse(data=piece)
             return

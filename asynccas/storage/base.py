@@ -248,6 +248,12 @@ class Storage(abc.ABC):
         keep 0 <= offset <= size; the service layer turns other offsets into OUT_OF_RANGE.
         """
 
+    def get_zstd(self, ctx: RequestContext, digest: Digest) -> AsyncGenerator[bytes] | None:
+        """The whole blob as one zstd frame, straight from where it is kept compressed (a
+        compressed read then costs no compression work), or None where it is not kept so.
+        Like ``get``, the stream raises BlobNotFound on its first iteration."""
+        return None
+
     @abc.abstractmethod
     async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         """A writer for one upload of ``digest`` (see ``BlobWriter``; ``put_chunks`` feeds one

@@ -113,10 +113,7 @@ class DiskStorage(Storage, Stageable, Deletable, Listable):
                 leftover.unlink(missing_ok=True)
 
     def _has_blob_sync(self, digest: Digest) -> bool:
-        try:
-            return self.path_for(digest).stat().st_size == digest.size_bytes
-        except FileNotFoundError:
-            return False
+        return self.intact(self.path_for(digest), digest)
 
     async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
         digests = batch.digests
@@ -213,7 +210,18 @@ class DiskStorage(Storage, Stageable, Deletable, Listable):
     async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         # The temp file is made with the first data written: no thread hop here, and none at
         # all for an upload that turns out to be stored already.
-        return _DiskWriter(self, digest)
+        return self._writer(digest)
+
+    def _writer(self, digest: Digest, handle: _BlobFile | None = None) -> _DiskWriter:
+        return _DiskWriter(self, digest, handle)
+
+    def intact(self, path: Path, digest: Digest) -> bool:
+        """Whether the file at ``path`` is a whole copy of ``digest`` (a crash can leave a
+        truncated one behind)."""
+        try:
+            return path.stat().st_size == digest.size_bytes
+        except FileNotFoundError:
+            return False
 
     def _new_temp(self, direct: bool = False) -> _BlobFile:
         path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -239,9 +247,9 @@ class DiskStorage(Storage, Stageable, Deletable, Listable):
                     continue
                 with _disk_errors(f"store blob {digest}"):
                     handle = self._new_temp()
-                    disk_writer = _DiskWriter(self, digest, handle)
+                    disk_writer = self._writer(digest, handle)
                     staged.append(disk_writer)
-                    handle.write(data)
+                    handle.write(disk_writer.encoded_whole(data))
                     disk_writer.close_sync()
                     disk_writer.mark_verified(len(data))
         except BaseException:
@@ -361,7 +369,16 @@ class _DiskWriter(BlobWriter, CommitsInThread):
             self._temp_path = Path(self._handle.name)
         for part in parts:
             self._hasher.update(part)
-        self._handle.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._handle.write(self.encoded(parts[0] if len(parts) == 1 else b"".join(parts)))
+
+    def encoded(self, data: bytes) -> bytes:
+        """What goes into the file for the next ``data`` of the blob (a compressing writer
+        changes it)."""
+        return data
+
+    def encoded_whole(self, data: bytes) -> bytes:
+        """What goes into the file for a whole blob written at once (``stage``)."""
+        return data
 
     async def _finish(self, tail: list[bytes]) -> None:
         with _disk_errors(f"store blob {self.digest}"):
@@ -428,10 +445,9 @@ class _DiskWriter(BlobWriter, CommitsInThread):
                 continue
             except FileExistsError:
                 pass
-            try:
-                if final.stat().st_size == self.digest.size_bytes:
-                    return False  # another writer got there first: keep its copy
-            except FileNotFoundError:
+            if self._storage.intact(final, self.digest):
+                return False  # another writer got there first: keep its copy
+            if not final.exists():
                 continue  # evicted between our link and our look: link again
             # A damaged copy (e.g. truncated by a crash): replace it atomically.
             side = final.with_name(f"{final.name}.{uuid.uuid4().hex}")

@@ -53,6 +53,9 @@ class ForwardingStorage(Storage, Stageable, Deletable, Listable, DeletionMarked)
     ) -> AsyncGenerator[bytes]:
         return self.inner.get(ctx, digest, offset, limit)
 
+    def get_zstd(self, ctx: RequestContext, digest: Digest) -> AsyncGenerator[bytes] | None:
+        return self.inner.get_zstd(ctx, digest)
+
     async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         return await self.inner.put(ctx, digest)
 

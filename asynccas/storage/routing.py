@@ -80,6 +80,9 @@ class RoutingStorage(Storage, Stageable, Deletable, Listable, DeletionMarked):
         async for chunk in self.routes[self.route(digest)].get(ctx, digest, offset, limit):
             yield chunk
 
+    def get_zstd(self, ctx: RequestContext, digest: Digest) -> AsyncGenerator[bytes] | None:
+        return self.routes[self.route(digest)].get_zstd(ctx, digest)
+
     async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         return await self.routes[self.route(digest)].put(ctx, digest)
 
