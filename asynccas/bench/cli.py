@@ -54,8 +54,8 @@ def add_bench_commands(commands: Any, parse_size: Any) -> None:
     bench.add_argument("--compressor", choices=["zstd"], default=None,
                        help="move ByteStream data zstd-compressed (the server must offer it)")  # fmt: skip
     bench.add_argument("--compressible", action="store_true",
-                       help="bytestream-write/-read: blobs of 3 bits of entropy per byte (zstd"
-                            " makes them about 40%%), not random bytes")  # fmt: skip
+                       help="ByteStream scenarios, bazel-like and bazel-download: blobs of 3 bits"
+                            " of entropy per byte (zstd makes them about 40%%), not random bytes")  # fmt: skip
     bench.add_argument("--seed", type=int, default=None,
                        help="makes the run's blobs and actions; the default, a new one per run,"
                             " keeps a run from meeting an earlier run's data already stored")  # fmt: skip

@@ -46,8 +46,9 @@ class Settings:
     compressor: str | None = None
     """``"zstd"``: ByteStream data moves zstd-compressed."""
     compressible: bool = False
-    """ByteStream scenarios' blobs of 3 bits of entropy per byte, which zstd shrinks to about
-    40% as it does build outputs, instead of random bytes."""
+    """Blobs of 3 bits of entropy per byte (ByteStream scenarios, and the outputs of
+    bazel-like and bazel-download), which zstd shrinks to about 40% as it does build
+    outputs, instead of random bytes."""
 
 
 def fresh_seed() -> int:
@@ -363,7 +364,7 @@ class _ActionOutputs:
         self.supplies = [
             (
                 FreshBlobs(int(low * (high / low) ** rng.random()), rng,
-                           settings.worker * 64 + i * 8 + j),
+                           settings.worker * 64 + i * 8 + j, compressible=settings.compressible),
                 share / 8,
             )
             for i, (low, high, share) in enumerate(mix)
