@@ -221,3 +221,15 @@ async def test_a_remote_over_mutual_tls_with_a_token_from_a_config_file(tmp_path
         async with deployment.cas as without_certificate:
             with pytest.raises(BackendUnavailable):
                 await contains(without_certificate, NO_CONTEXT, digest)
+
+
+async def test_an_upload_the_remote_answers_early_succeeds_without_retries() -> None:
+    """The remote has the blob already (another upload just finished) and ends this upload's
+    stream while it is still sending: that is success, not UNAVAILABLE (grpc reports the
+    failed send as INTERNAL, which once failed the upload; seen in a write-behind cache)."""
+    async with memory_server() as upstream, RemoteStorage(f"grpc://{upstream.target}") as remote:
+        for seed in range(10):
+            digest, data = blob(4 * 1024 * 1024, 100 + seed)
+            await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data, 1024 * 1024))
+            await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data, 1024 * 1024))
+        assert remote.calls["Write"] == 20

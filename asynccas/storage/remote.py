@@ -449,6 +449,9 @@ def _as_error(code: grpc.StatusCode, text: str) -> CasError:
     return BackendUnavailable(text)
 
 
+_BROKEN_STREAM: Final = "the upload stream broke while sending"
+
+
 class RemoteWriter(BlobWriter):
     """One upload to the remote over one ByteStream Write stream, opened by the first data.
 
@@ -513,6 +516,12 @@ class RemoteWriter(BlobWriter):
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                 failure = await self._outcome(exc)
                 if failure is None:  # the remote answered early: it has the blob
+                    self._remote_has_it = True
+                    return
+                # A broken stream is most often a remote that answered early (another upload
+                # of the blob just finished) while this one was still sending: ask first.
+                broken = (failure.details() or "").startswith(_BROKEN_STREAM)
+                if broken and await self._committed_size() >= self.digest.size_bytes:
                     self._remote_has_it = True
                     return
                 if not await remote.retry_after(self._ctx, failure, attempt):
@@ -596,7 +605,7 @@ class RemoteWriter(BlobWriter):
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.aio.Metadata(),
                     grpc.aio.Metadata(),
-                    f"the upload stream broke while sending: {exc.details()}",
+                    f"{_BROKEN_STREAM}: {exc.details()}",
                 )
             return exc
         assert call is not None
