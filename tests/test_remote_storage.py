@@ -174,7 +174,8 @@ async def test_an_interrupted_upload_resumes_where_the_remote_stopped() -> None:
     ):
         await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data))
         assert await read_all(storage, NO_CONTEXT, digest) == data
-        assert remote.calls["QueryWriteStatus"] == 1
+        # Once to resume, and once more when grpc reported the drop as a failed send.
+        assert remote.calls["QueryWriteStatus"] in (1, 2)
     assert len(bytestream.first_offsets) == 2
     assert bytestream.first_offsets[1] >= 2 * 1024 * 1024, "the retry restarted from 0"
 

@@ -320,7 +320,7 @@ class RemoteStorage(Storage):
                 attempt += 1
                 continue
             finally:
-                call.cancel()  # a reader that stopped early ends the stream now, not at GC
+                await _ended(call)  # a reader that stopped early ends the stream now
             self._outages.succeeded()
             return
 
@@ -441,6 +441,17 @@ class RemoteStorage(Storage):
             await anyio.sleep(backoff_delay(attempt, FIRST_BACKOFF, self.max_backoff))
 
 
+async def _ended(call: grpc.aio.Call) -> None:
+    """Cancel ``call`` if it is still under way, and wait until grpc has taken the
+    cancellation in: left to finish later, its last events can reach an event loop that has
+    closed meanwhile (a library user's, or a test's)."""
+    if call.done():
+        return
+    call.cancel()
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await call.code()
+
+
 def _as_error(code: grpc.StatusCode, text: str) -> CasError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(text)
@@ -497,8 +508,8 @@ class RemoteWriter(BlobWriter):
 
     async def _abort(self) -> None:
         if self._call is not None:
-            self._call.cancel()
-            self._call = None
+            call, self._call = self._call, None
+            await _ended(call)
         self._forget_sent()
 
     async def _send(self, parts: list[bytes], *, finish: bool) -> None:
