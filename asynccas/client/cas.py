@@ -614,48 +614,20 @@ class CasClient:
         return found
 
     async def read_blob(self, digest: Digest) -> AsyncIterator[bytes]:
-        """Stream a blob through ByteStream, resuming after transient errors; verified at the end."""
-        if self.compressor is not None:
-            async for data in self._read_compressed(digest):
-                yield data
-            return
+        """Stream a blob through ByteStream, resuming after transient errors; verified at the
+        end. With a compressor, each attempt reads one zstd frame from the offset reached."""
         hasher = OverlappedHasher(digest.function.new_hasher())
+        name = format_read_name(self.instance_name, digest, self.compressor)
         received = 0
         attempt = 0
         while True:
-            request = bs_pb2.ReadRequest(
-                resource_name=format_read_name(self.instance_name, digest), read_offset=received
-            )
+            request = bs_pb2.ReadRequest(resource_name=name, read_offset=received)
+            pieces = self._counted(self._read(request, timeout=self.timeout))
+            if self.compressor is not None:
+                rest = Digest(digest.hash, digest.size_bytes - received, digest.function)
+                pieces = decompressed(pieces, rest)
             try:
-                async for data in self._read(request, timeout=self.timeout):
-                    await hasher.update(data)
-                    received += len(data)
-                    self.bytes_received += len(data)
-                    yield data
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    raise BlobNotFound(digest) from exc
-                attempt += 1
-                if exc.code() not in TRANSIENT or attempt == self.max_attempts:
-                    raise
-                await anyio.sleep(self._delay(attempt))
-        if received != digest.size_bytes or await hasher.hexdigest() != digest.hash:
-            raise DigestMismatch(f"server sent {received} bytes that do not match {digest}")
-
-    async def _read_compressed(self, digest: Digest) -> AsyncIterator[bytes]:
-        """``read_blob`` as zstd frames: after a failure, a new frame from the uncompressed
-        offset reached."""
-        hasher = OverlappedHasher(digest.function.new_hasher())
-        name = format_read_name(self.instance_name, digest, ZSTD)
-        received = 0
-        attempt = 0
-        while True:
-            call = self._read(bs_pb2.ReadRequest(resource_name=name, read_offset=received),
-                              timeout=self.timeout)  # fmt: skip
-            wanted = Digest(digest.hash, digest.size_bytes - received, digest.function)
-            try:
-                async for data in decompressed(self._counted(call), wanted):
+                async for data in pieces:
                     await hasher.update(data)
                     received += len(data)
                     yield data
