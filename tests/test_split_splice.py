@@ -252,3 +252,32 @@ async def test_the_client_moves_an_edited_file_by_its_changed_chunks(tmp_path: P
         assert await anyio.Path(tmp_path / "first-copy").read_bytes() == bytes(first)
         assert received_first >= len(first)
         assert received_second < 3 << 20, f"the edited file took {received_second >> 10} KiB"
+
+
+async def test_unknown_enum_values_are_invalid_arguments_naming_them(
+    channel: grpc.aio.Channel,
+) -> None:
+    """A chunking function or compressor number this server does not know is the client's
+    mistake, named, not an INTERNAL error (looking its name up raised)."""
+    cas = re_grpc.ContentAddressableStorageStub(channel)
+    digest = Digest.of(b"unknown enums")
+    code, details = await code_of(
+        cas.SplitBlob(
+            re_pb2.SplitBlobRequest(blob_digest=digest.to_proto(), chunking_function=99)  # type: ignore[arg-type]
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "value 99" in details
+    response = await cas.BatchUpdateBlobs(
+        re_pb2.BatchUpdateBlobsRequest(
+            requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(
+                    digest=digest.to_proto(),
+                    data=b"unknown enums",
+                    compressor=42,  # type: ignore[arg-type]
+                )
+            ]
+        )
+    )
+    assert response.responses[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "value 42" in response.responses[0].status.message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from itertools import compress
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -58,9 +58,18 @@ def batch_update_response(results: Iterable[UpdateResult]) -> re_pb2.BatchUpdate
     )
 
 
+def _enum_name(enum: Any, value: int) -> str:
+    """A protobuf enum value's name, or its number for one this server does not know (a
+    client may send any number; ``Name`` would raise)."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return f"value {value}"
+
+
 def _inflated(compressor: int, data: bytes, digest: Digest) -> bytes:
     if compressor != re_pb2.Compressor.ZSTD:
-        name = re_pb2.Compressor.Value.Name(compressor).lower()  # type: ignore[arg-type]
+        name = _enum_name(re_pb2.Compressor.Value, compressor).lower()
         raise UnsupportedFeature(f"compressor {name} is not supported by this server")
     return compression.decompress(data, digest)
 
@@ -336,7 +345,7 @@ class ContentAddressableStorageService:
         ctx = authorize(Access.READ, request.instance_name, context, request.digest_function)
         digest = Digest.from_proto(request.blob_digest, request.digest_function)
         if request.chunking_function not in _SPLITS_WITH:
-            name = re_pb2.ChunkingFunction.Value.Name(request.chunking_function)
+            name = _enum_name(re_pb2.ChunkingFunction.Value, request.chunking_function)
             raise UnsupportedFeature(
                 f"chunking function {name} is not supported by this server (FAST_CDC_2020 is)"
             )
