@@ -136,25 +136,8 @@ class DecompressingWriter(BlobWriter):
 
     async def write(self, data: bytes) -> None:
         self.committed_size += len(data)
-        decompressor = self._decompressor
-        if decompressor.eof:
-            if data:
-                raise DigestMismatch(f"data after the end of the zstd frame of {self.digest}")
-            return
-        try:
-            out = decompressor.decompress(data, max_length=CHUNK_SIZE)
-            while True:
-                if out:
-                    await self.inner.write(out)  # raises once past the digest's size
-                if decompressor.eof or decompressor.needs_input:
-                    break
-                out = decompressor.decompress(b"", max_length=CHUNK_SIZE)
-        except zstd.ZstdError as exc:
-            raise DigestMismatch(
-                f"zstd data for {self.digest} does not decompress: {exc}"
-            ) from None
-        if decompressor.eof and decompressor.unused_data:
-            raise DigestMismatch(f"data after the end of the zstd frame of {self.digest}")
+        for out in _inflate(self._decompressor, data, self.digest):
+            await self.inner.write(out)  # raises once past the digest's size
 
     async def flush(self) -> None:
         await self.inner.flush()
