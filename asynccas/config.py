@@ -67,6 +67,7 @@ from asynccas.storage.mirrored import MirroredStorage
 from asynccas.storage.read_cache import ReadCacheStorage
 from asynccas.storage.remote import RemoteStorage
 from asynccas.storage.remote_action_cache import RemoteActionCache
+from asynccas.storage.s3 import S3Storage
 from asynccas.storage.sharded import ShardedStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
@@ -389,6 +390,39 @@ def _remote(table: _Table) -> RemoteStorage:
         raise ConfigurationError(f"{table.where}: {exc}") from None
 
 
+_BUCKET: Final = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _s3(table: _Table, graph: _Graph) -> tuple[Storage, str]:
+    bucket = table.raw("bucket", _REQUIRED)
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
+        raise table.error(
+            "bucket", f"expected an S3 bucket name (3-63 of a-z 0-9 . -), not {bucket!r}"
+        )
+    optional = {}
+    for key, option in (
+        ("endpoint", "endpoint_url"), ("region", "region"),
+        ("access_key_id", "access_key_id"), ("secret_access_key", "secret_access_key"),
+    ):  # fmt: skip
+        if key in table.values:
+            optional[option] = table.text(key)
+    prefix = table.raw("prefix", "")
+    if not isinstance(prefix, str):
+        raise table.error("prefix", f"expected a string, not {prefix!r}")
+    storage = S3Storage(
+        bucket,
+        prefix=prefix,
+        create_bucket=table.flag("create_bucket", False),
+        max_requests=table.integer("max_requests", 32) or 32,
+        part_size=table.size("part_size", 8 * 1024 * 1024),
+        buffer_bytes=table.size("buffer_size", 256 * 1024 * 1024),
+        request_timeout=table.number("request_timeout", 60.0),
+        attempts=table.integer("attempts", 3) or 3,
+        **optional,
+    )
+    return storage, f"objects in {storage.where}"
+
+
 def _remote_storage(table: _Table, graph: _Graph) -> tuple[Storage, str]:
     remote = _remote(table)
     return remote, f"the remote CAS {remote.remote}"
@@ -449,6 +483,7 @@ _BUILDERS: Final[Mapping[str, Callable[[_Table, _Graph], tuple[Storage, str]]]] 
     "read-cache": _read_cache,
     "redis-index": _redis_index,
     "remote": _remote_storage,
+    "s3": _s3,
     "with-cache": _with_cache,
     "existence-cache": _existence_cache,
     "sharded": _sharded,
