@@ -29,6 +29,7 @@ from asynccas.errors import CasError, ConfigurationError
 from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Listable, require
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE
+from asynccas.storage.forwarding import innermost
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.sqlite_rows import recorded_max_blob_size
 from asynccas.threads import in_thread
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         " take about a third of the disk, compressed reads cost no compression work; blobs"
         " stored before stay where they are, uncompressed and unseen, so choose it for a new"
         " data directory",
+    )
+    serve.add_argument(
+        "--isolation",
+        choices=("shared", "per-instance"),
+        default="shared",
+        help="'shared' (default): every instance sees every blob; 'per-instance': a blob"
+        " uploaded under one instance is missing in the others until they upload it too"
+        " (costing them a hash, not a second copy); who holds what is kept in Redis with a"
+        " Redis --index, else in memory (lost on restart: clients then upload again)",
     )
     serve.add_argument(
         "--upstream",
@@ -326,6 +336,7 @@ _STORAGE_FLAGS = {
     "read_cache": DEFAULT_READ_CACHE,
     "upstream": None,
     "compress_at_rest": False,
+    "isolation": "shared",
 }
 
 
@@ -422,6 +433,10 @@ async def shorthand_config(args: argparse.Namespace) -> dict[str, Any]:
         top = local["cas"]
         local["storage"]["cache"] = {"type": "read-cache", "max_size": read_cache, "storage": top}
         local["cas"] = "cache"
+    if getattr(args, "isolation", "shared") == "per-instance":
+        local["isolation"] = "per-instance"
+        if args.index.startswith(config.REDIS_SCHEMES):  # shared by the frontends the index is
+            local["blob_info"] = {"type": "redis", "url": args.index}
     return local
 
 
@@ -452,8 +467,9 @@ def _max_blob_size(asked: int, deployment: config.Deployment) -> int:
     budgets = [asked] if asked else []
     if deployment.eviction is not None:
         budgets.append(deployment.eviction.max_bytes)
-    if isinstance(deployment.cas, MemoryStorage):
-        budgets.append(deployment.cas.max_bytes)
+    memory = innermost(deployment.cas, MemoryStorage)
+    if isinstance(memory, MemoryStorage):
+        budgets.append(memory.max_bytes)
     return min(budgets, default=0)
 
 

@@ -58,12 +58,14 @@ from asynccas.storage.action_cache import (
     SqliteActionCache,
 )
 from asynccas.storage.base import Storage
+from asynccas.storage.blob_info import BlobInfoCache, MemoryBlobInfo, RedisBlobInfo
 from asynccas.storage.compressed_disk import CompressedDiskStorage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.existence_cache import ExistenceCacheStorage
 from asynccas.storage.forwarding import innermost
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.mirrored import MirroredStorage
+from asynccas.storage.per_instance import PerInstanceStorage
 from asynccas.storage.read_cache import ReadCacheStorage
 from asynccas.storage.remote import RemoteStorage
 from asynccas.storage.remote_action_cache import RemoteActionCache
@@ -508,6 +510,8 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
             f"storage.{unused[0]}: defined but not part of the cas graph (remove it)"
         )
     action_cache, results = _action_cache(top, base)
+    name = top.values.get("cas") or next(iter(storages))
+    cas, isolation = _isolation(top, base, cas, graph.descriptions[name])
     budget = top.size("max_size", 0) or None
     top.done()
     eviction = None
@@ -521,10 +525,40 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
                 " (a memory storage takes its own max_size)",
             )
         eviction = EvictionPolicy(budget, evicts=evict)
-    name = top.values.get("cas") or next(iter(storages))
     limit = f" (budget {human_size(budget)})" if budget else ""
-    description = f"blobs: {graph.descriptions[name]}{limit}; action cache: {results}"
+    description = f"blobs: {graph.descriptions[name]}{limit}{isolation}; action cache: {results}"
     return Deployment(cas, action_cache, eviction, description, graph.disk_roots, index)
+
+
+def _isolation(top: _Table, base: Path, cas: Storage, where: str) -> tuple[Storage, str]:
+    """The cas as the ``isolation`` key says: shared by every instance (as it is), or kept
+    per instance over one copy of each blob, with a ``[blob_info]`` cache of who holds what."""
+    isolation = top.raw("isolation", "shared")
+    if isolation == "shared":
+        if "blob_info" in top.values:
+            raise top.error(
+                "blob_info", 'only per-instance isolation uses it: isolation = "per-instance"'
+            )
+        return cas, ""
+    if isolation != "per-instance":
+        raise top.error("isolation", f'expected "shared" or "per-instance", not {isolation!r}')
+    values = top.raw("blob_info", {"type": "memory"})
+    if not isinstance(values, Mapping):
+        raise top.error("blob_info", f"expected a table, not {values!r}")
+    table = _Table("blob_info", values, base)
+    kind = table.text("type")
+    info: BlobInfoCache
+    if kind == "memory":
+        info = MemoryBlobInfo(table.integer("max_entries", 1_000_000) or 1_000_000)
+        held = "in memory"
+    elif kind == "redis":
+        provider = _redis_provider(table)
+        info = RedisBlobInfo(provider, prefix=table.text("prefix", "asynccas"))
+        held = f"in Redis at {provider.display_url}"
+    else:
+        raise table.error("type", f"unknown blob_info type {kind!r} (known: memory, redis)")
+    table.done()
+    return PerInstanceStorage(cas, info, location=where), f"; kept per instance ({held})"
 
 
 def _only_storage(graph: _Graph, storages: Mapping[str, Any]) -> Storage:

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from contextlib import aclosing
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
@@ -46,6 +54,9 @@ class StorageIndex(Storage, Stageable, Deletable, Listable, DeletionMarked):
         # Set while an EvictionPolicy keeps this index under a byte budget: uploads charge
         # their size to it when they open.
         self.budget: ByteBudget | None = None
+        self.deletion_listeners: list[Callable[[Sequence[Digest]], Awaitable[None]]] = []
+        """Called with the digests each deletion or eviction removed from the storage (what
+        keeps a blob-info cache from naming blobs that are gone)."""
 
     def offers(self, capability: type) -> bool:
         if capability is Listable:  # rebuilding lists what the storage holds
@@ -123,6 +134,13 @@ class StorageIndex(Storage, Stageable, Deletable, Listable, DeletionMarked):
 
     def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
         return cast(Listable, self.storage).list_blobs()
+
+    async def _delete_from_storage(self, digests: Sequence[Digest]) -> list[Digest]:
+        """Delete from the storage below, then tell the deletion listeners."""
+        gone = await self._storage_deletes.delete(digests)
+        for listener in self.deletion_listeners:
+            await listener(digests)
+        return gone
 
     async def deletion_marker(self) -> int | None:
         """None here; indexes that count their deletions say so."""

@@ -479,7 +479,7 @@ class RedisIndex(StorageIndex):
         removed = await self._evict([(math.inf, d) for d in unique])
         # Blobs the index did not know are deleted from storage too.
         unindexed = [d for d in unique if d not in removed]
-        gone = await self._storage_deletes.delete(unindexed) if unindexed else []
+        gone = await self._delete_from_storage(unindexed) if unindexed else []
         return [d for d in unique if d in removed or d in gone]
 
     async def _evict(self, candidates: Sequence[tuple[float, Digest]]) -> set[Digest]:
@@ -501,7 +501,7 @@ class RedisIndex(StorageIndex):
                 for result in await self._pipeline("begin eviction", calls):
                     removed.update(map(Digest.from_member, result))
                 if removed:
-                    await self._storage_deletes.delete(list(removed))
+                    await self._delete_from_storage(list(removed))
             finally:
                 await self._pipeline(
                     "end eviction",

@@ -271,7 +271,7 @@ class SqliteIndex(StorageIndex):
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", rows))
-                deleted = await self._storage_deletes.delete(unique)
+                deleted = await self._delete_from_storage(unique)
         return deleted
 
     async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:
@@ -364,7 +364,7 @@ class SqliteIndex(StorageIndex):
                 batch = _covering(await sql(lambda c: c.execute(select, args).fetchall()), wanted)
                 keys = [(key,) for _, key, _ in batch]
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", keys))
-                await self._storage_deletes.delete([Digest.from_key(key) for _, key, _ in batch])
+                await self._delete_from_storage([Digest.from_key(key) for _, key, _ in batch])
         return batch
 
 
