@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test pytest lint protos protos-check bench clean redis-server
+.PHONY: install serve test pytest lint protos protos-check bench clean redis-server cluster cluster-down
 
 install: $(STAMP)
 
@@ -53,6 +53,16 @@ protos-check: install
 
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
+
+## A local cluster on loopback ports: Redis, SeaweedFS (S3) and two asynccas frontends over
+## them, in the background; prints "frontend grpc://127.0.0.1:PORT" for each. Data and logs
+## in .cluster/. ARGS="--frontends 3 --max-size 1G --isolation per-instance" to vary it.
+cluster: install redis-server
+	$(BIN)/python scripts/local_cluster.py up $(ARGS)
+
+## Stop everything `make cluster` started and remove .cluster/.
+cluster-down:
+	$(BIN)/python scripts/local_cluster.py down $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -111,7 +111,7 @@ class SeaweedFS:
         if self.process is not None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=5)  # it takes ~25 s to stop gracefully
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
