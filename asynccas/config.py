@@ -591,8 +591,14 @@ def _action_cache(top: _Table, base: Path) -> tuple[ActionCacheStore, str]:
         store, description = RemoteActionCache(remote), f"the remote {remote.remote}"
     elif kind == "redis":
         provider = _redis_provider(table)
+        ttl = table.raw("ttl", 7 * 86400)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:
+            raise table.error("ttl", f"expected seconds (0: results never expire), not {ttl!r}")
         store = RedisActionCache(
-            provider, prefix=table.text("prefix", "asynccas"), ttl=table.number("ttl", 7 * 86400.0)
+            provider,
+            prefix=table.text("prefix", "asynccas"),
+            ttl=ttl or None,
+            buckets=table.integer("buckets", None),
         )
         description = f"Redis at {provider.display_url}"
     else:

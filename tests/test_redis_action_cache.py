@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
@@ -15,6 +16,8 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas.config import build
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable
+from asynccas.eviction import EvictionPolicy
+from asynccas.index.sqlite import SqliteIndex
 from asynccas.redis_provider import RedisProvider
 from asynccas.server.app import CasServer
 from asynccas.storage.action_cache import RedisActionCache
@@ -26,7 +29,7 @@ from tests.support.redis_servers import RedisCluster, RedisServer
 pytestmark = pytest.mark.anyio
 
 
-def cache(url: str, **options: float) -> RedisActionCache:
+def cache(url: str, **options: Any) -> RedisActionCache:
     return RedisActionCache(RedisProvider(url), prefix=f"ac-{uuid.uuid4().hex[:8]}", **options)
 
 
@@ -129,3 +132,65 @@ async def test_redis_down_is_unavailable_naming_it(tmp_path: Path) -> None:
             await store.get("", blob(10)[0])
     finally:
         await store.stop()
+
+
+async def check_accounting(store: RedisActionCache) -> None:
+    actions = [blob(100, 100 + i)[0] for i in range(40)]
+    await store.start()
+    try:
+        assert await store.stored_bytes() == 0
+        for action in actions:
+            await store.put("", action, b"r" * 1000)
+        assert await store.stored_bytes() == 40_000
+        await store.put("", actions[0], b"r" * 500)  # replaced: counted once, at its new size
+        await store.delete("", actions[1])
+        await store.delete("", actions[1])
+        assert await store.stored_bytes() == 38_500
+        await store.get("", actions[2])  # the oldest three but this one go first
+        await store.shrink_to(35_000)
+        assert await store.stored_bytes() <= 35_000
+        assert await store.get("", actions[2]) is not None, "a recently used result went"
+        assert await store.get("", actions[3]) is None, "an old result stayed"
+    finally:
+        await store.stop()
+
+
+async def test_results_count_toward_the_budget_on_one_server(redis_server: RedisServer) -> None:
+    await check_accounting(cache(redis_server.url, buckets=1))
+
+
+async def test_results_count_toward_the_budget_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    store = cache(redis_cluster.url)
+    assert store.buckets == 16
+    await check_accounting(store)
+
+
+async def test_expired_results_leave_the_count(redis_server: RedisServer) -> None:
+    store = cache(redis_server.url, ttl=1)
+    await store.start()
+    try:
+        await store.put("", blob(10, 1)[0], b"x" * 100)
+        assert await store.stored_bytes() == 100
+        await anyio.sleep(2.2)
+        assert await store.stored_bytes() == 0
+    finally:
+        await store.stop()
+
+
+async def test_the_eviction_policy_keeps_results_to_their_share(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The budget holds blobs and action results together, as with the SQLite cache: results
+    beyond their share (half the budget) go, least recently used first."""
+    store = cache(redis_server.url, ttl=None)
+    index = SqliteIndex(MemoryStorage(), tmp_path / "index.sqlite")
+    policy = EvictionPolicy(max_bytes=20_000)
+    async with index:
+        await store.start()
+        try:
+            for seed in range(30):
+                await store.put("", blob(10, seed)[0], b"r" * 1000)
+            await policy.enforce_once(index, store)
+            assert await store.stored_bytes() <= 10_000
+        finally:
+            await store.stop()

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import anyio
 
@@ -182,30 +182,130 @@ def _drop_least_recent(conn: sqlite3.Connection, entries: int) -> None:
     )
 
 
+# Each script touches one bucket's keys only, which share its hash tag (one Cluster slot).
+# KEYS: the entry, the bucket's LRU zset, its sizes hash, its byte counter.
+_AC_PUT: Final = """
+local old = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+local size = string.len(ARGV[1])
+redis.call('HSET', KEYS[3], KEYS[1], size)
+redis.call('ZADD', KEYS[2], ARGV[2], KEYS[1])
+redis.call('INCRBY', KEYS[4], size - old)
+return size
+"""
+_AC_GET: Final = """
+local value
+if tonumber(ARGV[2]) > 0 then
+  value = redis.call('GETEX', KEYS[1], 'EX', ARGV[2])
+else
+  value = redis.call('GET', KEYS[1])
+end
+if value then
+  redis.call('ZADD', KEYS[2], 'XX', ARGV[1], KEYS[1])
+  return value
+end
+local old = redis.call('HGET', KEYS[3], KEYS[1])
+if old then
+  redis.call('HDEL', KEYS[3], KEYS[1])
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('DECRBY', KEYS[4], old)
+end
+return false
+"""
+_AC_DELETE: Final = """
+local old = redis.call('HGET', KEYS[3], KEYS[1])
+redis.call('DEL', KEYS[1])
+if old then
+  redis.call('HDEL', KEYS[3], KEYS[1])
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('DECRBY', KEYS[4], old)
+end
+return 0
+"""
+# KEYS: the bucket's LRU zset, sizes hash, byte counter. Entries unused since ARGV[1] whose
+# key expired are taken off the count (at most ARGV[2] per call); returns the count.
+_AC_MEASURE: Final = """
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, entry in ipairs(stale) do
+  if redis.call('EXISTS', entry) == 0 then
+    local old = redis.call('HGET', KEYS[2], entry)
+    redis.call('HDEL', KEYS[2], entry)
+    redis.call('ZREM', KEYS[1], entry)
+    if old then redis.call('DECRBY', KEYS[3], old) end
+  end
+end
+return tonumber(redis.call('GET', KEYS[3]) or '0')
+"""
+# Drops least recently used entries of one bucket, at most ARGV[1] of them, until ARGV[2]
+# bytes are freed; returns the bytes freed.
+_AC_DROP_OLDEST: Final = """
+local oldest = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local freed = 0
+for _, entry in ipairs(oldest) do
+  if freed >= tonumber(ARGV[2]) then break end
+  local old = tonumber(redis.call('HGET', KEYS[2], entry) or '0')
+  redis.call('DEL', entry)
+  redis.call('HDEL', KEYS[2], entry)
+  redis.call('ZREM', KEYS[1], entry)
+  freed = freed + old
+end
+if freed > 0 then redis.call('DECRBY', KEYS[3], freed) end
+return freed
+"""
+_DROP_BATCH: Final = 256
+_MEASURE_BATCH: Final = 1000
+
+
 class RedisActionCache(ActionCacheStore):
     """Action results in Redis (plain, TLS, Sentinel or Cluster, as the index), so that every
     frontend sharing it serves every other's results.
 
-    One string per (instance, action), written with an expiry and given it again when read:
-    a result unused for ``ttl`` seconds goes, one in use stays; Redis's own ``maxmemory``
-    policy can bound it further. Each call is one command, one round trip. Results are not
-    counted toward ``--max-size``, which bounds the blobs a storage holds: their bound is
-    ``ttl`` (and Redis's memory limit)."""
+    Bounded two ways, as the user sets: each result expires ``ttl`` seconds after its last
+    use (None: never), and the results count toward the server's ``--max-size`` like the
+    SQLite cache's (the eviction policy drops the least recently used ones beyond their
+    share). For that, results fall into buckets, each under one hash tag (one Cluster slot):
+    an LRU sorted set, a hash of sizes and a byte counter beside the entries, all updated by
+    one script per call: a read or a write is one round trip, as a bare GET or SET would be.
+    Expired entries leave the count when the eviction policy measures it.
+    """
 
     def __init__(
-        self, provider: RedisProvider, *, prefix: str = "asynccas", ttl: float = 7 * 86400
+        self,
+        provider: RedisProvider,
+        *,
+        prefix: str = "asynccas",
+        ttl: float | None = 7 * 86400,
+        buckets: int | None = None,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError(f"ttl must be positive, not {ttl}")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be positive (or None: no expiry), not {ttl}")
         self.provider = provider
         self.prefix = prefix
-        self.ttl = int(max(1, ttl))
+        self.ttl = int(max(1, ttl)) if ttl is not None else 0
+        # One bucket on one server; a cluster's are spread over its masters.
+        self.buckets = buckets or (16 if provider.is_cluster else 1)
         self._client: Client | None = None
         self._turns = ConnectionTurns(provider)
 
+    def _tag(self, bucket: int) -> str:
+        return f"{{{self.prefix}:ac:{bucket}}}"
+
+    def _bucket_keys(self, bucket: int) -> list[str]:
+        tag = self._tag(bucket)
+        return [f"{tag}:lru", f"{tag}:sizes", f"{tag}:bytes"]
+
     def key(self, instance_name: str, action: Digest) -> str:
+        bucket = int(action.hash[:8], 16) % self.buckets
         # The instance's length first: no instance name can make another's key.
-        return f"{self.prefix}:ac:{len(instance_name)}:{instance_name}:{action.key}"
+        return f"{self._tag(bucket)}:r:{len(instance_name)}:{instance_name}:{action.key}"
+
+    def _keys(self, instance_name: str, action: Digest) -> list[str]:
+        bucket = int(action.hash[:8], 16) % self.buckets
+        return [self.key(instance_name, action), *self._bucket_keys(bucket)]
 
     async def start(self) -> None:
         self._client = self.provider.client()
@@ -220,19 +320,54 @@ class RedisActionCache(ActionCacheStore):
         assert self._client is not None, "start() the action cache first"
         return self._client
 
-    async def get(self, instance_name: str, action: Digest) -> bytes | None:
+    async def _run(self, action: str, script: str, keys: list[str], *args: Any) -> Any:
         client = self._connected()
-        async with self._turns.take("read an action result"):
-            data = await client.getex(self.key(instance_name, action), ex=self.ttl)
+        async with self._turns.take(action):
+            return await client.eval(script, len(keys), *keys, *args)
+
+    async def get(self, instance_name: str, action: Digest) -> bytes | None:
+        data = await self._run(
+            "read an action result", _AC_GET, self._keys(instance_name, action),
+            time.time(), self.ttl,
+        )  # fmt: skip
         assert data is None or isinstance(data, bytes)  # the provider does not decode replies
         return data
 
     async def put(self, instance_name: str, action: Digest, result: bytes) -> None:
-        client = self._connected()
-        async with self._turns.take("store an action result"):
-            await client.set(self.key(instance_name, action), result, ex=self.ttl)
+        await self._run(
+            "store an action result", _AC_PUT, self._keys(instance_name, action),
+            result, time.time(), self.ttl,
+        )  # fmt: skip
 
     async def delete(self, instance_name: str, action: Digest) -> None:
-        client = self._connected()
-        async with self._turns.take("delete an action result"):
-            await client.delete(self.key(instance_name, action))
+        await self._run("delete an action result", _AC_DELETE, self._keys(instance_name, action))
+
+    async def stored_bytes(self) -> int:
+        # Entries unused for a ttl have expired (or will have by the time this ends).
+        unused_since = time.time() - self.ttl if self.ttl else "-inf"
+        total = 0
+        for bucket in range(self.buckets):
+            keys = self._bucket_keys(bucket)
+            args = (unused_since, _MEASURE_BATCH)
+            total += int(await self._run("measure the action results", _AC_MEASURE, keys, *args))
+        return total
+
+    async def shrink_to(self, target_bytes: int) -> None:
+        excess = await self.stored_bytes() - target_bytes
+        while excess > 0:
+            heads = []
+            for bucket in range(self.buckets):
+                lru = self._bucket_keys(bucket)[0]
+                async with self._turns.take("find the least recent action results"):
+                    head = await self._connected().zrange(lru, 0, 0, withscores=True)
+                if head:
+                    heads.append((head[0][1], bucket))
+            if not heads:
+                return
+            _, oldest = min(heads)
+            keys = self._bucket_keys(oldest)
+            dropping = "drop least recent action results"
+            freed = int(await self._run(dropping, _AC_DROP_OLDEST, keys, _DROP_BATCH, excess))
+            if freed <= 0:
+                return
+            excess -= freed
