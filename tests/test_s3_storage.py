@@ -4,6 +4,8 @@ the object store going away and coming back under a running server."""
 
 from __future__ import annotations
 
+import re
+import tomllib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +31,8 @@ from tests.support.redis_servers import RedisServer
 from tests.support.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
 
 pytestmark = pytest.mark.anyio
+
+README = Path(__file__).parent.parent / "README.md"
 
 
 def s3(store: SeaweedFS, **options: Any) -> S3Storage:
@@ -198,3 +202,27 @@ async def test_the_object_store_going_away_is_unavailable_and_its_return_needs_n
             assert await read(late) == late_data
     finally:
         await anyio.to_thread.run_sync(store.stop)
+
+
+async def test_the_readme_scale_out_example_builds_a_working_cas(
+    seaweedfs: SeaweedFS, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's frontend configuration, its addresses moved to this test's engines."""
+    text = await anyio.Path(README).read_text()
+    section = text[text.index("### Scale-out") :]
+    (example,) = re.findall(r"```toml\n(.*?)```", section[: section.index("\n### ", 1)], re.DOTALL)
+    bucket = f"readme-{uuid.uuid4().hex[:8]}"
+    example = (
+        example.replace("redis://redis.internal:6379/0", f"redis://127.0.0.1:{redis_server.port}/4")
+        .replace("http://seaweedfs.internal:8333", seaweedfs.endpoint)
+        .replace('bucket = "asynccas"', f'bucket = "{bucket}"\ncreate_bucket = true')
+    )
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    deployment = build(tomllib.loads(example), tmp_path)
+    assert deployment.index is deployment.cas
+    assert deployment.eviction is not None
+    assert deployment.eviction.max_bytes == 10 << 30
+    async with deployment.cas as cas:
+        assert isinstance(cas, RedisIndex)
+        await check_index(cas)
