@@ -175,6 +175,13 @@ class _Table:
             raise self.error(key, f"expected a whole number, not {value!r}")
         return value
 
+    def table(self, key: str, default: Mapping[str, Any]) -> _Table:
+        """A nested table (``[action_cache]``), read key by key like this one."""
+        values = self.raw(key, default)
+        if not isinstance(values, Mapping):
+            raise self.error(key, f"expected a table, not {values!r}")
+        return _Table(key, values, self.base)
+
     def done(self) -> None:
         unknown = sorted(set(self.values) - self._read)
         if unknown:
@@ -542,10 +549,7 @@ def _isolation(top: _Table, base: Path, cas: Storage, where: str) -> tuple[Stora
         return cas, ""
     if isolation != "per-instance":
         raise top.error("isolation", f'expected "shared" or "per-instance", not {isolation!r}')
-    values = top.raw("blob_info", {"type": "memory"})
-    if not isinstance(values, Mapping):
-        raise top.error("blob_info", f"expected a table, not {values!r}")
-    table = _Table("blob_info", values, base)
+    table = top.table("blob_info", {"type": "memory"})
     kind = table.text("type")
     info: BlobInfoCache
     if kind == "memory":
@@ -573,10 +577,7 @@ def _only_storage(graph: _Graph, storages: Mapping[str, Any]) -> Storage:
 
 
 def _action_cache(top: _Table, base: Path) -> tuple[ActionCacheStore, str]:
-    values = top.raw("action_cache", {"type": "memory"})
-    if not isinstance(values, Mapping):
-        raise top.error("action_cache", f"expected a table, not {values!r}")
-    table = _Table("action_cache", values, base)
+    table = top.table("action_cache", {"type": "memory"})
     kind = table.text("type")
     store: ActionCacheStore
     if kind == "memory":

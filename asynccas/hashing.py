@@ -11,11 +11,27 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final
 
+from asynccas.threads import in_thread
+
 if TYPE_CHECKING:
     from hashlib import _Hash
 
 # Below this, a thread hop costs more than hashing in place.
 THREAD_THRESHOLD: Final = 256 * 1024
+
+
+async def hash_parts(hasher: _Hash, parts: list[bytes]) -> None:
+    """Feed ``parts`` to ``hasher``, in a worker thread when they are large enough to pay
+    for the hop."""
+    if sum(map(len, parts)) >= THREAD_THRESHOLD:
+        await in_thread(_update_all, hasher, parts)
+    else:
+        _update_all(hasher, parts)
+
+
+def _update_all(hasher: _Hash, parts: list[bytes]) -> None:
+    for part in parts:
+        hasher.update(part)
 
 
 class OverlappedHasher:

@@ -175,6 +175,29 @@ class ConnectionTurns:
             self._turns.release()
 
 
+class RedisClientOwner:
+    """A store with one client of ``provider``'s: made at ``start``, closed at ``stop``, and
+    calls taking turns on its connections (the action cache's and the blob-info cache's)."""
+
+    def __init__(self, provider: RedisProvider) -> None:
+        self.provider = provider
+        self._client: Client | None = None
+        self._turns = ConnectionTurns(provider)
+
+    async def start(self) -> None:
+        self._client = self.provider.client()
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with anyio.CancelScope(shield=True):
+                await self.provider.close(client)
+
+    def _connected(self) -> Client:
+        assert self._client is not None, f"start() the {type(self).__name__} first"
+        return self._client
+
+
 class EncodedLane:
     """Commands already encoded in RESP, written straight onto connections of the lane's own.
 

@@ -9,7 +9,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bazel_build, bazel_traffic, client, fmb, harness, proxy, reapi212
+from benchmarks import (
+    bazel_build,
+    bazel_traffic,
+    client,
+    fmb,
+    harness,
+    proxy,
+    reapi212,
+    scaleout,
+)
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTIONS = "## Latest run of each benchmark"
@@ -25,6 +34,7 @@ BENCHMARKS: dict[str, Callable[..., str]] = {
     "harness": harness.run,
     "proxy": proxy.run,
     "reapi212": reapi212.run,
+    "scaleout": scaleout.run,
 }
 
 

@@ -32,6 +32,7 @@ from asynccas.storage.disk import DiskStorage
 from asynccas.transport import ServerTls
 from tests.support.tls import make_pki
 from tests.test_cli import start, stop
+from tests.test_local_cluster import cluster
 
 pytestmark = [
     pytest.mark.anyio,
@@ -261,4 +262,21 @@ async def test_bazel_through_caching_proxies(tmp_path: Path, output_bases: Path)
                 stored = await upstream_storage.get_total_size()
                 assert stored >= sum(2000 * (i + 1) ** 3 for i in range(RULES))
             else:
+                assert hits(output) == RULES, output[-3000:]
+
+
+async def test_bazel_through_two_frontends_of_a_cluster(tmp_path: Path, output_bases: Path) -> None:
+    """`make cluster`'s shape (Redis, SeaweedFS, two stateless frontends): Bazel uploads
+    through the first frontend, then, from a fresh output base, gets every action as a hit
+    through the second."""
+    workspace = tmp_path / "ws"
+    await anyio.to_thread.run_sync(make_workspace, workspace)
+    async with cluster(tmp_path / "cluster") as running:
+        for name, frontend in zip(("first", "second"), running.frontends, strict=True):
+            code, output = await build(
+                workspace, output_bases / name, [f"--remote_cache={frontend}"]
+            )
+            assert code == 0, output[-3000:]
+            assert "WARNING" not in output, output[-3000:]
+            if name == "second":
                 assert hits(output) == RULES, output[-3000:]

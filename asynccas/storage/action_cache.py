@@ -14,11 +14,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Final
 
-import anyio
-
 from asynccas.digest import Digest
 from asynccas.index.recency import TouchedThisInterval, recency_window
-from asynccas.redis_provider import Client, ConnectionTurns, RedisProvider
+from asynccas.redis_provider import RedisClientOwner, RedisProvider
 from asynccas.sqlite_database import SqliteDatabase
 
 
@@ -260,7 +258,7 @@ _DROP_BATCH: Final = 256
 _MEASURE_BATCH: Final = 1000
 
 
-class RedisActionCache(ActionCacheStore):
+class RedisActionCache(RedisClientOwner, ActionCacheStore):
     """Action results in Redis (plain, TLS, Sentinel or Cluster, as the index), so that every
     frontend sharing it serves every other's results.
 
@@ -283,13 +281,11 @@ class RedisActionCache(ActionCacheStore):
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be positive (or None: no expiry), not {ttl}")
-        self.provider = provider
+        super().__init__(provider)
         self.prefix = prefix
         self.ttl = int(max(1, ttl)) if ttl is not None else 0
         # One bucket on one server; a cluster's are spread over its masters.
         self.buckets = buckets or (16 if provider.is_cluster else 1)
-        self._client: Client | None = None
-        self._turns = ConnectionTurns(provider)
 
     def _tag(self, bucket: int) -> str:
         return f"{{{self.prefix}:ac:{bucket}}}"
@@ -306,19 +302,6 @@ class RedisActionCache(ActionCacheStore):
     def _keys(self, instance_name: str, action: Digest) -> list[str]:
         bucket = int(action.hash[:8], 16) % self.buckets
         return [self.key(instance_name, action), *self._bucket_keys(bucket)]
-
-    async def start(self) -> None:
-        self._client = self.provider.client()
-
-    async def stop(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            with anyio.CancelScope(shield=True):
-                await self.provider.close(client)
-
-    def _connected(self) -> Client:
-        assert self._client is not None, "start() the action cache first"
-        return self._client
 
     async def _run(self, action: str, script: str, keys: list[str], *args: Any) -> Any:
         client = self._connected()

@@ -440,6 +440,13 @@ async def stage(
     but not published."""
     if storage.offers(Stageable):
         return await cast(Stageable, storage).stage(ctx, blobs)
+    return await stage_with_writers(storage, ctx, blobs)
+
+
+async def stage_with_writers(
+    storage: Storage, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
+) -> list[BlobWriter | CasError]:
+    """Each blob through a ``put`` writer, verified but not published (errors per blob)."""
     staged: list[BlobWriter | CasError] = []
     try:
         for digest, data in blobs:

@@ -23,10 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-
 from asynccas.digest import Digest
-from asynccas.redis_provider import Client, ConnectionTurns, RedisProvider
+from asynccas.redis_provider import RedisClientOwner, RedisProvider
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +108,12 @@ class MemoryBlobInfo(BlobInfoCache):
             self._meta.pop(digest, None)
 
 
-class RedisBlobInfo(BlobInfoCache):
+class RedisBlobInfo(RedisClientOwner, BlobInfoCache):
     """Both caches in Redis; see the module's docstring for the layout."""
 
     def __init__(self, provider: RedisProvider, *, prefix: str = "asynccas") -> None:
-        self.provider = provider
+        super().__init__(provider)
         self.prefix = prefix
-        self._client: Client | None = None
-        self._turns = ConnectionTurns(provider)
 
     def members_key(self, instance: str) -> str:
         # The instance's length first: no instance name can make another's key.
@@ -125,19 +121,6 @@ class RedisBlobInfo(BlobInfoCache):
 
     def info_key(self, digest: Digest) -> bytes:
         return self.prefix.encode() + b":blob:" + digest.member
-
-    async def start(self) -> None:
-        self._client = self.provider.client()
-
-    async def stop(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            with anyio.CancelScope(shield=True):
-                await self.provider.close(client)
-
-    def _connected(self) -> Client:
-        assert self._client is not None, "start() the blob-info cache first"
-        return self._client
 
     async def contains(self, instance: str, digests: Sequence[Digest]) -> list[bool]:
         if not digests:

@@ -22,10 +22,10 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from itertools import compress
-from typing import Final
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch
+from asynccas.hashing import THREAD_THRESHOLD, hash_parts
 from asynccas.index.base import StorageIndex
 from asynccas.storage.base import (
     BlobWriter,
@@ -40,8 +40,6 @@ from asynccas.storage.context import RequestContext
 from asynccas.storage.forwarding import ForwardingStorage, innermost
 from asynccas.storage.tee_writer import TeeWriter
 from asynccas.threads import in_thread
-
-_HASH_IN_THREAD_ABOVE: Final = 256 * 1024
 
 
 class PerInstanceStorage(ForwardingStorage):
@@ -151,7 +149,7 @@ class PerInstanceStorage(ForwardingStorage):
             await self.info.set_meta([(d, self._meta(d)) for d in written])
         known = [p for p, s in enumerate(stored) if s]
         checked = [blobs[p] for p in known]
-        if sum(len(data) for _, data in checked) >= _HASH_IN_THREAD_ABOVE:
+        if sum(len(data) for _, data in checked) >= THREAD_THRESHOLD:
             wrong = await in_thread(_mismatches, checked)
         else:
             wrong = _mismatches(checked)
@@ -197,10 +195,7 @@ class _VerifyingWriter(BlobWriter):
         self._ctx = ctx
 
     async def _write(self, parts: list[bytes]) -> None:
-        if sum(map(len, parts)) >= _HASH_IN_THREAD_ABOVE:
-            await in_thread(_update_all, self._hasher, parts)
-        else:
-            _update_all(self._hasher, parts)
+        await hash_parts(self._hasher, parts)
 
     async def _publish(self) -> None:
         storage = self._storage
@@ -225,8 +220,3 @@ def _mismatches(blobs: Sequence[tuple[Digest, bytes]]) -> list[CasError | None]:
         matches = hasher.hexdigest() == digest.hash
         errors.append(None if matches else DigestMismatch(f"data does not hash to {digest}"))
     return errors
-
-
-def _update_all(hasher: object, parts: list[bytes]) -> None:
-    for part in parts:
-        hasher.update(part)  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ import anyio
 
 from asynccas.digest import Digest, DigestBatch, DigestFunction
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, ConfigurationError
+from asynccas.hashing import hash_parts
 from asynccas.outages import outages
 from asynccas.storage.base import (
     CHUNK_SIZE,
@@ -42,6 +43,7 @@ from asynccas.storage.base import (
     Stageable,
     Storage,
     abort_all,
+    stage_with_writers,
 )
 from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
@@ -53,7 +55,6 @@ R = TypeVar("R")
 
 MIN_PART_SIZE: Final = 5 * 1024 * 1024
 """S3's smallest part (all but the last) of a multipart upload."""
-_HASH_IN_THREAD_ABOVE: Final = 256 * 1024
 _DELETE_BATCH: Final = 1000  # DeleteObjects' limit
 _KEY: Final = re.compile(r"([a-z0-9]+)/([0-9a-f]+)-(\d+)")
 
@@ -346,18 +347,7 @@ class S3Storage(Storage, Stageable, Deletable, Listable):
     async def stage(
         self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
     ) -> list[BlobWriter | CasError]:
-        staged: list[BlobWriter | CasError] = []
-        for digest, data in blobs:
-            writer = await self.put(ctx, digest)
-            try:
-                await writer.write(data)
-                await writer.verify()
-            except CasError as exc:
-                await writer.abort()
-                staged.append(exc)
-            else:
-                staged.append(writer)
-        return staged
+        return await stage_with_writers(self, ctx, blobs)
 
     async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
         await _bounded(self.max_requests, _publish, writers)
@@ -411,14 +401,8 @@ class _S3Writer(BlobWriter):
         self._parts: list[dict[str, Any]] = []
         self._published = False
 
-    async def _hash(self, parts: list[bytes]) -> None:
-        if sum(map(len, parts)) >= _HASH_IN_THREAD_ABOVE:
-            await in_thread(_update_all, self._hasher, parts)
-        else:
-            _update_all(self._hasher, parts)
-
     async def _write(self, parts: list[bytes]) -> None:
-        await self._hash(parts)
+        await hash_parts(self._hasher, parts)
         for part in parts:
             self._buffer.append(part)
             self._buffered += len(part)
@@ -445,7 +429,7 @@ class _S3Writer(BlobWriter):
 
     async def _finish(self, tail: list[bytes]) -> None:
         if tail:
-            await self._hash(tail)
+            await hash_parts(self._hasher, tail)
             self._buffer += tail
             self._buffered += sum(map(len, tail))
         if self._upload_id is not None and self._buffer:
@@ -482,11 +466,6 @@ class _S3Writer(BlobWriter):
             logger.warning("could not abort an unfinished upload: %s", exc)
         finally:
             await self._storage.buffers.give_back(reserved)
-
-
-def _update_all(hasher: Any, parts: list[bytes]) -> None:
-    for part in parts:
-        hasher.update(part)
 
 
 async def _publish(writer: BlobWriter) -> None:

@@ -38,6 +38,16 @@ def free_port(*, with_bus_port: bool = False) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _is_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -47,7 +57,26 @@ def _is_free(port: int) -> bool:
         return True
 
 
-class RedisServer:
+class ChildServer:
+    """A server child process (``process`` once started): ``kill`` and ``start`` again to
+    simulate an outage; ``stop`` asks it to exit, waiting ``stop_timeout`` seconds."""
+
+    process: subprocess.Popen[bytes] | None
+    stop_timeout: float = 10
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            terminate(self.process, timeout=self.stop_timeout)
+            self.process = None
+
+
+class RedisServer(ChildServer):
     """One redis-server child process; ``kill`` and ``start`` again to simulate an outage."""
 
     def __init__(
@@ -131,22 +160,6 @@ class RedisServer:
             socket_timeout=1,
             **(tls if self.tls else {}),
         )
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
 
     def command_counts(self) -> dict[str, int]:
         """Calls per command since start, from INFO commandstats."""

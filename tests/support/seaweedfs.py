@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support.redis_servers import free_port
+from tests.support.redis_servers import ChildServer, free_port
 
 ACCESS_KEY = "asynccas-test"
 SECRET_KEY = "asynccas-test-secret"  # SeaweedFS without an identity file accepts any
@@ -33,8 +33,10 @@ def weed_binary() -> str:
     return found
 
 
-class SeaweedFS:
+class SeaweedFS(ChildServer):
     """One ``weed server`` child process serving S3 on ``endpoint``."""
+
+    stop_timeout = 5  # it takes ~25 s to stop gracefully, and tests need not wait for it
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -100,19 +102,3 @@ class SeaweedFS:
         request = urllib.request.Request(self.endpoint + path, data=body, method="PUT")
         with urllib.request.urlopen(request, timeout=2):
             pass
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)  # it takes ~25 s to stop gracefully
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None

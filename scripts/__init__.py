@@ -1,0 +1,1 @@
+"""Repository tools: generated code, the local cluster."""
