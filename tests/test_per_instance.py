@@ -32,7 +32,7 @@ from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.per_instance import PerInstanceStorage
 from asynccas.testing import blob, check_storage
-from tests.support.redis_servers import RedisCluster, RedisServer
+from tests.support.redis_servers import RedisCluster, RedisSentinel, RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -243,3 +243,12 @@ def _batch(*digests: Digest) -> DigestBatch:
 async def _pieces(data: bytes) -> Any:
     for start in range(0, len(data), 16 * 1024):
         yield data[start : start + 16 * 1024]
+
+
+async def test_redis_blob_info_through_sentinel(tmp_path: Path) -> None:
+    sentinel = RedisSentinel(tmp_path / "sentinel")
+    await anyio.to_thread.run_sync(sentinel.start)
+    try:
+        await check_blob_info(RedisBlobInfo(RedisProvider(sentinel.url), prefix=prefix()))
+    finally:
+        await anyio.to_thread.run_sync(sentinel.stop)

@@ -24,7 +24,7 @@ from asynccas.storage.action_cache import RedisActionCache
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.memory import MemoryStorage
 from asynccas.testing import blob
-from tests.support.redis_servers import RedisCluster, RedisServer
+from tests.support.redis_servers import RedisCluster, RedisSentinel, RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +194,13 @@ async def test_the_eviction_policy_keeps_results_to_their_share(
             assert await store.stored_bytes() <= 10_000
         finally:
             await store.stop()
+
+
+async def test_through_sentinel(tmp_path: Path) -> None:
+    sentinel = RedisSentinel(tmp_path / "sentinel")
+    await anyio.to_thread.run_sync(sentinel.start)
+    try:
+        await check_action_cache(cache(sentinel.url))
+        await check_accounting(cache(sentinel.url))
+    finally:
+        await anyio.to_thread.run_sync(sentinel.stop)
