@@ -518,6 +518,8 @@ async def serve(args: argparse.Namespace) -> None:
         async with server, anyio.create_task_group() as tasks:
             if eviction is not None and deployment.index is not None:
                 tasks.start_soon(eviction.run, deployment.index, action_cache)
+            for inner_eviction, inner_index in deployment.inner_budgets:
+                tasks.start_soon(inner_eviction.run, inner_index)
             if args.parent_pid is not None:
                 tasks.start_soon(_exit_with_parent, args.parent_pid)
             if first:

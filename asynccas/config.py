@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -113,6 +113,9 @@ class Deployment:
     index: StorageIndex | None
     """The index at the top of the graph, under any read cache: what eviction, metrics and
     reindex work through."""
+    inner_budgets: list[tuple[EvictionPolicy, StorageIndex]] = field(default_factory=list)
+    """Budgets of indexes deeper in the graph (their own ``max_size``): a frontend's local
+    cache keeps the top-level budget while the shared store below keeps the cluster's."""
 
 
 class _Table:
@@ -195,13 +198,23 @@ _REQUIRED: Final = object()
 class _Graph:
     """Builds storages by name, each once, refusing cycles and unknown names."""
 
-    def __init__(self, storages: Mapping[str, Any], base: Path) -> None:
+    def __init__(self, storages: Mapping[str, Any], base: Path, *, evict: bool = True) -> None:
         self.storages = storages
         self.base = base
+        self.evict = evict
+        self.budgets: list[tuple[EvictionPolicy, StorageIndex]] = []
         self.building: list[str] = []
         self.used_by: dict[str, str] = {}
         self.descriptions: dict[str, str] = {}
         self.disk_roots: list[Path] = []
+
+    def own_budget(self, table: _Table, index: StorageIndex) -> str:
+        """An index table's own ``max_size``, if it has one; a description's words for it."""
+        budget = table.size("max_size", 0)
+        if not budget:
+            return ""
+        self.budgets.append((EvictionPolicy(budget, evicts=self.evict), index))
+        return f" (its own budget {human_size(budget)})"
 
     def storage(self, table: _Table, key: str) -> Storage:
         """The storage that ``table``'s ``key`` names, built (with what it wraps)."""
@@ -323,7 +336,8 @@ def _sqlite_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
         fsync=table.flag("fsync", True),
         touch_interval=table.number("touch_interval", 60.0),
     )
-    return index, f"{graph.describe(table, 'storage')}; index {path}"
+    limit = graph.own_budget(table, index)
+    return index, f"{graph.describe(table, 'storage')}; index {path}{limit}"
 
 
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "redis+cluster://", "redis+sentinel://")
@@ -352,7 +366,8 @@ def _redis_index(table: _Table, graph: _Graph) -> tuple[Storage, str]:
         )
     except ValueError as exc:
         raise ConfigurationError(f"{table.where}: {exc}") from None
-    return index, f"{graph.describe(table, 'storage')}; index {provider.display_url}"
+    limit = graph.own_budget(table, index)
+    return index, f"{graph.describe(table, 'storage')}; index {provider.display_url}{limit}"
 
 
 def _remote(table: _Table) -> RemoteStorage:
@@ -509,7 +524,7 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
     storages = top.raw("storage", {})
     if not isinstance(storages, Mapping) or not storages:
         raise ConfigurationError("config: define at least one [storage.NAME] table")
-    graph = _Graph(storages, base)
+    graph = _Graph(storages, base, evict=evict)
     cas = graph.storage(top, "cas") if "cas" in config else _only_storage(graph, storages)
     unused = sorted(set(storages) - set(graph.used_by))
     if unused:
@@ -531,10 +546,16 @@ def build(config: Mapping[str, Any], base: Path, *, evict: bool = True) -> Deplo
                 "eviction works through an index: make the cas a sqlite-index or redis-index"
                 " (a memory storage takes its own max_size)",
             )
+        if any(inner is index for _, inner in graph.budgets):
+            raise top.error(
+                "max_size", "the index it applies to has a max_size of its own: keep one of them"
+            )
         eviction = EvictionPolicy(budget, evicts=evict)
     limit = f" (budget {human_size(budget)})" if budget else ""
     description = f"blobs: {graph.descriptions[name]}{limit}{isolation}; action cache: {results}"
-    return Deployment(cas, action_cache, eviction, description, graph.disk_roots, index)
+    return Deployment(
+        cas, action_cache, eviction, description, graph.disk_roots, index, graph.budgets
+    )
 
 
 def _isolation(top: _Table, base: Path, cas: Storage, where: str) -> tuple[Storage, str]:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from asynccas.errors import ConfigurationError
 from asynccas.index.redis import RedisIndex
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.storage.action_cache import MemoryActionCache, SqliteActionCache
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.read_cache import ReadCacheStorage
@@ -212,7 +214,7 @@ def with_changes(**changes: Any) -> dict[str, Any]:
     ("config", "message"),
     [
         (with_changes(index={**GOOD["storage"]["index"], "pth": "x"}),
-         "storage.index.pth: unknown key (this table takes: fsync, path, storage, touch_interval, type)"),
+         "storage.index.pth: unknown key (this table takes: fsync, max_size, path, storage, touch_interval, type)"),
         (with_changes(files={"type": "disk", "path": ".", "direct_io_above": "lots"}),
          "storage.files.direct_io_above: 'lots' is not a size like 500M"),
         (with_changes(files={"type": "disk", "path": ".", "fsync": "yes"}),
@@ -331,3 +333,45 @@ def test_extra_workers_measure_the_budget_but_do_not_evict(tmp_path: Path) -> No
     assert extra.eviction is not None
     assert not extra.eviction.evicts
     assert extra.eviction.budget.waits_for_room
+
+
+async def test_an_inner_index_keeps_a_budget_of_its_own(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A frontend's local disk cache (the top-level max_size) in front of a shared store
+    whose index has a max_size of its own (the cluster's budget): each is held."""
+    prefix = f"inner-{uuid.uuid4().hex[:8]}"
+    config: dict[str, Any] = {
+        "cas": "frontend",
+        "max_size": "1M",
+        "storage": {
+            "frontend": {"type": "with-cache", "fast": "local", "slow": "shared"},
+            "local": {"type": "sqlite-index", "path": "local.sqlite", "storage": "files"},
+            "files": {"type": "disk", "path": "local", "fsync": False},
+            "shared": {
+                "type": "redis-index", "url": redis_server.url, "prefix": prefix,
+                "storage": "objects", "max_size": "2M",
+            },
+            "objects": {"type": "memory"},
+        },
+    }  # fmt: skip
+    deployment = build(config, tmp_path)
+    assert "its own budget 2.0 MiB" in deployment.description
+    assert deployment.eviction is not None
+    assert deployment.eviction.max_bytes == 1 << 20
+    ((shared_policy, shared),) = deployment.inner_budgets
+    assert isinstance(shared, RedisIndex)
+    assert shared_policy.max_bytes == 2 << 20
+    assert deployment.index is not None
+    async with deployment.cas as cas:
+        blobs = [blob(256 * 1024, seed) for seed in range(12)]  # 3 MiB
+        for digest, data in blobs:
+            assert await cas.bulk_update(NO_CONTEXT, [(digest, data)]) == [None]
+        await deployment.eviction.enforce_once(deployment.index)
+        await shared_policy.enforce_once(shared)
+        assert await deployment.index.get_total_size() <= 1 << 20
+        assert await shared.get_total_size() <= 2 << 20
+    both = {**config, "storage": {**config["storage"], "local": {
+        **config["storage"]["local"], "max_size": "1M"}}}  # fmt: skip
+    with pytest.raises(ConfigurationError, match="has a max_size of its own"):
+        build(both, tmp_path)
