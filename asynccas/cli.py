@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'shared' (default): every instance sees every blob; 'per-instance': a blob"
         " uploaded under one instance is missing in the others until they upload it too"
         " (costing them a hash, not a second copy); who holds what is kept in Redis with a"
-        " Redis --index, else in memory (lost on restart: clients then upload again)",
+        " Redis --index, else in DATA_DIR/blob-info.sqlite (in memory with --storage memory)",
     )
     serve.add_argument(
         "--upstream",
@@ -437,6 +437,9 @@ async def shorthand_config(args: argparse.Namespace) -> dict[str, Any]:
         local["isolation"] = "per-instance"
         if args.index.startswith(config.REDIS_SCHEMES):  # shared by the frontends the index is
             local["blob_info"] = {"type": "redis", "url": args.index}
+        elif args.storage != "memory":  # kept with the data, across restarts
+            path = str(await in_thread(_data_dir, args) / "blob-info.sqlite")
+            local["blob_info"] = {"type": "sqlite", "path": path, "fsync": not args.no_fsync}
     return local
 
 

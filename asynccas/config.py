@@ -58,7 +58,12 @@ from asynccas.storage.action_cache import (
     SqliteActionCache,
 )
 from asynccas.storage.base import Storage
-from asynccas.storage.blob_info import BlobInfoCache, MemoryBlobInfo, RedisBlobInfo
+from asynccas.storage.blob_info import (
+    BlobInfoCache,
+    MemoryBlobInfo,
+    RedisBlobInfo,
+    SqliteBlobInfo,
+)
 from asynccas.storage.compressed_disk import CompressedDiskStorage
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE, DiskStorage
 from asynccas.storage.existence_cache import ExistenceCacheStorage
@@ -576,12 +581,16 @@ def _isolation(top: _Table, base: Path, cas: Storage, where: str) -> tuple[Stora
     if kind == "memory":
         info = MemoryBlobInfo(table.integer("max_entries", 1_000_000) or 1_000_000)
         held = "in memory"
+    elif kind == "sqlite":
+        path = table.path("path")
+        info = SqliteBlobInfo(path, fsync=table.flag("fsync", True))
+        held = f"in {path}"
     elif kind == "redis":
         provider = _redis_provider(table)
         info = RedisBlobInfo(provider, prefix=table.text("prefix", "asynccas"))
         held = f"in Redis at {provider.display_url}"
     else:
-        raise table.error("type", f"unknown blob_info type {kind!r} (known: memory, redis)")
+        raise table.error("type", f"unknown blob_info type {kind!r} (known: memory, sqlite, redis)")
     table.done()
     return PerInstanceStorage(cas, info, location=where), f"; kept per instance ({held})"
 

@@ -5,6 +5,8 @@ the blob-info cache in memory and in a real Redis (single server and Cluster).""
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,20 @@ from asynccas.redis_provider import RedisProvider
 from asynccas.server.app import CasServer
 from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.base import put_chunks
-from asynccas.storage.blob_info import BlobInfoCache, BlobMeta, MemoryBlobInfo, RedisBlobInfo
+from asynccas.storage.blob_info import (
+    BlobInfoCache,
+    BlobMeta,
+    MemoryBlobInfo,
+    RedisBlobInfo,
+    SqliteBlobInfo,
+)
 from asynccas.storage.context import RequestContext
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.per_instance import PerInstanceStorage
 from asynccas.testing import blob, check_storage
 from tests.support.redis_servers import RedisCluster, RedisSentinel, RedisServer
+from tests.test_cli import start, stop
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +84,21 @@ async def test_memory_blob_info_is_bounded_and_forgets_to_missing() -> None:
     digests = [blob(10, i)[0] for i in range(30)]
     await info.add("a", digests)
     assert await info.contains("a", digests) == [False] * 20 + [True] * 10
+
+
+async def test_sqlite_blob_info(tmp_path: Path) -> None:
+    await check_blob_info(SqliteBlobInfo(tmp_path / "blob-info.sqlite", fsync=False))
+    # Kept across restarts: the embedded default's membership survives the server.
+    info = SqliteBlobInfo(tmp_path / "kept.sqlite", fsync=False)
+    digests = [blob(10, i)[0] for i in range(1200)]  # more than one statement's worth
+    await info.start()
+    await info.add("a", digests[:700])
+    await info.stop()
+    await info.start()
+    try:
+        assert await info.contains("a", digests) == [True] * 700 + [False] * 500
+    finally:
+        await info.stop()
 
 
 async def test_redis_blob_info(redis_server: RedisServer) -> None:
@@ -230,7 +254,12 @@ async def test_serve_isolation_flag(tmp_path: Path) -> None:
 
     local = await flags("--isolation", "per-instance")
     assert local["isolation"] == "per-instance"
-    assert "blob_info" not in local
+    data_dir = await anyio.Path(tmp_path).resolve()
+    assert local["blob_info"] == {
+        "type": "sqlite", "path": str(data_dir / "blob-info.sqlite"), "fsync": True,
+    }  # fmt: skip
+    in_memory = await flags("--isolation", "per-instance", "--storage", "memory")
+    assert "blob_info" not in in_memory  # the memory default
     shared = await flags("--isolation", "per-instance", "--index", "redis://127.0.0.1:1/0")
     assert shared["blob_info"] == {"type": "redis", "url": "redis://127.0.0.1:1/0"}
     assert "isolation" not in await flags()
@@ -241,8 +270,8 @@ def _batch(*digests: Digest) -> DigestBatch:
 
 
 async def _pieces(data: bytes) -> Any:
-    for start in range(0, len(data), 16 * 1024):
-        yield data[start : start + 16 * 1024]
+    for offset in range(0, len(data), 16 * 1024):
+        yield data[offset : offset + 16 * 1024]
 
 
 async def test_redis_blob_info_through_sentinel(tmp_path: Path) -> None:
@@ -252,3 +281,26 @@ async def test_redis_blob_info_through_sentinel(tmp_path: Path) -> None:
         await check_blob_info(RedisBlobInfo(RedisProvider(sentinel.url), prefix=prefix()))
     finally:
         await anyio.to_thread.run_sync(sentinel.stop)
+
+
+async def test_serve_per_instance_keeps_membership_across_a_restart(tmp_path: Path) -> None:
+    """`asynccas serve --isolation per-instance` on the default storage: who holds what is in
+    the data directory, so a restart does not make every instance upload again."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    flags = ["--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+             "--isolation", "per-instance", "--no-fsync"]  # fmt: skip
+    digest, data = blob(100_000, 3)
+    for run in ("first", "after a restart"):
+        process, target, description = await anyio.to_thread.run_sync(start, flags, env)
+        try:
+            assert "kept per instance (in " in description, description
+            async with (
+                CasClient(f"grpc://{target}", "team-a") as team_a,
+                CasClient(f"grpc://{target}", "team-b") as team_b,
+            ):
+                if run == "first":
+                    await team_a.upload_blobs([(digest, data)])
+                assert await team_a.find_missing([digest]) == [], run
+                assert await team_b.find_missing([digest]) == [digest], run
+        finally:
+            await anyio.to_thread.run_sync(stop, process, signal.SIGTERM)

@@ -11,20 +11,24 @@ the per-instance storage (``storage/per_instance.py``) checks membership *and* t
 key, so a check of any number of digests is one SMISMEMBER, one round trip, on one Cluster
 slot) and a hash per digest holding its metadata and, as ``i:<instance>`` fields, the instances
 that hold it, which is what lets ``forget`` (eviction) remove a digest from every instance's
-set. Batches are pipelines: one round trip (per Cluster node, in parallel). ``MemoryBlobInfo``
-is the same in a bounded map for a single process.
+set. Batches are pipelines: one round trip (per Cluster node, in parallel). ``SqliteBlobInfo``
+keeps both in a SQLite file (one machine, kept across restarts: the embedded default's), and
+``MemoryBlobInfo`` in a bounded map for a single process.
 """
 
 from __future__ import annotations
 
 import abc
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 from asynccas.digest import Digest
 from asynccas.redis_provider import RedisClientOwner, RedisProvider
+from asynccas.sqlite_database import SqliteDatabase
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,103 @@ class MemoryBlobInfo(BlobInfoCache):
         for digest in digests:
             self._holders.pop(digest, None)
             self._meta.pop(digest, None)
+
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS members (
+    instance_name TEXT NOT NULL,
+    blob_key TEXT NOT NULL,            -- Digest.key
+    PRIMARY KEY (blob_key, instance_name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blob_meta (
+    blob_key TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    location TEXT NOT NULL,
+    stored_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+_SQLITE_BATCH: Final = 500  # bound parameters per statement stay well under SQLite's limit
+
+
+class SqliteBlobInfo(BlobInfoCache):
+    """Both caches in one SQLite file: membership keyed by digest first, so that ``forget``
+    finds every instance holding a blob in one range. A check of N digests is one read
+    statement per 500, in one thread hop."""
+
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+        self._db = SqliteDatabase(path, _SCHEMA, fsync=fsync)
+
+    async def start(self) -> None:
+        await self._db.open()
+
+    async def stop(self) -> None:
+        await self._db.close()
+
+    async def contains(self, instance: str, digests: Sequence[Digest]) -> list[bool]:
+        keys = [d.key for d in digests]
+
+        def held(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(keys), _SQLITE_BATCH):
+                part = keys[start : start + _SQLITE_BATCH]
+                marks = ",".join("?" * len(part))
+                rows = conn.execute(
+                    "SELECT blob_key FROM members WHERE instance_name = ?"
+                    f" AND blob_key IN ({marks})",
+                    (instance, *part),
+                )
+                found.update(key for (key,) in rows)
+            return found
+
+        found = await self._db.read(held) if keys else set()
+        return [key in found for key in keys]
+
+    async def add(self, instance: str, digests: Sequence[Digest]) -> None:
+        rows = [(instance, d.key) for d in digests]
+        if rows:
+            await self._db.write(
+                lambda conn: conn.executemany("INSERT OR IGNORE INTO members VALUES (?, ?)", rows)
+            )
+
+    async def meta(self, digests: Sequence[Digest]) -> list[BlobMeta | None]:
+        keys = [d.key for d in digests]
+
+        def known(conn: sqlite3.Connection) -> dict[str, BlobMeta]:
+            found: dict[str, BlobMeta] = {}
+            for start in range(0, len(keys), _SQLITE_BATCH):
+                part = keys[start : start + _SQLITE_BATCH]
+                marks = ",".join("?" * len(part))
+                rows = conn.execute(
+                    f"SELECT blob_key, size, location, stored_at FROM blob_meta"
+                    f" WHERE blob_key IN ({marks})",
+                    part,
+                )
+                found.update(
+                    (key, BlobMeta(size, location, at)) for key, size, location, at in rows
+                )
+            return found
+
+        found = await self._db.read(known) if keys else {}
+        return [found.get(key) for key in keys]
+
+    async def set_meta(self, entries: Sequence[tuple[Digest, BlobMeta]]) -> None:
+        rows = [(d.key, m.size, m.location, m.stored_at) for d, m in entries]
+        if rows:
+            await self._db.write(
+                lambda conn: conn.executemany(
+                    "INSERT OR REPLACE INTO blob_meta VALUES (?, ?, ?, ?)", rows
+                )
+            )
+
+    async def forget(self, digests: Sequence[Digest]) -> None:
+        rows = [(d.key,) for d in digests]
+
+        def drop(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM members WHERE blob_key = ?", rows)
+            conn.executemany("DELETE FROM blob_meta WHERE blob_key = ?", rows)
+
+        if rows:
+            await self._db.write(drop)
 
 
 class RedisBlobInfo(RedisClientOwner, BlobInfoCache):
