@@ -444,7 +444,7 @@ def _s3(table: _Table, graph: _Graph) -> tuple[Storage, str]:
         create_bucket=table.flag("create_bucket", False),
         max_requests=table.integer("max_requests", 32) or 32,
         part_size=table.size("part_size", 8 * 1024 * 1024),
-        buffer_bytes=table.size("buffer_size", 256 * 1024 * 1024),
+        buffer_bytes=table.size("buffer_size", 512 * 1024 * 1024),
         request_timeout=table.number("request_timeout", 60.0),
         attempts=table.integer("attempts", 3) or 3,
         **optional,

@@ -8,9 +8,9 @@ larger one goes as a multipart upload, parts sent while the client streams, and 
 CompleteMultipartUpload that follows a good hash makes it an object (a bad or abandoned upload
 is aborted, its parts never seen). Reads are ranged GETs streamed in chunks.
 
-Memory stays bounded: a writer reserves its buffer, ``min(size, part_size)`` bytes, from the
-storage's ``buffer_bytes`` when it opens (waiting for room rather than growing past it), and
-never holds more. Batches and checks run as concurrent requests, at most ``max_requests`` at
+Memory stays bounded: a writer reserves twice ``min(size, part_size)`` bytes (the messages it
+gathers, and the one body they are joined into while it is sent) from the storage's
+``buffer_bytes`` when it opens, waiting for room rather than growing past it. Batches and checks run as concurrent requests, at most ``max_requests`` at
 once. Transient failures (5xx, throttling, dropped connections) are retried by botocore's
 "standard" policy; what still fails is ``BackendUnavailable`` naming the object store, and the
 next call tries again, so the store coming back needs no restart.
@@ -99,7 +99,7 @@ class S3Storage(Storage, Stageable, Deletable, Listable):
         create_bucket: bool = False,
         max_requests: int = 32,
         part_size: int = 8 * 1024 * 1024,
-        buffer_bytes: int = 256 * 1024 * 1024,
+        buffer_bytes: int = 512 * 1024 * 1024,
         request_timeout: float = 60.0,
         attempts: int = 3,
     ) -> None:
@@ -107,9 +107,10 @@ class S3Storage(Storage, Stageable, Deletable, Listable):
             raise ConfigurationError(
                 f"part_size {part_size} is under S3's smallest part ({MIN_PART_SIZE} bytes)"
             )
-        if buffer_bytes < part_size:
+        if buffer_bytes < 2 * part_size:
             raise ConfigurationError(
-                f"buffer_bytes {buffer_bytes} must hold at least one part ({part_size} bytes)"
+                f"buffer_bytes {buffer_bytes} must hold at least one part twice"
+                f" ({2 * part_size} bytes)"
             )
         if max_requests < 1 or attempts < 1:
             raise ConfigurationError("max_requests and attempts must be at least 1")
@@ -325,7 +326,7 @@ class S3Storage(Storage, Stageable, Deletable, Listable):
             )
 
     async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
-        reserved = await self.buffers.take(min(digest.size_bytes, self.part_size))
+        reserved = await self.buffers.take(2 * min(digest.size_bytes, self.part_size))
         return _S3Writer(self, digest, reserved)
 
     async def bulk_read(
