@@ -455,7 +455,8 @@ def _in_front_of(local: dict[str, Any], upstream: str) -> None:
         }
     )
     local["cas"] = "proxy"
-    local["action_cache"] = dict(remote)
+    # Hits answered locally for a minute: a warm build asks for every action's result.
+    local["action_cache"] = {**remote, "hit_ttl": 60}
 
 
 async def _deployment(args: argparse.Namespace) -> config.Deployment:

@@ -619,7 +619,12 @@ def _action_cache(top: _Table, base: Path) -> tuple[ActionCacheStore, str]:
         store, description = SqliteActionCache(path, entries), str(path)
     elif kind == "remote":
         remote = _remote(table)
-        store, description = RemoteActionCache(remote), f"the remote {remote.remote}"
+        hit_ttl = table.raw("hit_ttl", 0)
+        if isinstance(hit_ttl, bool) or not isinstance(hit_ttl, int | float) or hit_ttl < 0:
+            raise table.error("hit_ttl", f"expected seconds (0: ask every time), not {hit_ttl!r}")
+        store = RemoteActionCache(remote, hit_ttl=float(hit_ttl))
+        kept = f"; hits kept {hit_ttl:g} s" if hit_ttl else ""
+        description = f"the remote {remote.remote}{kept}"
     elif kind == "redis":
         provider = _redis_provider(table)
         ttl = table.raw("ttl", 7 * 86400)

@@ -11,6 +11,7 @@ import anyio
 import grpc
 import pytest
 
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.auth import AccessPolicy, TokenFile
 from asynccas.config import build
 from asynccas.digest import Digest, DigestBatch, DigestFunction
@@ -28,6 +29,7 @@ from asynccas.storage.base import contains, put_chunks, read_all
 from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.remote import RemoteStorage
+from asynccas.storage.remote_action_cache import RemoteActionCache
 from asynccas.testing import blob, check_storage
 from asynccas.transport import ServerTls
 from tests.conftest import serve_with_bytestream
@@ -234,3 +236,31 @@ async def test_an_upload_the_remote_answers_early_succeeds_without_retries() -> 
             await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data, 1024 * 1024))
             await put_chunks(remote, NO_CONTEXT, digest, chunks_of(data, 1024 * 1024))
         assert remote.calls["Write"] == 20
+
+
+async def test_a_remote_action_cache_answers_hits_from_memory_for_their_ttl() -> None:
+    """Hits are kept for ``hit_ttl`` (the upstream is not asked again), misses never are, and
+    a result the server drops as unusable is asked for again."""
+    action = Digest.of(b"an action")
+    first = re_pb2.ActionResult(exit_code=1).SerializeToString()
+    second = re_pb2.ActionResult(exit_code=2).SerializeToString()
+    async with memory_server() as upstream:
+        kept = RemoteActionCache(RemoteStorage(f"grpc://{upstream.target}"), hit_ttl=60)
+        plain = RemoteActionCache(RemoteStorage(f"grpc://{upstream.target}"))
+        await kept.start()
+        await plain.start()
+        try:
+            assert await kept.get("", action) is None
+            await upstream.action_cache.put("", action, first)
+            assert await kept.get("", action) == first, "a miss was remembered"
+            await upstream.action_cache.put("", action, second)
+            assert await kept.get("", action) == first, "a hit was asked for again"
+            assert await plain.get("", action) == second
+            await kept.delete("", action)  # the server found it unusable
+            assert await kept.get("", action) == second
+            await kept.put("team", action, first)
+            assert await kept.get("team", action) == first
+            assert await upstream.action_cache.get("team", action) == first
+        finally:
+            await kept.stop()
+            await plain.stop()
