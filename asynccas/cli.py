@@ -28,9 +28,11 @@ from asynccas.config import human_size
 from asynccas.errors import CasError, ConfigurationError
 from asynccas.server.app import DEFAULT_MAX_BATCH_BYTES, CasServer
 from asynccas.storage.base import Listable, require
+from asynccas.storage.blob_info import MemoryBlobInfo
 from asynccas.storage.disk import DEFAULT_DIRECT_IO_ABOVE
 from asynccas.storage.forwarding import innermost
 from asynccas.storage.memory import MemoryStorage
+from asynccas.storage.per_instance import PerInstanceStorage
 from asynccas.storage.sqlite_rows import recorded_max_blob_size
 from asynccas.threads import in_thread
 from asynccas.transport import ServerTls
@@ -495,6 +497,15 @@ async def serve(args: argparse.Namespace) -> None:
         await in_thread(_check_port_is_free, args.address)
     deployment = await _deployment(args)
     storage, action_cache = deployment.cas, deployment.action_cache
+    if (
+        isinstance(storage, PerInstanceStorage)
+        and isinstance(storage.info, MemoryBlobInfo)
+        and args.workers > 1
+    ):
+        raise ConfigurationError(
+            "a memory blob_info cannot be shared by --workers: each process would know only"
+            ' the blobs uploaded through it (use type = "sqlite" or "redis")'
+        )
     if isinstance(storage, MemoryStorage) and args.workers > 1:
         raise ConfigurationError(
             "a memory storage cannot be shared by --workers: each process would keep a store"

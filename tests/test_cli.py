@@ -642,3 +642,22 @@ def test_tls_and_tokens_from_the_command_line(env: dict[str, str], tmp_path: Pat
     finally:
         output = stop(process, signal.SIGTERM)
     assert re.search(r"ipv4:127\.0\.0\.1:\d+ ci instance='' FindMissingBlobs OK", output), output
+
+
+def test_serve_refuses_a_memory_blob_info_shared_by_workers(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Each worker would know only the blobs uploaded through it: an instance would see its
+    blobs missing on one worker and present on another."""
+    config = tmp_path / "cas.toml"
+    config.write_text(
+        'cas = "index"\nisolation = "per-instance"\n\n[storage.index]\ntype = "sqlite-index"\n'
+        'path = "index.sqlite"\nstorage = "files"\n\n[storage.files]\ntype = "disk"\npath = "."\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "asynccas.cli", "serve", "--config", str(config),
+         "--address", "127.0.0.1:0", "--workers", "2"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "a memory blob_info cannot be shared by --workers" in result.stderr
