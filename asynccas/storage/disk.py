@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
@@ -224,12 +225,12 @@ class DiskStorage(Storage, Stageable, Deletable, Listable):
             return False
 
     def _new_temp(self, direct: bool = False) -> _BlobFile:
-        path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
+        path = str(self._tmp / _temp_name())
         if direct:
-            handle = open_direct(str(path))
+            handle = open_direct(path)
             if handle is not None:
                 return handle
-        return open(path, "xb")
+        return _TempFile(path)
 
     async def stage(
         self, ctx: RequestContext, blobs: Sequence[tuple[Digest, bytes]]
@@ -319,6 +320,54 @@ def _scan_shard(shard: Path, function: DigestFunction) -> list[tuple[Digest, flo
     return found
 
 
+_TEMP_SEQUENCE = itertools.count()
+_TEMP_NAMES = (0, "")  # the process the prefix was drawn in, and the prefix
+
+
+def _temp_name() -> str:
+    """``{pid}-{random}-{sequence}``: unique among processes sharing the directory (and
+    across restarts, by the random part) without a ``getrandom`` system call per file."""
+    global _TEMP_NAMES
+    pid = os.getpid()
+    if _TEMP_NAMES[0] != pid:  # first use, or a forked worker: draw a prefix of its own
+        _TEMP_NAMES = (pid, f"{pid}-{uuid.uuid4().hex}")
+    return f"{_TEMP_NAMES[1]}-{next(_TEMP_SEQUENCE)}"
+
+
+class _TempFile:
+    """A new file on a bare descriptor. A Python file object costs three more system calls
+    to open (fstat, the isatty ioctl, lseek), each a release of the GIL that a busy server's
+    other threads contend for; uploads write large pieces, so buffering gains nothing."""
+
+    __slots__ = ("_fd", "name")
+
+    def __init__(self, name: str, fd: int | None = None) -> None:
+        self.name = name
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        self._fd = fd if fd is not None else os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o666)
+
+    @classmethod
+    def for_appending(cls, name: str) -> _TempFile:
+        return cls(name, os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+
+    def write(self, data: bytes, /) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        return None  # nothing is buffered here
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -362,14 +411,17 @@ class _DiskWriter(BlobWriter, CommitsInThread):
     def _write_sync(self, parts: list[bytes]) -> None:
         assert not self._closed, "write after commit or abort"
         if self._handle is None and self._temp_path is not None:  # resumed after a park
-            self._handle = open(self._temp_path, "ab")  # noqa: SIM115  (closed by close_sync)
+            self._handle = _TempFile.for_appending(str(self._temp_path))
         elif self._handle is None:
             direct = 0 < self._storage.direct_io_above < self.digest.size_bytes
             self._handle = self._storage._new_temp(direct)
             self._temp_path = Path(self._handle.name)
-        for part in parts:
-            self._hasher.update(part)
-        self._handle.write(self.encoded(parts[0] if len(parts) == 1 else b"".join(parts)))
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        # One update for the whole piece: hashlib releases the GIL on each call, and on a
+        # loaded server every release is a hand-over the event loop then waits to get back
+        # (nineteen per 300 KB upload in Bazel's 16 KiB messages, hashed part by part).
+        self._hasher.update(data)
+        self._handle.write(self.encoded(data))
 
     def encoded(self, data: bytes) -> bytes:
         """What goes into the file for the next ``data`` of the blob (a compressing writer
