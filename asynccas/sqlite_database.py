@@ -151,6 +151,7 @@ class SqliteDatabase:
         before: Callable[[], None] | None = None,
         on_failure: Callable[[], None] | None = None,
         also_holding: Sequence[asyncio.Lock] = (),
+        lock_held: bool = False,
     ) -> T:
         """Run ``func`` inside one write transaction, begun and ended in one thread hop rather
         than three: a batch of small blobs pays for every hop. ``before`` runs first in the
@@ -158,9 +159,14 @@ class SqliteDatabase:
         transaction does not commit, ``on_failure`` runs after the rollback.
 
         ``also_holding``: further locks (other databases' ``write_lock``, whose connections
-        ``func`` uses) taken after this database's, in the order given.
+        ``func`` uses) taken after this database's, in the order given. ``lock_held``: the
+        caller holds ``write_lock`` already (and decided what to write once it got it).
         """
         call = partial(_in_transaction, func, before, on_failure)
+        if lock_held:
+            assert self._lock.locked(), "lock_held, but the write lock is free"
+            assert not also_holding, "further locks are taken after this one"
+            return await self._call(call)
         async with self._lock:
             if not also_holding:
                 return await self._call(call)

@@ -3,8 +3,11 @@ indexes (as two server processes would) sharing one data directory, and self-hea
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -203,3 +206,101 @@ async def test_commit_with_ends_the_transaction_with_its_statement(tmp_path: Pat
         assert rows == [(1,), (2,)]
     finally:
         await database.close()
+
+
+@asynccontextmanager
+async def _commits_queued_behind_a_busy_writer(
+    index: SqliteIndex, blobs: list[tuple[Digest, bytes]], results: list[BaseException | None]
+) -> AsyncIterator[None]:
+    """Upload ``blobs`` while the index's writer is held; yields once every upload waits for
+    it (each verified and queued), then frees it. Each upload's outcome goes to ``results``."""
+
+    async def upload(position: int, digest: Digest, data: bytes) -> None:
+        try:
+            await index.commit_write(digest, chunks(data))
+        except (Exception, anyio.get_cancelled_exc_class()) as exc:
+            results[position] = exc
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+
+    writer_lock = index._db.write_lock
+    await writer_lock.acquire()
+    try:
+        async with anyio.create_task_group() as uploads:
+            for position, (digest, data) in enumerate(blobs):
+                uploads.start_soon(upload, position, digest, data)
+            with anyio.fail_after(10):
+                while len(index._waiting) < len(blobs):  # noqa: ASYNC110  (no event to wait on)
+                    await anyio.sleep(0.005)
+            yield
+            writer_lock.release()
+    finally:
+        if writer_lock.locked():
+            writer_lock.release()
+
+
+async def test_uploads_waiting_for_the_writer_are_published_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = [blob(300_000, 300 + i) for i in range(6)]
+    results: list[BaseException | None] = [None] * len(blobs)
+    async with open_index(tmp_path) as index:
+        batches: list[int] = []
+        publish = index._publish_in_one_hop
+
+        async def counted(writers: list[object], *args: object, **kwargs: object) -> None:
+            batches.append(len(writers))
+            await publish(writers, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(index, "_publish_in_one_hop", counted)
+        async with _commits_queued_behind_a_busy_writer(index, blobs, results):
+            pass
+        assert results == [None] * len(blobs)
+        assert batches == [len(blobs)], "the queued uploads should share one transaction"
+        for digest, data in blobs:
+            assert await index.has_blob(digest)
+            assert await index.bulk_read_blobs([digest]) == {digest: data}
+        assert await index.get_total_size() == sum(d.size_bytes for d, _ in blobs)
+
+
+async def test_a_failed_shared_publish_fails_every_upload_in_it_and_stores_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = [blob(300_000, 400 + i) for i in range(4)]
+    results: list[BaseException | None] = [None] * len(blobs)
+    async with open_index(tmp_path) as index:
+        assert isinstance(index.storage, DiskStorage)
+        storage = index.storage
+        link = os.link
+
+        def failing_link(source: str, target: object) -> None:
+            if str(target).endswith(blobs[-1][0].hash):  # the batch's last blob cannot be stored
+                raise OSError(errno.EIO, "simulated disk error")
+            link(source, target)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "link", failing_link)
+        async with _commits_queued_behind_a_busy_writer(index, blobs, results):
+            pass
+        assert all(isinstance(r, BackendUnavailable) for r in results), results
+        for digest, _ in blobs:  # the blobs published before the failure were taken back
+            assert not await index.has_blob(digest)
+            assert not storage.path_for(digest).exists()
+        assert await index.get_total_size() == 0
+        assert list((tmp_path / "data" / "tmp").iterdir()) == [], "temp files left behind"
+
+
+async def test_a_queued_upload_cancelled_meanwhile_is_still_stored_and_indexed(
+    tmp_path: Path,
+) -> None:
+    blobs = [blob(300_000, 500 + i) for i in range(3)]
+    results: list[BaseException | None] = [None] * len(blobs)
+    async with open_index(tmp_path) as index:
+        assert isinstance(index.storage, DiskStorage)
+        with anyio.CancelScope() as scope:
+            async with _commits_queued_behind_a_busy_writer(index, blobs, results):
+                scope.cancel()  # every upload is cancelled while it waits for the writer
+        # Queued uploads are published by whoever takes the queue: never half-done.
+        for digest, data in blobs:
+            assert await index.has_blob(digest)
+            assert index.storage.path_for(digest).read_bytes() == data
+        assert list((tmp_path / "data" / "tmp").iterdir()) == []

@@ -9,6 +9,7 @@ is kept exact by triggers in the same transactions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
@@ -105,6 +106,9 @@ class SqliteIndex(StorageIndex):
         self.touch_interval = touch_interval
         self._touched = TouchedThisInterval()
         self._db = SqliteDatabase(self.path, _SCHEMA, fsync=fsync)
+        # Verified uploads waiting for the writer, published together by the first of them
+        # to get it (see _publish_together).
+        self._waiting: list[tuple[CommitsInThread, asyncio.Future[None]]] = []
 
     async def start(self) -> None:
         await self.storage.start()
@@ -209,7 +213,11 @@ class SqliteIndex(StorageIndex):
                 await sql.commit_with(lambda conn: conn.executemany(_UPSERT, rows))
 
     async def _publish_in_one_hop(
-        self, writers: Sequence[CommitsInThread], verify_first: list[bytes] | None = None
+        self,
+        writers: Sequence[CommitsInThread],
+        verify_first: list[bytes] | None = None,
+        *,
+        lock_held: bool = False,
     ) -> None:
         """Publish the blobs and insert their rows in one transaction and one thread hop (an
         upload's last); if the rows do not commit, the blobs this published are taken back.
@@ -244,6 +252,7 @@ class SqliteIndex(StorageIndex):
                 before=before,
                 on_failure=take_back_all,
                 also_holding=[lock for _, lock in sorted(locks.items())],
+                lock_held=lock_held,
             )
 
     async def commit_writer(self, writer: BlobWriter) -> None:
@@ -257,11 +266,48 @@ class SqliteIndex(StorageIndex):
                 # Other uploads are publishing: writing, hashing and fsyncing this one under
                 # the lock would make them take turns at what can run side by side.
                 await in_thread(writer.verify_in_thread, tail)
-                await self._publish_in_one_hop([writer])
+                if lock is None:
+                    await self._publish_together(writer)
+                else:
+                    await self._publish_in_one_hop([writer])
             else:
                 await self._publish_in_one_hop([writer], verify_first=tail)
         else:
             await super().commit_writer(writer)
+
+    async def _publish_together(self, writer: CommitsInThread) -> None:
+        """Publish a verified upload together with every other one queued when the writer
+        comes free: one hop and one transaction for all of them, where each would have
+        waited for the writer to publish alone (on a busy server, uploads queue here)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Shielded: a queued upload is published by whoever takes the queue, so its handler
+        # must not abort (and discard) it meanwhile.
+        with anyio.CancelScope(shield=True):
+            self._waiting.append((writer, done))
+            async with self._db.write_lock:
+                if not done.done():  # else an earlier holder took it along
+                    batch, self._waiting = self._waiting, []
+                    await self._publish_batch(batch)
+        done.result()
+
+    async def _publish_batch(
+        self, batch: list[tuple[CommitsInThread, asyncio.Future[None]]]
+    ) -> None:
+        """Publish ``batch`` (under the write lock) and tell each waiter how it went."""
+        failure: Exception | None = None
+        try:
+            await self._publish_in_one_hop([w for w, _ in batch], lock_held=True)
+        except Exception as exc:
+            failure = exc
+        except BaseException:
+            for _, waiting in batch:
+                waiting.cancel()
+            raise
+        for _, waiting in batch:
+            if failure is None:
+                waiting.set_result(None)
+            else:
+                waiting.set_exception(failure)
 
     # -- deletion and clean-up ---------------------------------------------------------------
 
