@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -304,3 +304,21 @@ async def test_a_queued_upload_cancelled_meanwhile_is_still_stored_and_indexed(
             assert await index.has_blob(digest)
             assert index.storage.path_for(digest).read_bytes() == data
         assert list((tmp_path / "data" / "tmp").iterdir()) == []
+
+
+async def test_deletion_listeners_are_told_after_the_transaction(tmp_path: Path) -> None:
+    # A listener may be a network round trip (per-instance membership in Redis): told inside
+    # the transaction, it held the writer that every upload needs.
+    blobs = [blob(3000, 600 + i) for i in range(4)]
+    told: list[tuple[list[Digest], bool]] = []
+    async with open_index(tmp_path) as index:
+
+        async def listener(digests: Sequence[Digest]) -> None:
+            told.append((list(digests), index._db.write_lock.locked()))
+
+        index.deletion_listeners.append(listener)
+        for digest, data in blobs:
+            await index.commit_write(digest, chunks(data))
+        await index.delete([blobs[0][0]])
+        await index.delete_n_bytes(blobs[1][0].size_bytes)  # eviction: the oldest one
+    assert told == [([blobs[0][0]], False), ([blobs[1][0]], False)]

@@ -135,12 +135,19 @@ class StorageIndex(Storage, Stageable, Deletable, Listable, DeletionMarked):
     def list_blobs(self) -> AsyncGenerator[tuple[Digest, float]]:
         return cast(Listable, self.storage).list_blobs()
 
-    async def _delete_from_storage(self, digests: Sequence[Digest]) -> list[Digest]:
-        """Delete from the storage below, then tell the deletion listeners."""
+    async def _delete_from_storage(
+        self, digests: Sequence[Digest], *, then_tell: bool = True
+    ) -> list[Digest]:
+        """Delete from the storage below, then (unless the caller will, once it has released
+        what it holds) tell the deletion listeners."""
         gone = await self._storage_deletes.delete(digests)
+        if then_tell:
+            await self._tell_deletion_listeners(digests)
+        return gone
+
+    async def _tell_deletion_listeners(self, digests: Sequence[Digest]) -> None:
         for listener in self.deletion_listeners:
             await listener(digests)
-        return gone
 
     async def deletion_marker(self) -> int | None:
         """None here; indexes that count their deletions say so."""

@@ -317,7 +317,10 @@ class SqliteIndex(StorageIndex):
         with anyio.CancelScope(shield=True):
             async with self._db.transaction() as sql:
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", rows))
-                deleted = await self._delete_from_storage(unique)
+                deleted = await self._delete_from_storage(unique, then_tell=False)
+            # Listeners (e.g. per-instance membership in Redis) are told after the commit:
+            # a network round trip inside the transaction would hold every upload's writer.
+            await self._tell_deletion_listeners(unique)
         return deleted
 
     async def index_existing(self, blobs: Sequence[tuple[Digest, float]]) -> None:
@@ -410,7 +413,9 @@ class SqliteIndex(StorageIndex):
                 batch = _covering(await sql(lambda c: c.execute(select, args).fetchall()), wanted)
                 keys = [(key,) for _, key, _ in batch]
                 await sql(lambda conn: conn.executemany("DELETE FROM blobs WHERE key = ?", keys))
-                await self._delete_from_storage([Digest.from_key(key) for _, key, _ in batch])
+                evicted = [Digest.from_key(key) for _, key, _ in batch]
+                await self._delete_from_storage(evicted, then_tell=False)
+            await self._tell_deletion_listeners(evicted)  # after the commit, as in delete()
         return batch
 
 
