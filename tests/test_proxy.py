@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -118,6 +120,33 @@ async def test_the_existence_cache_expires_what_it_knows() -> None:
         await anyio.sleep(0.3)
         await cached.find_missing(NO_CONTEXT, batch)
         assert remote.calls["FindMissingBlobs"] == 2
+
+
+class _NotToBeWalked(OrderedDict[Any, float]):
+    def __iter__(self) -> Iterator[Any]:
+        raise AssertionError("walked every remembered entry")
+
+
+async def test_a_delete_forgets_its_blobs_in_every_instance_without_walking_the_cache() -> None:
+    """A delete used to walk every remembered entry (up to a million) on the event loop,
+    once per eviction batch."""
+    blobs = [blob(100 + i, 700 + i) for i in range(20)]
+    async with ExistenceCacheStorage(MemoryStorage(), ttl=60) as cached:
+        other = NO_CONTEXT.__class__(instance_name="other")
+        for ctx in (NO_CONTEXT, other):
+            assert await cached.bulk_update(ctx, blobs) == [None] * len(blobs)
+        cached._present = _NotToBeWalked(cached._present)
+        gone = [blobs[0][0], blobs[1][0]]
+        await cached.delete(gone)
+        for ctx in (NO_CONTEXT, other):  # the storage below no longer has them: asked again
+            assert await missing_digests(cached, ctx, [d for d, _ in blobs]) == gone
+        # A server that met more instance names than it tracks walks instead, still right.
+        for n in range(10_001):
+            cached.remember(f"i{n}", [])
+        cached._present = OrderedDict(cached._present)
+        await cached.delete([blobs[2][0]])
+        assert (NO_CONTEXT.instance_name, blobs[2][0]) not in cached._present
+        assert ("other", blobs[2][0]) not in cached._present
 
 
 async def test_concurrent_reads_of_a_blob_being_fetched_share_one_fetch() -> None:

@@ -26,6 +26,7 @@ from asynccas.storage.forwarding import ForwardingStorage
 from asynccas.storage.tee_writer import TeeWriter
 
 _Key = tuple[str, Digest]
+_MAX_TRACKED_INSTANCES = 10_000
 
 
 class ExistenceCacheStorage(ForwardingStorage):
@@ -36,6 +37,10 @@ class ExistenceCacheStorage(ForwardingStorage):
         self.ttl = ttl
         self.max_entries = max_entries
         self._present: OrderedDict[_Key, float] = OrderedDict()  # key -> when it expires
+        # The instance names entries were made for, so that a delete looks up each digest
+        # under each of them rather than walking every entry (a million, on the event loop).
+        # A server that meets more names than this walks instead.
+        self._instances: set[str] | None = set()
         self.answered = 0
         """Digests answered from memory, without asking the storage below."""
         self.asked = 0
@@ -51,6 +56,11 @@ class ExistenceCacheStorage(ForwardingStorage):
         return True
 
     def remember(self, instance: str, digests: Iterable[Digest]) -> None:
+        instances = self._instances
+        if instances is not None and instance not in instances:
+            instances.add(instance)
+            if len(instances) > _MAX_TRACKED_INSTANCES:
+                self._instances = None
         expires = time.monotonic() + self.ttl
         present = self._present
         for digest in digests:
@@ -116,9 +126,14 @@ class ExistenceCacheStorage(ForwardingStorage):
         return results
 
     async def delete(self, digests: Sequence[Digest]) -> list[Digest]:
-        gone = set(digests)
-        for key in [k for k in self._present if k[1] in gone]:
-            del self._present[key]
+        instances = self._instances
+        if instances is not None and len(instances) * len(digests) <= len(self._present):
+            for instance in instances:
+                self.forget(instance, digests)
+        else:
+            gone = set(digests)
+            for key in [k for k in self._present if k[1] in gone]:
+                del self._present[key]
         return await super().delete(digests)
 
 
