@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import signal
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +16,17 @@ import pytest
 
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.client import CasClient
-from asynccas.digest import DigestBatch
+from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, DigestMismatch
 from asynccas.server.app import CasServer
 from asynccas.storage.action_cache import MemoryActionCache
-from asynccas.storage.base import contains, missing_digests, put_chunks, read_all
-from asynccas.storage.context import NO_CONTEXT
+from asynccas.storage.base import Storage, contains, missing_digests, put_chunks, read_all
+from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.existence_cache import ExistenceCacheStorage
+from asynccas.storage.forwarding import ForwardingStorage
 from asynccas.storage.memory import MemoryStorage
 from asynccas.storage.remote import RemoteStorage
-from asynccas.storage.with_cache import WithCacheStorage
+from asynccas.storage.with_cache import FOLLOW_BUDGET, FOLLOW_LIMIT, WithCacheStorage
 from asynccas.testing import blob, check_storage
 from tests.servers import memory_server
 from tests.support.redis_servers import free_port
@@ -171,6 +172,74 @@ async def test_concurrent_reads_of_a_blob_being_fetched_share_one_fetch() -> Non
         chunks = [c async for c in proxy.get(NO_CONTEXT, digest, 100, 50)]
         assert b"".join(chunks) == data[100:150]
         assert remote.calls["Read"] == 1
+
+
+class _GatedAfterFirstChunk(ForwardingStorage):
+    """The storage below, except that a read stops after its first chunk until ``go`` is set:
+    a slow store caught mid-transfer."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.go = anyio.Event()
+
+    async def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        first = True
+        async with aclosing(self.inner.get(ctx, digest, offset, limit)) as chunks:
+            async for chunk in chunks:
+                if not first:
+                    await self.go.wait()
+                first = False
+                yield chunk
+
+
+async def test_the_reader_that_begins_a_fill_gets_chunks_before_the_fill_ends() -> None:
+    """The first byte of a blob the fast store lacked waited for the whole blob to be copied."""
+    digest, data = blob(3 * 1024 * 1024 + 5, 11)
+    slow = _GatedAfterFirstChunk(MemoryStorage())
+    async with WithCacheStorage(MemoryStorage(), slow) as proxy:
+        assert await slow.bulk_update(NO_CONTEXT, [(digest, data)]) == [None]
+        async with aclosing(proxy.get(NO_CONTEXT, digest)) as chunks:
+            with anyio.fail_after(10):
+                first = await anext(chunks)  # the slow store holds back everything else
+            assert data.startswith(first)
+            assert proxy.fills == 0
+            slow.go.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        assert first + rest == data
+        assert proxy.fills == 1
+        assert await read_all(proxy.fast, NO_CONTEXT, digest) == data
+        assert proxy._follow_budget == FOLLOW_BUDGET
+
+
+async def test_a_reader_that_falls_behind_a_fill_still_gets_the_whole_blob() -> None:
+    digest, data = blob(FOLLOW_LIMIT * 3 + 7, 12)
+    async with upstream_and_remote() as (_, remote):
+        assert await remote.bulk_update(NO_CONTEXT, [(digest, data)]) == [None]
+        proxy = WithCacheStorage(MemoryStorage(), remote)
+        async with proxy, aclosing(proxy.get(NO_CONTEXT, digest)) as chunks:
+            first = await anext(chunks)
+            with anyio.fail_after(10):  # the fill goes on without waiting for this reader
+                while proxy.fills == 0:  # noqa: ASYNC110  (no event to wait on)
+                    await anyio.sleep(0.01)
+            rest = b"".join([chunk async for chunk in chunks])
+            assert first + rest == data
+            assert remote.calls["Read"] == 1, "the reader let go should read the fast copy"
+
+
+async def test_a_reader_gone_mid_fill_leaves_the_fill_and_the_budget_whole() -> None:
+    digest, data = blob(2 * 1024 * 1024 + 1, 13)
+    slow = _GatedAfterFirstChunk(MemoryStorage())
+    async with WithCacheStorage(MemoryStorage(), slow) as proxy:
+        assert await slow.bulk_update(NO_CONTEXT, [(digest, data)]) == [None]
+        async with aclosing(proxy.get(NO_CONTEXT, digest)) as chunks:
+            await anext(chunks)
+        assert proxy._follow_budget == FOLLOW_BUDGET
+        slow.go.set()
+        # A second reader waits for the same fill and reads the fast store's verified copy.
+        assert await read_all(proxy, NO_CONTEXT, digest) == data
+        assert proxy.fills == 1
 
 
 async def test_a_blob_the_slow_store_lost_is_copied_back_up_not_reported_present() -> None:

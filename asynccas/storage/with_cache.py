@@ -8,7 +8,11 @@ shape of a caching proxy, a local disk in front of a shared or remote CAS.
 - Reads try the fast store and only on its miss the slow one, with no existence check before
   either (NativeLink #1999's double round trip). A miss fills the fast store from the slow
   one, verifying as it writes, and readers of a blob being filled wait for that one fill
-  rather than starting their own or failing (bazel-remote #318).
+  rather than starting their own or failing (bazel-remote #318). The reader whose miss began
+  the fill gets the blob's chunks as they arrive, not after the whole copy (a 4 GiB blob's
+  first byte waited for 4 GiB); if it falls behind the fill by more than a few megabytes it
+  lets go and reads the rest from the fast store once the fill is done, so a slow client
+  neither holds up the fill nor makes it hold memory.
 - Writes go to both, the slow one being the one that must succeed; or, with
   ``write_behind``, to the fast one and then to the slow one from a bounded queue (when the
   queue is full, the writer copies its blob up itself: back-pressure, not loss). Until a
@@ -20,18 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing, suppress
+from typing import Final
 
 import anyio
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BackendUnavailable, BlobNotFound, CasError, DigestMismatch
-from asynccas.storage.base import BlobWriter, Storage, copy_blob, opened
+from asynccas.storage.base import BlobWriter, Storage, copy_blob, opened, put_chunks
 from asynccas.storage.context import RequestContext
 from asynccas.storage.tee_writer import TeeWriter
 
 logger = logging.getLogger(__name__)
+
+FOLLOW_LIMIT: Final = 4 * 1024 * 1024
+"""How far (in bytes) the reader that began a fill may fall behind it before it lets go."""
+FOLLOW_BUDGET: Final = 64 * 1024 * 1024
+"""Bytes all the readers following fills may hold at once; past it, a miss waits for its
+fill as other readers do."""
 
 
 class WithCacheStorage(Storage):
@@ -52,7 +64,8 @@ class WithCacheStorage(Storage):
         self.copy_concurrency = copy_concurrency
         self._queue: asyncio.Queue[tuple[RequestContext, Digest]] = asyncio.Queue(queue_size)
         self._copiers: list[asyncio.Task[None]] = []
-        self._fills: dict[tuple[str, Digest], asyncio.Task[bool]] = {}
+        self._fills: dict[tuple[str, Digest], _Fill] = {}
+        self._follow_budget = FOLLOW_BUDGET
         self.fills = 0
         """Blobs copied from the slow store into the fast one (one per blob, however many
         readers asked at once)."""
@@ -81,7 +94,7 @@ class WithCacheStorage(Storage):
                     await task
             self._copiers = []
         for fill in list(self._fills.values()):
-            fill.cancel()
+            fill.task.cancel()
         await self.slow.stop()
         await self.fast.stop()
 
@@ -122,8 +135,10 @@ class WithCacheStorage(Storage):
         self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
     ) -> AsyncGenerator[bytes]:
         chunks = await opened(self.fast, ctx, digest, offset, limit)
-        if chunks is None:  # fill the fast store, then read from it (or, failing that, slow)
-            if await self._filled(ctx, digest):
+        if chunks is None and offset == 0 and limit == 0:
+            chunks = self._read_through(ctx, digest)
+        elif chunks is None:  # fill the fast store, then read from it (or, failing that, slow)
+            if await self._fill_for(ctx, digest).done():
                 chunks = await opened(self.fast, ctx, digest, offset, limit)
             if chunks is None:
                 chunks = await opened(self.slow, ctx, digest, offset, limit)
@@ -133,23 +148,53 @@ class WithCacheStorage(Storage):
             async for chunk in chunks:
                 yield chunk
 
-    async def _filled(self, ctx: RequestContext, digest: Digest) -> bool:
-        """Copy ``digest`` from the slow store into the fast one, sharing the copy with every
-        concurrent reader; False if the fast store would not take it (e.g. full). Raises
-        BlobNotFound if the slow store lacks it too."""
+    async def _read_through(self, ctx: RequestContext, digest: Digest) -> AsyncGenerator[bytes]:
+        """A whole blob the fast store lacks: the chunks of its fill as they arrive, when this
+        reader began the fill, then whatever it has not had yet from the filled fast store
+        (from the slow one if the fast store would not take it)."""
+        fill = self._fill_for(ctx, digest)
+        follower = fill.follow(self)
+        position = 0
+        try:
+            if follower is not None:
+                while (chunk := await follower.next()) is not None:
+                    yield chunk
+                    position += len(chunk)
+            filled = await fill.done()
+        finally:
+            if follower is not None:
+                fill.unfollow(self, follower)
+        if position == digest.size_bytes:
+            return  # every byte went out, and the fill verified them
+        rest = await opened(self.fast, ctx, digest, position, 0) if filled else None
+        if rest is None:
+            rest = await opened(self.slow, ctx, digest, position, 0)
+        if rest is None:
+            raise BlobNotFound(digest)
+        async with aclosing(rest):
+            async for chunk in rest:
+                yield chunk
+
+    def _fill_for(self, ctx: RequestContext, digest: Digest) -> _Fill:
+        """The copy of ``digest`` from the slow store into the fast one under way, or a new
+        one, shared by every concurrent reader."""
         key = (ctx.instance_name, digest)
         fill = self._fills.get(key)
         if fill is None:
+            fill = _Fill()
             # The copy outlives the reader that started it (others may wait on it), so it
             # carries no deadline of that reader's.
-            fill = asyncio.create_task(self._fill(ctx.detached(), digest))
+            fill.task = asyncio.create_task(self._fill(ctx.detached(), digest, fill))
             self._fills[key] = fill
-            fill.add_done_callback(lambda _: self._fills.pop(key, None))
-        return await asyncio.shield(fill)
+            fill.task.add_done_callback(lambda _: self._fills.pop(key, None))
+        return fill
 
-    async def _fill(self, ctx: RequestContext, digest: Digest) -> bool:
+    async def _fill(self, ctx: RequestContext, digest: Digest, fill: _Fill) -> bool:
+        """Copy ``digest`` into the fast store; False if the fast store would not take it (e.g.
+        full). Raises BlobNotFound if the slow store lacks it too."""
         try:
-            await copy_blob(ctx, self.slow, self.fast, digest)
+            async with aclosing(self.slow.get(ctx, digest)) as chunks:
+                await put_chunks(self.fast, ctx, digest, fill.passing_on(chunks))
         except BlobNotFound:
             raise
         except DigestMismatch as exc:
@@ -157,6 +202,8 @@ class WithCacheStorage(Storage):
         except CasError as exc:
             logger.warning("could not keep %s in the fast store: %s", digest, exc)
             return False
+        finally:
+            fill.end()
         self.fills += 1
         return True
 
@@ -256,3 +303,89 @@ class _QueuingWriter(BlobWriter):
 
     async def _abort(self) -> None:
         await self._fast.abort()
+
+
+class _Fill:
+    """One copy of a blob from the slow store into the fast one, and the reader that began
+    it, which gets the chunks as they pass (until it falls behind)."""
+
+    task: asyncio.Task[bool]
+
+    def __init__(self) -> None:
+        self.follower: _Follower | None = None
+        self.begun = False  # a chunk has passed: a reader joining now would miss it
+
+    def follow(self, owner: WithCacheStorage) -> _Follower | None:
+        """Follow the fill from its first chunk, if no one does yet and there is room."""
+        if self.begun or self.follower is not None or owner._follow_budget < FOLLOW_LIMIT:
+            return None
+        owner._follow_budget -= FOLLOW_LIMIT
+        self.follower = _Follower(FOLLOW_LIMIT)
+        return self.follower
+
+    def unfollow(self, owner: WithCacheStorage, follower: _Follower) -> None:
+        follower.let_go()
+        if self.follower is follower:
+            self.follower = None
+        owner._follow_budget += FOLLOW_LIMIT
+
+    async def passing_on(self, chunks: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+        async for chunk in chunks:
+            self.begun = True
+            if self.follower is not None:
+                self.follower.offer(chunk)
+            yield chunk
+
+    def end(self) -> None:
+        if self.follower is not None:
+            self.follower.finish()
+
+    async def done(self) -> bool:
+        """The fill's outcome (shielded: a reader that stops waiting does not stop it)."""
+        return await asyncio.shield(self.task)
+
+
+class _Follower:
+    """The chunks a fill passed on that its reader has not taken yet, up to ``limit`` bytes;
+    past that the reader is let go (and reads the rest once the fill is done)."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._held = 0
+        self._limit = limit
+        self._arrived = asyncio.Event()
+        self._over = False
+
+    def offer(self, chunk: bytes) -> None:
+        if self._over:
+            return
+        if self._held + len(chunk) > self._limit:
+            self.let_go()
+        else:
+            self._chunks.append(chunk)
+            self._held += len(chunk)
+        self._arrived.set()
+
+    def let_go(self) -> None:
+        """Drop what is held; the reader reads the rest once the fill is done."""
+        self._over = True
+        self._chunks.clear()
+        self._held = 0
+        self._arrived.set()
+
+    def finish(self) -> None:
+        """The fill is over: the reader takes what is held, then no more."""
+        self._over = True
+        self._arrived.set()
+
+    async def next(self) -> bytes | None:
+        """The next chunk, or None once the fill is over or has let this reader go."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._held -= len(chunk)
+                return chunk
+            if self._over:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
