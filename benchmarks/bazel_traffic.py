@@ -135,10 +135,13 @@ def _servers(stack: ExitStack, work: Path) -> dict[str, Target]:
 
 
 @contextmanager
-def floor_server(work: Path) -> Iterator[Target]:
-    """``benchmarks.floor``: what grpc.aio costs with no work behind it."""
+def floor_server(work: Path, *, keep_all: bool = False) -> Iterator[Target]:
+    """``benchmarks.floor``: what grpc.aio costs with no work behind it (``keep_all``: a
+    cache Bazel can build against, keeping everything in dicts, checking nothing)."""
     port = free_port()
     args = [sys.executable, "-m", "benchmarks.floor", str(port)]
+    if keep_all:
+        args.append("--keep-all")
     with process(args, work / "floor.log", port) as child:
         yield Target(f"127.0.0.1:{port}", child.pid, None)
 

@@ -4,7 +4,11 @@ bytes it receives (and keeps blobs of up to 64 KiB in a dict, so that there is s
 read); Read answers from that dict. Whatever a real server does per message comes on top of
 this; ``bazel-traffic`` measures it beside the others.
 
-Run as ``python -m benchmarks.floor PORT``.
+With ``--keep-all`` it is the least a cache Bazel can build against must do: every blob is kept
+in a dict (nothing hashed or checked), FindMissingBlobs answers from it, and the action cache
+is a dict too. ``bazel-build`` times Bazel against it, as the floor of a build's remote part.
+
+Run as ``python -m benchmarks.floor PORT [--keep-all]``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import grpc
 import uvloop
 
+from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
@@ -26,6 +31,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 _KEPT_UP_TO = 64 * 1024
+_READ_CHUNK = 1024 * 1024
 
 
 def _blob_key(resource_name: str) -> str:
@@ -34,8 +40,9 @@ def _blob_key(resource_name: str) -> str:
 
 
 class CountingByteStream(bs_grpc.ByteStreamServicer):
-    def __init__(self) -> None:
+    def __init__(self, keep_up_to: int = _KEPT_UP_TO) -> None:
         self.small_blobs: dict[str, bytes] = {}
+        self.keep_up_to = keep_up_to
 
     async def Write(
         self, request_iterator: AsyncIterator[bs_pb2.WriteRequest], context: Context
@@ -46,9 +53,9 @@ class CountingByteStream(bs_grpc.ByteStreamServicer):
         async for request in request_iterator:
             name = name or request.resource_name
             received += len(request.data)
-            if received <= _KEPT_UP_TO:
+            if received <= self.keep_up_to:
                 parts.append(request.data)
-        if received <= _KEPT_UP_TO:
+        if received <= self.keep_up_to:
             self.small_blobs[_blob_key(name)] = b"".join(parts)
         return bs_pb2.WriteResponse(committed_size=received)
 
@@ -58,7 +65,8 @@ class CountingByteStream(bs_grpc.ByteStreamServicer):
         data = self.small_blobs.get(_blob_key(request.resource_name))
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "the floor server keeps small blobs")
-        yield bs_pb2.ReadResponse(data=data)
+        for start in range(0, len(data), _READ_CHUNK):
+            yield bs_pb2.ReadResponse(data=data[start : start + _READ_CHUNK])
 
     async def QueryWriteStatus(
         self, request: bs_pb2.QueryWriteStatusRequest, context: Context
@@ -67,17 +75,60 @@ class CountingByteStream(bs_grpc.ByteStreamServicer):
         raise AssertionError("abort returned")
 
 
-async def serve(port: int) -> None:
+def _digest_key(digest: re_pb2.Digest) -> str:
+    return f"{digest.hash}/{digest.size_bytes}"
+
+
+class DictCas(re_grpc.ContentAddressableStorageServicer):
+    """FindMissingBlobs against the blobs ByteStream kept; no batch RPCs (Bazel sends none)."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    async def FindMissingBlobs(
+        self, request: re_pb2.FindMissingBlobsRequest, context: Context
+    ) -> re_pb2.FindMissingBlobsResponse:
+        missing = [d for d in request.blob_digests if _digest_key(d) not in self.blobs]
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=missing)
+
+
+class DictActionCache(re_grpc.ActionCacheServicer):
+    def __init__(self) -> None:
+        self.results: dict[str, re_pb2.ActionResult] = {}
+
+    async def GetActionResult(
+        self, request: re_pb2.GetActionResultRequest, context: Context
+    ) -> re_pb2.ActionResult:
+        result = self.results.get(_digest_key(request.action_digest))
+        if result is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such action result")
+        assert result is not None
+        return result
+
+    async def UpdateActionResult(
+        self, request: re_pb2.UpdateActionResultRequest, context: Context
+    ) -> re_pb2.ActionResult:
+        self.results[_digest_key(request.action_digest)] = request.action_result
+        return request.action_result
+
+
+async def serve(port: int, keep_all: bool) -> None:
     server = grpc.aio.server(options=TRANSPORT_OPTIONS)
     re_grpc.add_CapabilitiesServicer_to_server(
         CapabilitiesService(max_batch_total_size_bytes=4 << 20, allow_action_cache_updates=True),
         server,
     )
-    bs_grpc.add_ByteStreamServicer_to_server(CountingByteStream(), server)
+    bytestream = CountingByteStream(keep_up_to=1 << 62 if keep_all else _KEPT_UP_TO)
+    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    if keep_all:
+        # Only what Bazel sends is implemented; grpc answers the rest UNIMPLEMENTED.
+        cas = DictCas(bytestream.small_blobs)  # type: ignore[abstract]
+        re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)
+        re_grpc.add_ActionCacheServicer_to_server(DictActionCache(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    uvloop.run(serve(int(sys.argv[1])))
+    uvloop.run(serve(int(sys.argv[1]), keep_all="--keep-all" in sys.argv[2:]))
