@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -145,13 +146,18 @@ def run(duration: float = 0.0, *, with_rss: bool = True) -> str:
     with tempfile.TemporaryDirectory(prefix="asynccas-bench-harness-") as scratch:
         work = Path(scratch)
         table: dict[str, dict[str, RunResult]] = {}
-        for name, start in SERVERS:
-            with start(work) as target:
+        for number, (name, start) in enumerate(SERVERS):
+            # Each server's blobs go once its loads are done: together (every server keeps
+            # all it was sent, tens of GB) they filled the disk, and uploads then failed.
+            server_work = work / f"server-{number}"
+            server_work.mkdir()
+            with start(server_work) as target:
                 for load in LOADS:
                     result = run_load(target, load, name)
                     print(summary(result), flush=True)
                     results.append(result)
                     table.setdefault(load.label, {})[name] = result
+            shutil.rmtree(server_work, ignore_errors=True)
         rss = rss_of_4gib(work) if with_rss else None
     OUT.mkdir(exist_ok=True)
     (OUT / "harness.html").write_text(to_html(results))
