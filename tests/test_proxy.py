@@ -17,7 +17,7 @@ import pytest
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from asynccas.client import CasClient
 from asynccas.digest import Digest, DigestBatch
-from asynccas.errors import BlobNotFound, DigestMismatch
+from asynccas.errors import BackendUnavailable, BlobNotFound, DigestMismatch
 from asynccas.server.app import CasServer
 from asynccas.storage.action_cache import MemoryActionCache
 from asynccas.storage.base import Storage, contains, missing_digests, put_chunks, read_all
@@ -226,6 +226,36 @@ async def test_a_reader_that_falls_behind_a_fill_still_gets_the_whole_blob() -> 
             rest = b"".join([chunk async for chunk in chunks])
             assert first + rest == data
             assert remote.calls["Read"] == 1, "the reader let go should read the fast copy"
+
+
+class _SendingTooMuch(ForwardingStorage):
+    """A slow store that sends a blob's bytes and then some more."""
+
+    async def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        async with aclosing(self.inner.get(ctx, digest, offset, limit)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        yield b"more than the blob"
+
+
+async def test_a_reader_following_a_fill_never_gets_more_than_the_blob() -> None:
+    digest, data = blob(1024 * 1024 + 9, 14)
+    slow = _SendingTooMuch(MemoryStorage())
+    async with WithCacheStorage(MemoryStorage(), slow) as proxy:
+        assert await slow.bulk_update(NO_CONTEXT, [(digest, data)]) == [None]
+        received = bytearray()
+
+        async def read() -> None:
+            async with aclosing(proxy.get(NO_CONTEXT, digest)) as chunks:
+                async for chunk in chunks:
+                    received.extend(chunk)
+
+        with pytest.raises(BackendUnavailable):
+            await read()
+        assert len(received) <= digest.size_bytes
+        assert not await contains(proxy.fast, NO_CONTEXT, digest)
 
 
 async def test_a_reader_gone_mid_fill_leaves_the_fill_and_the_budget_whole() -> None:

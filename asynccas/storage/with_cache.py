@@ -332,9 +332,11 @@ class _Fill:
     async def passing_on(self, chunks: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
         async for chunk in chunks:
             self.begun = True
+            yield chunk
+            # Passed on once the fast store's writer took it: a chunk past the blob's size
+            # (a wrong upstream) fails the fill there and never reaches the reader.
             if self.follower is not None:
                 self.follower.offer(chunk)
-            yield chunk
 
     def end(self) -> None:
         if self.follower is not None:
