@@ -220,13 +220,18 @@ async def test_a_10000_digest_check_costs_a_constant_number_of_redis_commands(
         def commands() -> int:
             return sum(sum(node.command_counts().values()) for node in nodes)
 
+        async def cost(digests: list[Digest]) -> int:
+            before = commands()
+            mask = await storage.find_missing(A, _batch(*digests))
+            assert mask == bytes(len(held)) + b"\x01" * (len(digests) - len(held))
+            return commands() - before - len(nodes)  # less the INFO that counted
+
+        # The fewest of three: the first call may open a connection (its handshake commands
+        # count too, as may another client's command on a shared server), seen once in CI.
         costs = []
         for count in (10, 10_000):
             digests = [d for d, _ in held] + [blob(8, 1000 + i)[0] for i in range(count)]
-            before = commands()
-            mask = await storage.find_missing(A, _batch(*digests))
-            costs.append(commands() - before - len(nodes))  # less the INFO that counted
-            assert mask == bytes(len(held)) + b"\x01" * count
+            costs.append(min([await cost(digests) for _ in range(3)]))
     assert costs[0] == costs[1], f"commands grew with the batch: {costs}"
     assert costs[1] <= 8 * len(nodes), costs
 
