@@ -6,19 +6,25 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
+from asynccas import threads
 from asynccas.digest import Digest
-from asynccas.errors import BackendUnavailable
+from asynccas.errors import BackendUnavailable, DigestMismatch
 from asynccas.index.sqlite import SqliteIndex
-from asynccas.sqlite_database import SqliteDatabase
+from asynccas.sqlite_database import LOOKUP_LIMIT, SqliteDatabase
 from asynccas.storage.disk import DiskStorage
+from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
+from asynccas.storage.sqlite_rows import SqliteBlobStorage
 from asynccas.testing import blob, check_eviction_racing_uploads, check_index_concurrency
 from tests.support.clock import clear_of_window_edge
 
@@ -322,3 +328,151 @@ async def test_deletion_listeners_are_told_after_the_transaction(tmp_path: Path)
         await index.delete([blobs[0][0]])
         await index.delete_n_bytes(blobs[1][0].size_bytes)  # eviction: the oldest one
     assert told == [([blobs[0][0]], False), ([blobs[1][0]], False)]
+
+
+class _CountingPool:
+    """Counts the thread hops (``asynccas.threads.in_thread``) made through it."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+        self.hops = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.hops += 1
+        return self.pool.submit(*args, **kwargs)
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> _CountingPool:
+    counting = _CountingPool(threads._POOL)
+    monkeypatch.setattr(threads, "_POOL", counting)
+    return counting
+
+
+def open_tiered_index(root: Path) -> SqliteIndex:
+    """The default layout: blobs up to 64 KiB as SQLite rows, larger ones as files."""
+    return SqliteIndex(
+        SizeDifferentiatedStorage(
+            SqliteBlobStorage(root / "small.sqlite"), DiskStorage(root / "data", fsync=False)
+        ),
+        root / "index.sqlite",
+    )
+
+
+async def test_a_small_upload_is_hashed_on_the_loop_and_published_in_one_hop(
+    tmp_path: Path, hops: _CountingPool
+) -> None:
+    digest, data = blob(20_000, 700)
+    async with open_tiered_index(tmp_path) as index:
+        hops.hops = 0
+        await index.commit_write(digest, chunks(data))
+        assert hops.hops == 1
+        assert await index.bulk_read_blobs([digest]) == {digest: data}
+
+
+async def test_small_uploads_waiting_for_the_writer_share_one_hop_and_transaction(
+    tmp_path: Path, hops: _CountingPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bazel's traffic is mostly blobs of a few KiB, several uploads at once: each verified
+    # in a hop of its own and then published alone cost two hops and a transaction apiece.
+    blobs = [blob(3000 + i, 800 + i) for i in range(5)]
+    results: list[BaseException | None] = [None] * len(blobs)
+    async with open_tiered_index(tmp_path) as index:
+        batches: list[int] = []
+        publish = index._publish_in_one_hop
+
+        async def counted(writers: list[object], *args: object, **kwargs: object) -> None:
+            batches.append(len(writers))
+            await publish(writers, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(index, "_publish_in_one_hop", counted)
+        hops.hops = 0
+        async with _commits_queued_behind_a_busy_writer(index, blobs, results):
+            assert hops.hops == 0, "small uploads are hashed on the loop"
+        assert results == [None] * len(blobs)
+        assert batches == [len(blobs)]
+        assert hops.hops == 1
+        for digest, data in blobs:
+            assert await index.bulk_read_blobs([digest]) == {digest: data}
+        assert await index.get_total_size() == sum(d.size_bytes for d, _ in blobs)
+
+
+async def test_a_wrong_small_upload_queued_with_others_fails_alone(tmp_path: Path) -> None:
+    good = [blob(3000 + i, 900 + i) for i in range(3)]
+    wrong_digest = blob(3000, 950)[0]
+    blobs = [*good, (wrong_digest, b"x" * 3000)]  # bytes that are not the digest's
+    results: list[BaseException | None] = [None] * len(blobs)
+    async with open_tiered_index(tmp_path) as index:
+        writer_lock = index._db.write_lock
+        await writer_lock.acquire()
+        try:
+
+            async def upload(position: int, digest: Digest, data: bytes) -> None:
+                try:
+                    await index.commit_write(digest, chunks(data))
+                except Exception as exc:
+                    results[position] = exc
+
+            async with anyio.create_task_group() as uploads:
+                for position, (digest, data) in enumerate(blobs):
+                    uploads.start_soon(upload, position, digest, data)
+                with anyio.fail_after(10):
+                    while len(index._waiting) < len(good):  # noqa: ASYNC110
+                        await anyio.sleep(0.005)
+                writer_lock.release()
+        finally:
+            if writer_lock.locked():
+                writer_lock.release()
+        assert results[: len(good)] == [None] * len(good)
+        assert isinstance(results[-1], DigestMismatch)
+        assert not await index.has_blob(wrong_digest)
+        for digest, data in good:
+            assert await index.bulk_read_blobs([digest]) == {digest: data}
+
+
+async def test_lookups_of_a_few_keys_take_no_thread_hop(
+    tmp_path: Path, hops: _CountingPool
+) -> None:
+    stored = [blob(2000 + i, 1000 + i) for i in range(3)]
+    absent = blob(2000, 1100)[0]
+    async with open_tiered_index(tmp_path) as index:
+        for digest, data in stored:
+            await index.commit_write(digest, chunks(data))
+        await index.missing_blobs([absent, *(d for d, _ in stored)])  # refreshes recency
+        hops.hops = 0
+        assert await index.missing_blobs([absent, *(d for d, _ in stored)]) == [absent]
+        assert await index.bulk_read_blobs([stored[0][0]]) == {stored[0][0]: stored[0][1]}
+        assert hops.hops == 0
+        many = [blob(10, 2000 + i)[0] for i in range(LOOKUP_LIMIT + 1)]
+        assert await index.missing_blobs(many) == many
+        assert hops.hops > 0, "a long list is looked up in a worker thread"
+
+
+async def test_a_lookup_that_finds_sqlite_busy_is_done_in_a_thread(tmp_path: Path) -> None:
+    # A WAL reader meets SQLITE_BUSY only in rare moments (another process recovering the
+    # WAL); rather than wait on the loop, or fail, the lookup is read again in a thread.
+    database = SqliteDatabase(tmp_path / "t.sqlite", "CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+    await database.open()
+    try:
+        await database.write(lambda conn: conn.execute("INSERT INTO t VALUES (7)"))
+        on_loop = threading.get_ident()
+        threads_used: list[bool] = []
+
+        def read(conn: sqlite3.Connection) -> int:
+            threads_used.append(threading.get_ident() != on_loop)
+            if not threads_used[-1]:
+                busy = sqlite3.OperationalError("database is locked")
+                busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+                raise busy
+            return int(conn.execute("SELECT v FROM t").fetchone()[0])
+
+        assert await database.lookup(read) == 7
+        assert threads_used == [False, True]
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT absent_column FROM t")
+
+        with pytest.raises(BackendUnavailable, match="no such column"):
+            await database.lookup(broken)  # any other error is the caller's, not retried
+    finally:
+        await database.close()

@@ -98,8 +98,8 @@ class SqliteActionCache(ActionCacheStore):
 
     async def get(self, instance_name: str, action: Digest) -> bytes | None:
         args = (instance_name, action.key)
-        # A read connection: lookups run beside each other and beside writes.
-        row = await self._db.read(
+        # One row by key: looked up on the event loop (see ``SqliteDatabase.lookup``).
+        row = await self._db.lookup(
             lambda conn: conn.execute(
                 "SELECT result FROM action_results WHERE instance_name = ? AND action_key = ?",
                 args,

@@ -166,6 +166,9 @@ class CommitsInThread(abc.ABC):
     on every upload, and a Protocol's isinstance cost ~20 us.)"""
 
     digest: Digest
+    verifies_in_memory: bool = False
+    """True when ``verify_in_thread`` only hashes data in memory (no file, no fsync), so it
+    may run on the event loop for a blob small enough to take a tier of small blobs."""
 
     @abc.abstractmethod
     def check_size(self) -> None: ...
@@ -179,7 +182,8 @@ class CommitsInThread(abc.ABC):
 
     @abc.abstractmethod
     def verify_in_thread(self, tail: list[bytes]) -> None:
-        """``verify``, given the writer's pending data, in the calling thread."""
+        """``verify``, given the writer's pending data, in the calling thread (a worker
+        thread, or the event loop's when ``verifies_in_memory``)."""
 
     @abc.abstractmethod
     def publish_in_thread(self) -> Callable[[], None] | None:

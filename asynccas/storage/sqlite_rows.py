@@ -14,11 +14,16 @@ import sqlite3
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, CasError, DigestMismatch, StorageFull
-from asynccas.sqlite_database import SqliteDatabase, move_rows_off_without_rowid, sqlite_errors
+from asynccas.sqlite_database import (
+    LOOKUP_LIMIT,
+    SqliteDatabase,
+    move_rows_off_without_rowid,
+    sqlite_errors,
+)
 from asynccas.storage.base import (
     CHUNK_SIZE,
     BlobWriter,
@@ -34,6 +39,9 @@ from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
 
 # A rowid table: see move_rows_off_without_rowid for why not WITHOUT ROWID.
+_Rows = list[Any]
+HASH_ON_LOOP_LIMIT: Final = 64 * 1024
+"""Uploads up to this size are hashed on the event loop when they end (see ``_SqliteWriter``)."""
 _BLOBS: Final = "CREATE TABLE IF NOT EXISTS blobs (key TEXT NOT NULL UNIQUE, data BLOB NOT NULL)"
 _SETTINGS: Final = (
     "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
@@ -94,10 +102,11 @@ class SqliteBlobStorage(Storage, Stageable, Deletable, Listable):
     async def find_missing(self, ctx: RequestContext, batch: DigestBatch) -> bytes:
         by_key = {d.key: d for d in batch.digests}
         keys = json.dumps(list(by_key))
-        rows = await self._db.read(
+        rows = await self._read(
+            len(by_key),
             lambda conn: conn.execute(
                 "SELECT key FROM blobs WHERE key IN (SELECT value FROM json_each(?))", (keys,)
-            ).fetchall()
+            ).fetchall(),
         )
         present = {key for (key,) in rows}
         return mask_of(batch, [d for key, d in by_key.items() if key not in present])
@@ -134,13 +143,21 @@ class SqliteBlobStorage(Storage, Stageable, Deletable, Listable):
     ) -> dict[Digest, bytes]:
         by_key = {d.key: d for d in digests}
         keys = json.dumps(list(by_key))
-        rows = await self._db.read(
+        rows = await self._read(
+            len(by_key),
             lambda conn: conn.execute(
                 "SELECT key, data FROM blobs WHERE key IN (SELECT value FROM json_each(?))",
                 (keys,),
-            ).fetchall()
+            ).fetchall(),
         )
         return {by_key[key]: bytes(data) for key, data in rows}
+
+    async def _read(self, keys: int, func: Callable[[sqlite3.Connection], _Rows]) -> _Rows:
+        """A few rows are read on the event loop (see ``SqliteDatabase.lookup``), more in a
+        worker thread."""
+        if keys <= LOOKUP_LIMIT:
+            return await self._db.lookup(func)
+        return await self._db.read(func)
 
     async def put(self, ctx: RequestContext, digest: Digest) -> BlobWriter:
         if digest.size_bytes > self.max_blob_size:
@@ -203,6 +220,8 @@ class _SqliteWriter(BlobWriter, CommitsInThread):
     ) -> None:
         super().__init__(digest)
         self._storage = storage
+        # Hashing 64 KiB takes ~40 us here, less than a thread hop; rows may hold larger blobs.
+        self.verifies_in_memory = digest.size_bytes <= HASH_ON_LOOP_LIMIT
         self._parts: list[bytes] = []
         self.data = b""
         if data is not None:  # staged: already verified
