@@ -22,6 +22,8 @@ from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable, DigestMismatch
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.sqlite_database import LOOKUP_LIMIT, SqliteDatabase
+from asynccas.storage.base import put_chunks
+from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
 from asynccas.storage.size_differentiated import SizeDifferentiatedStorage
 from asynccas.storage.sqlite_rows import SqliteBlobStorage
@@ -476,3 +478,16 @@ async def test_a_lookup_that_finds_sqlite_busy_is_done_in_a_thread(tmp_path: Pat
             await database.lookup(broken)  # any other error is the caller's, not retried
     finally:
         await database.close()
+
+
+async def test_rows_read_on_the_loop_are_few_and_small(tmp_path: Path, hops: _CountingPool) -> None:
+    small, large = blob(20_000, 1200), [blob(600_000, 1300 + i) for i in range(2)]
+    async with SqliteBlobStorage(tmp_path / "rows.sqlite") as rows:
+        for digest, data in [small, *large]:
+            await put_chunks(rows, NO_CONTEXT, digest, chunks(data))
+        hops.hops = 0
+        assert await rows.bulk_read(NO_CONTEXT, [small[0]]) == {small[0]: small[1]}
+        assert hops.hops == 0
+        # 1.2 MB of rows: copied in a worker thread, not on the loop.
+        assert await rows.bulk_read(NO_CONTEXT, [d for d, _ in large]) == dict(large)
+        assert hops.hops > 0
