@@ -53,9 +53,11 @@ class SqliteDatabase:
         busy_timeout: float = 30.0,
         fsync: bool = True,
         readers: int = 4,
+        durable_commits: bool = False,
     ) -> None:
         self.path = Path(path)
         self._fsync = fsync
+        self._durable_commits = durable_commits
         self._schema = schema
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
@@ -78,9 +80,14 @@ class SqliteDatabase:
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: durable at checkpoints, and WAL keeps it consistent. Without fsync (asked for
+        # NORMAL: durable at checkpoints, and WAL keeps it consistent: a power loss may take
+        # back the last commits, which suits records that can be lost (an index row whose
+        # blob is re-uploaded or re-indexed, an action result). Data that others point at
+        # (small blobs, which an index row committed after them names) asks for
+        # ``durable_commits``: FULL, the WAL fsynced at every commit. Without fsync (asked for
         # speed, as for disk blobs), a power loss may cost recent writes; `reindex` rebuilds.
-        conn.execute(f"PRAGMA synchronous={'NORMAL' if self._fsync else 'OFF'}")
+        synchronous = ("FULL" if self._durable_commits else "NORMAL") if self._fsync else "OFF"
+        conn.execute(f"PRAGMA synchronous={synchronous}")
         try:
             # One transaction, so concurrent processes creating the schema do not collide.
             conn.executescript(f"BEGIN IMMEDIATE;\n{self._schema};\nCOMMIT;")

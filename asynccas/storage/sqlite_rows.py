@@ -76,7 +76,10 @@ class SqliteBlobStorage(Storage, Stageable, Deletable, Listable):
     ) -> None:
         self.path = Path(path)
         self.max_blob_size = max_blob_size
-        self._db = SqliteDatabase(self.path, f"{_BLOBS};\n{_SETTINGS}", fsync=fsync)
+        # Durable commits: a blob must be on disk before the index row naming it commits.
+        self._db = SqliteDatabase(
+            self.path, f"{_BLOBS};\n{_SETTINGS}", fsync=fsync, durable_commits=True
+        )
 
     async def start(self) -> None:
         await self._db.open()
