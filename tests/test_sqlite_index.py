@@ -258,20 +258,26 @@ async def _commits_queued_behind_a_busy_writer(
             writer_lock.release()
 
 
+def _count_publish_batches(index: SqliteIndex, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of uploads in each of the index's publishing hops, as they happen."""
+    batches: list[int] = []
+    publish = index._publish_in_one_hop
+
+    async def counted(writers: list[object], *args: object, **kwargs: object) -> None:
+        batches.append(len(writers))
+        await publish(writers, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index, "_publish_in_one_hop", counted)
+    return batches
+
+
 async def test_uploads_waiting_for_the_writer_are_published_in_one_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blobs = [blob(300_000, 300 + i) for i in range(6)]
     results: list[BaseException | None] = [None] * len(blobs)
     async with open_index(tmp_path) as index:
-        batches: list[int] = []
-        publish = index._publish_in_one_hop
-
-        async def counted(writers: list[object], *args: object, **kwargs: object) -> None:
-            batches.append(len(writers))
-            await publish(writers, *args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(index, "_publish_in_one_hop", counted)
+        batches = _count_publish_batches(index, monkeypatch)
         async with _commits_queued_behind_a_busy_writer(index, blobs, results):
             pass
         assert results == [None] * len(blobs)
@@ -391,14 +397,7 @@ async def test_small_uploads_waiting_for_the_writer_share_one_hop_and_transactio
     blobs = [blob(3000 + i, 800 + i) for i in range(5)]
     results: list[BaseException | None] = [None] * len(blobs)
     async with open_tiered_index(tmp_path) as index:
-        batches: list[int] = []
-        publish = index._publish_in_one_hop
-
-        async def counted(writers: list[object], *args: object, **kwargs: object) -> None:
-            batches.append(len(writers))
-            await publish(writers, *args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(index, "_publish_in_one_hop", counted)
+        batches = _count_publish_batches(index, monkeypatch)
         hops.hops = 0
         async with _commits_queued_behind_a_busy_writer(index, blobs, results):
             assert hops.hops == 0, "small uploads are hashed on the loop"
