@@ -1,8 +1,10 @@
 """A small async wrapper around SQLite, shared by the SQLite index, stores and action cache.
 
-Each call is one thread hop. Writes (and ``run``) go through one connection, one caller at
-a time; reads (``read``) each take one of a few more connections and run side by side, as
-WAL mode allows, so a burst of lookups neither queues behind a write nor behind each other.
+Each call is one thread hop, but for the smallest (``lookup``, ``write_on_loop``), which run
+on the event loop's thread, where a hop would cost more than the work. Writes (and ``run``)
+go through one connection, one caller at a time; reads (``read``) each take one of a few more
+connections and run side by side, as WAL mode allows, so a burst of lookups neither queues
+behind a write nor behind each other.
 WAL mode and a busy timeout let several server processes share a database file;
 ``BEGIN IMMEDIATE`` transactions serialize writers.
 """
@@ -27,6 +29,9 @@ T = TypeVar("T")
 
 LOOKUP_LIMIT: Final = 32
 """Keys a caller looks up at most on the event loop (``SqliteDatabase.lookup``)."""
+LOOP_WRITES_PER_CHECKPOINT: Final = 100
+"""Writes on the event loop (``SqliteDatabase.write_on_loop``) between two that are done in a
+worker thread, whose commit checkpoints the WAL if it has grown past SQLite's 1,000 pages."""
 _BUSY_CODES: Final = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
@@ -67,12 +72,13 @@ class SqliteDatabase:
         self._readers = asyncio.Semaphore(readers)
         self._reader_count = readers
         self._idle_readers: list[sqlite3.Connection] = []
-        self._loop_reader: sqlite3.Connection | None = None
+        self._loop_conn: sqlite3.Connection | None = None
+        self._loop_writes = 0
 
     async def open(self) -> None:
         with sqlite_errors(self.path):
             self._conn = await in_thread(self._connect)
-            self._loop_reader = await in_thread(self._connect_reader, 0.0)
+            self._loop_conn = await in_thread(self._connect_for_loop)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +92,7 @@ class SqliteDatabase:
         # (small blobs, which an index row committed after them names) asks for
         # ``durable_commits``: FULL, the WAL fsynced at every commit. Without fsync (asked for
         # speed, as for disk blobs), a power loss may cost recent writes; `reindex` rebuilds.
-        synchronous = ("FULL" if self._durable_commits else "NORMAL") if self._fsync else "OFF"
-        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
         try:
             # One transaction, so concurrent processes creating the schema do not collide.
             conn.executescript(f"BEGIN IMMEDIATE;\n{self._schema};\nCOMMIT;")
@@ -96,12 +101,30 @@ class SqliteDatabase:
             raise
         return conn
 
+    @property
+    def _synchronous(self) -> str:
+        return ("FULL" if self._durable_commits else "NORMAL") if self._fsync else "OFF"
+
+    def _connect_for_loop(self) -> sqlite3.Connection:
+        """The connection ``lookup`` and ``write_on_loop`` use on the event loop's thread: it
+        never waits for a lock (busy timeout 0), and its commits never checkpoint, which
+        copies pages into the database and fsyncs it: those are left to the worker threads'
+        connections (see ``write_on_loop``)."""
+        conn = self._connect_reader(0.0)
+        try:
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")  # a connection's own
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            loop_reader, self._loop_reader = self._loop_reader, None
-            if loop_reader is not None:  # used on the loop only, so not in use now
-                await in_thread(loop_reader.close)
+            loop_conn, self._loop_conn = self._loop_conn, None
+            if loop_conn is not None:  # used on the loop only, so not in use now
+                await in_thread(loop_conn.close)
             async with self._lock:
                 await in_thread(conn.close)
             for _ in range(self._reader_count):  # wait for reads under way
@@ -152,7 +175,7 @@ class SqliteDatabase:
         action fell by a fifth). The connection never waits for a lock: should SQLite be busy
         (another process recovering the WAL or truncating it), the read is done in a worker
         thread like ``read``'s. Callers keep to bounded reads (``LOOKUP_LIMIT``)."""
-        reader = self._loop_reader
+        reader = self._loop_conn
         if reader is None:
             raise BackendUnavailable(f"SQLite database {self.path} is not open")
         try:
@@ -210,6 +233,36 @@ class SqliteDatabase:
         async with self._lock:
             return await self._call_holding(call, also_holding)
 
+    async def write_on_loop(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Like ``write``, for a write of a few small rows (an action result), but on the event
+        loop's thread: with WAL and ``synchronous=NORMAL`` a commit is a write of a few pages
+        into the WAL file, tens of microseconds, where a thread hop costs more and hands the
+        GIL back and forth (Bazel writes one action result per action).
+
+        Not on the loop: commits that fsync (``durable_commits``), a write that meets
+        another process's write lock (it is redone in a worker thread, which waits for the
+        lock), and every ``LOOP_WRITES_PER_CHECKPOINT``-th write, whose commit in a worker
+        thread checkpoints the WAL grown by the others (the loop's connection never does).
+        """
+        if self._fsync and self._durable_commits:
+            return await self.write(func)
+        async with self._lock:
+            conn = self._loop_conn
+            if conn is None:
+                raise BackendUnavailable(f"SQLite database {self.path} is not open")
+            self._loop_writes += 1
+            if self._loop_writes < LOOP_WRITES_PER_CHECKPOINT:
+                with sqlite_errors(self.path):
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                    except sqlite3.OperationalError as exc:
+                        if exc.sqlite_errorcode & 0xFF not in _BUSY_CODES:
+                            raise
+                    else:
+                        return _in_open_transaction(func, None, conn)
+            self._loop_writes = 0
+            return await self._call(partial(_in_transaction, func, None, None))
+
     async def _call_holding(
         self, call: Callable[[sqlite3.Connection], T], locks: Sequence[asyncio.Lock]
     ) -> T:
@@ -251,6 +304,14 @@ def _in_transaction(
     if before is not None:
         before()
     conn.execute("BEGIN IMMEDIATE")
+    return _in_open_transaction(func, on_failure, conn)
+
+
+def _in_open_transaction(
+    func: Callable[[sqlite3.Connection], T],
+    on_failure: Callable[[], None] | None,
+    conn: sqlite3.Connection,
+) -> T:
     try:
         return _then_commit(func, conn)
     except BaseException:

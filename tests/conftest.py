@@ -98,9 +98,10 @@ def blockbuster() -> Iterator[BlockBuster]:
             # It runs in a worker thread, on a throw-away event loop of that thread's own (see
             # its docstring), which blockbuster cannot tell from the server's.
             function.can_block_in("asynccas/storage/s3.py", "_prepared_client")
-            # By design: a lookup of a few keys runs on the loop, where a thread hop costs more
-            # than the probe (see ``SqliteDatabase.lookup``).
+            # By design: a lookup of a few keys, or a write of a small row, runs on the loop,
+            # where a thread hop costs more than the work (``SqliteDatabase.lookup``).
             function.can_block_in("asynccas/sqlite_database.py", "lookup")
+            function.can_block_in("asynccas/sqlite_database.py", "write_on_loop")
         yield detector
 
 

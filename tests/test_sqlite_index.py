@@ -21,7 +21,8 @@ from asynccas import threads
 from asynccas.digest import Digest
 from asynccas.errors import BackendUnavailable, DigestMismatch
 from asynccas.index.sqlite import SqliteIndex
-from asynccas.sqlite_database import LOOKUP_LIMIT, SqliteDatabase
+from asynccas.sqlite_database import LOOKUP_LIMIT, LOOP_WRITES_PER_CHECKPOINT, SqliteDatabase
+from asynccas.storage.action_cache import SqliteActionCache
 from asynccas.storage.base import put_chunks
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.disk import DiskStorage
@@ -501,3 +502,142 @@ async def test_rows_read_on_the_loop_are_few_and_small(tmp_path: Path, hops: _Co
         # 1.2 MB of rows: copied in a worker thread, not on the loop.
         assert await rows.bulk_read(NO_CONTEXT, [d for d, _ in large]) == dict(large)
         assert hops.hops > 0
+
+
+_ROWS_SCHEMA = "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v BLOB)"
+
+
+def _insert(key: int, value: bytes) -> Callable[[sqlite3.Connection], object]:
+    return lambda conn: conn.execute("INSERT INTO t VALUES (?, ?)", (key, value))
+
+
+def _wal_frames(path: Path) -> int:
+    """The frames the WAL holds now (a PASSIVE checkpoint reports them and changes nothing
+    they would not have)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+
+
+async def test_small_writes_take_no_thread_hop_and_the_wal_is_still_checkpointed(
+    tmp_path: Path, hops: _CountingPool
+) -> None:
+    database = SqliteDatabase(tmp_path / "t.sqlite", _ROWS_SCHEMA)
+    await database.open()
+    try:
+        hops.hops = 0
+        writes = 20 * LOOP_WRITES_PER_CHECKPOINT
+        for key in range(writes):
+            await database.write_on_loop(_insert(key, os.urandom(4000)))
+        # One write in LOOP_WRITES_PER_CHECKPOINT goes to a worker thread, where its commit
+        # checkpoints the WAL: the loop's connection never does.
+        assert hops.hops == writes // LOOP_WRITES_PER_CHECKPOINT
+        assert await database.read(lambda c: c.execute("SELECT count(*) FROM t").fetchone()) == (
+            writes,
+        )
+        # Each write adds two pages or more: without checkpoints the WAL would hold 4,000
+        # frames; with them it restarts once past SQLite's 1,000.
+        assert await anyio.to_thread.run_sync(_wal_frames, database.path) < 1500
+    finally:
+        await database.close()
+
+
+async def test_a_small_write_meeting_another_writer_waits_for_it_in_a_thread(
+    tmp_path: Path, hops: _CountingPool
+) -> None:
+    database = SqliteDatabase(tmp_path / "t.sqlite", _ROWS_SCHEMA)
+    await database.open()
+    other = sqlite3.connect(database.path, isolation_level=None, check_same_thread=False)
+    try:
+        # Another process holds SQLite's write lock: the loop must not wait for it, nor fail.
+        await anyio.to_thread.run_sync(other.execute, "BEGIN IMMEDIATE")
+        hops.hops = 0
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(database.write_on_loop, _insert(1, b"mine"))
+            await anyio.sleep(0.2)
+            assert hops.hops == 1, "the write went to a worker thread"
+            await anyio.to_thread.run_sync(other.execute, "COMMIT")
+        assert await database.lookup(lambda c: c.execute("SELECT v FROM t").fetchall()) == [
+            (b"mine",)
+        ]
+    finally:
+        other.close()
+        await database.close()
+
+
+async def test_a_failed_small_write_rolls_back_and_the_next_one_commits(tmp_path: Path) -> None:
+    database = SqliteDatabase(tmp_path / "t.sqlite", _ROWS_SCHEMA)
+    await database.open()
+    try:
+        await database.write_on_loop(_insert(1, b"first"))
+
+        def insert_then_fail(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t VALUES (2, 'never seen')")
+            conn.execute("INSERT INTO t VALUES (1, 'a duplicate key')")
+
+        with pytest.raises(BackendUnavailable, match="UNIQUE constraint"):
+            await database.write_on_loop(insert_then_fail)
+        await database.write_on_loop(_insert(3, b"third"))
+        keys = await database.read(lambda c: c.execute("SELECT k FROM t ORDER BY k").fetchall())
+        assert keys == [(1,), (3,)]
+    finally:
+        await database.close()
+
+
+@pytest.mark.parametrize(("fsync", "on_loop"), [(True, False), (False, True)])
+async def test_small_writes_that_fsync_stay_off_the_loop(
+    tmp_path: Path, hops: _CountingPool, fsync: bool, on_loop: bool
+) -> None:
+    database = SqliteDatabase(
+        tmp_path / "t.sqlite", _ROWS_SCHEMA, fsync=fsync, durable_commits=True
+    )
+    await database.open()
+    try:
+        hops.hops = 0
+        await database.write_on_loop(_insert(1, b"x"))
+        assert hops.hops == (0 if on_loop else 1)
+        # The loop's connection commits as durably as the others.
+        synchronous = await database.lookup(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        assert synchronous == (2 if fsync else 0)  # FULL, OFF
+    finally:
+        await database.close()
+
+
+async def test_action_results_are_written_and_touched_on_the_loop(
+    tmp_path: Path, hops: _CountingPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    action_cache = SqliteActionCache(tmp_path / "ac.sqlite", touch_interval=3600)
+    await action_cache.start()
+    database = action_cache._db
+    writes: list[Callable[[sqlite3.Connection], object]] = []
+    write_on_loop = database.write_on_loop
+
+    async def counted(func: Callable[[sqlite3.Connection], object]) -> object:
+        writes.append(func)
+        return await write_on_loop(func)
+
+    monkeypatch.setattr(database, "write_on_loop", counted)
+
+    async def accessed_at() -> float:
+        row = await database.read(lambda c: c.execute("SELECT accessed_at FROM action_results"))
+        return float(row.fetchone()[0])
+
+    try:
+        action = blob(10, 1)[0]
+        await clear_of_window_edge(3600)
+        hops.hops = 0
+        await action_cache.put("", action, b"result")
+        written_at = await accessed_at()
+        assert await action_cache.get("", action) == b"result"
+        # Written with the present time: the hit right after needs no touch.
+        assert len(writes) == 1
+        assert await accessed_at() == written_at
+        # A later window's first hit raises the entry's recency, on the loop too.
+        action_cache.touch_interval = 1e-3
+        await anyio.sleep(0.01)
+        hops.hops = 0
+        assert await action_cache.get("", action) == b"result"
+        assert (len(writes), hops.hops) == (2, 0)
+        assert await accessed_at() > written_at
+    finally:
+        await action_cache.stop()

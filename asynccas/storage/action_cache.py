@@ -66,6 +66,9 @@ class MemoryActionCache(ActionCacheStore):
         self._entries.pop((instance_name, action), None)
 
 
+_LOOP_WRITE_LIMIT: Final = 64 * 1024
+"""Action results up to this size are written on the event loop (``write_on_loop``); most
+name a few outputs in a few hundred bytes."""
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS action_results (
     instance_name TEXT NOT NULL,
@@ -109,9 +112,9 @@ class SqliteActionCache(ActionCacheStore):
             return None
         # Recency to the touch window, as for blobs: a hot entry is not rewritten on every hit.
         window = recency_window(time.time(), self.touch_interval)
-        name = f"{instance_name}\n{action.key}"
+        name = _name(instance_name, action)
         if self._touched.untouched(window, [name]) != []:
-            await self._db.run(
+            await self._db.write_on_loop(
                 lambda conn: conn.execute(
                     "UPDATE action_results SET accessed_at = ?"
                     " WHERE instance_name = ? AND action_key = ? AND accessed_at < ?",
@@ -122,12 +125,16 @@ class SqliteActionCache(ActionCacheStore):
         return bytes(row[0])
 
     async def put(self, instance_name: str, action: Digest, result: bytes) -> None:
-        row = (instance_name, action.key, result, time.time())
-        await self._db.write(
+        now = time.time()
+        row = (instance_name, action.key, result, now)
+        write = self._db.write_on_loop if len(result) <= _LOOP_WRITE_LIMIT else self._db.write
+        await write(
             lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO action_results VALUES (?, ?, ?, ?)", row
             )
         )
+        # Written with the present time: its first hits in this window need not touch it.
+        self._touched.add(recency_window(now, self.touch_interval), [_name(instance_name, action)])
         self._writes_since_trim += 1
         if self._writes_since_trim >= 1000:
             self._writes_since_trim = 0
@@ -170,6 +177,11 @@ class SqliteActionCache(ActionCacheStore):
                 (instance_name, action.key),
             )
         )
+
+
+def _name(instance_name: str, action: Digest) -> str:
+    """An entry's name in ``TouchedThisInterval``."""
+    return f"{instance_name}\n{action.key}"
 
 
 def _drop_least_recent(conn: sqlite3.Connection, entries: int) -> None:
