@@ -20,6 +20,7 @@ from asynccas.eviction import EvictionPolicy
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.redis_provider import RedisProvider
 from asynccas.server.app import CasServer
+from asynccas.storage import action_cache
 from asynccas.storage.action_cache import RedisActionCache
 from asynccas.storage.context import NO_CONTEXT
 from asynccas.storage.memory import MemoryStorage
@@ -181,6 +182,42 @@ async def test_results_count_toward_the_budget_on_a_cluster(redis_cluster: Redis
     store = cache(redis_cluster.url)
     assert store.buckets == 16
     await check_accounting(store)
+
+
+def _actions_in_bucket(store: RedisActionCache, bucket: int, count: int) -> list[Digest]:
+    found = []
+    for seed in range(10_000):
+        action = blob(10, seed)[0]
+        if int(action.hash[:8], 16) % store.buckets == bucket:
+            found.append(action)
+            if len(found) == count:
+                return found
+    raise AssertionError("too few actions in the bucket")
+
+
+@pytest.mark.parametrize("batch", [256, 2])
+async def test_shrinking_drops_the_least_recent_results_across_buckets(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    # One bucket holds the two oldest results and the two newest, another the two between:
+    # dropping four must leave the newest two, not empty the first bucket. (It did: the
+    # bucket with the oldest head gave up entries until enough bytes were freed.) A batch of
+    # two makes each round see only part of a bucket.
+    monkeypatch.setattr(action_cache, "_DROP_BATCH", batch)
+    store = cache(redis_server.url, ttl=None, buckets=16)
+    first, second = _actions_in_bucket(store, 3, 4), _actions_in_bucket(store, 11, 2)
+    in_use_order = [first[0], first[1], *second, first[2], first[3]]
+    await store.start()
+    try:
+        for action in in_use_order:
+            await store.put("", action, b"r" * 1000)
+            await anyio.sleep(0.002)  # distinct recency scores
+        await store.shrink_to(2000)
+        assert await store.stored_bytes() == 2000
+        kept = [await store.get("", action) is not None for action in in_use_order]
+        assert kept == [False, False, False, False, True, True]
+    finally:
+        await store.stop()
 
 
 async def test_expired_results_leave_the_count(redis_server: RedisServer) -> None:

@@ -11,6 +11,7 @@ import math
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -250,18 +251,31 @@ for _, entry in ipairs(stale) do
 end
 return tonumber(redis.call('GET', KEYS[3]) or '0')
 """
-# Drops least recently used entries of one bucket, at most ARGV[1] of them, until ARGV[2]
-# bytes are freed; returns the bytes freed.
-_AC_DROP_OLDEST: Final = """
-local oldest = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+# KEYS: the bucket's LRU zset, sizes hash. Its ARGV[1] least recently used entries, as
+# (entry, score, size) triples in one flat list.
+_AC_OLDEST: Final = """
+local oldest = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local found = {}
+for i = 1, #oldest, 2 do
+  found[#found + 1] = oldest[i]
+  found[#found + 1] = oldest[i + 1]
+  found[#found + 1] = redis.call('HGET', KEYS[2], oldest[i]) or '0'
+end
+return found
+"""
+# KEYS: the bucket's LRU zset, sizes hash, byte counter, then the entries to drop. An entry
+# used since it was chosen (its score now above ARGV[1]) stays; returns the bytes freed.
+_AC_DROP: Final = """
 local freed = 0
-for _, entry in ipairs(oldest) do
-  if freed >= tonumber(ARGV[2]) then break end
-  local old = tonumber(redis.call('HGET', KEYS[2], entry) or '0')
-  redis.call('DEL', entry)
-  redis.call('HDEL', KEYS[2], entry)
-  redis.call('ZREM', KEYS[1], entry)
-  freed = freed + old
+for i = 4, #KEYS do
+  local score = redis.call('ZSCORE', KEYS[1], KEYS[i])
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    local old = tonumber(redis.call('HGET', KEYS[2], KEYS[i]) or '0')
+    redis.call('DEL', KEYS[i])
+    redis.call('HDEL', KEYS[2], KEYS[i])
+    redis.call('ZREM', KEYS[1], KEYS[i])
+    freed = freed + old
+  end
 end
 if freed > 0 then redis.call('DECRBY', KEYS[3], freed) end
 return freed
@@ -302,7 +316,7 @@ class RedisActionCache(RedisClientOwner, ActionCacheStore):
     def _tag(self, bucket: int) -> str:
         return f"{{{self.prefix}:ac:{bucket}}}"
 
-    def _bucket_keys(self, bucket: int) -> list[str]:
+    def _bucket_keys(self, bucket: int) -> list[str | bytes]:
         tag = self._tag(bucket)
         return [f"{tag}:lru", f"{tag}:sizes", f"{tag}:bytes"]
 
@@ -311,11 +325,11 @@ class RedisActionCache(RedisClientOwner, ActionCacheStore):
         # The instance's length first: no instance name can make another's key.
         return f"{self._tag(bucket)}:r:{len(instance_name)}:{instance_name}:{action.key}"
 
-    def _keys(self, instance_name: str, action: Digest) -> list[str]:
+    def _keys(self, instance_name: str, action: Digest) -> list[str | bytes]:
         bucket = int(action.hash[:8], 16) % self.buckets
         return [self.key(instance_name, action), *self._bucket_keys(bucket)]
 
-    async def _run(self, action: str, script: str, keys: list[str], *args: Any) -> Any:
+    async def _run(self, action: str, script: str, keys: Sequence[str | bytes], *args: Any) -> Any:
         client = self._connected()
         async with self._turns.take(action):
             return await client.eval(script, len(keys), *keys, *args)
@@ -348,21 +362,39 @@ class RedisActionCache(RedisClientOwner, ActionCacheStore):
         return total
 
     async def shrink_to(self, target_bytes: int) -> None:
+        """Drop the least recently used results, across every bucket, until ``target_bytes``
+        remain: each round reads every bucket's ``_DROP_BATCH`` oldest entries and drops, in
+        one call per bucket, the globally oldest of them that are known to be older than any
+        entry not read (at or before the earliest last score of a full batch)."""
         excess = await self.stored_bytes() - target_bytes
         while excess > 0:
-            heads = []
+            oldest: list[tuple[float, int, bytes, int]] = []  # score, bucket, entry, size
+            horizon = math.inf  # a bucket read to its batch's end may hold more past it
             for bucket in range(self.buckets):
-                lru = self._bucket_keys(bucket)[0]
-                async with self._turns.take("find the least recent action results"):
-                    head = await self._connected().zrange(lru, 0, 0, withscores=True)
-                if head:
-                    heads.append((head[0][1], bucket))
-            if not heads:
+                lru_and_sizes = self._bucket_keys(bucket)[:2]
+                finding = "find the least recent action results"
+                found = await self._run(finding, _AC_OLDEST, lru_and_sizes, _DROP_BATCH)
+                triples = [found[i : i + 3] for i in range(0, len(found), 3)]
+                oldest += [
+                    (float(score), bucket, entry, int(size)) for entry, score, size in triples
+                ]
+                if len(triples) == _DROP_BATCH:
+                    horizon = min(horizon, float(triples[-1][1]))
+            if not oldest:
                 return
-            _, oldest = min(heads)
-            keys = self._bucket_keys(oldest)
-            dropping = "drop least recent action results"
-            freed = int(await self._run(dropping, _AC_DROP_OLDEST, keys, _DROP_BATCH, excess))
+            oldest.sort()
+            chosen: dict[int, list[bytes]] = {}
+            cutoff, planned = -math.inf, 0
+            for score, bucket, entry, size in oldest:
+                if score > horizon or planned >= excess:
+                    break
+                chosen.setdefault(bucket, []).append(entry)
+                cutoff, planned = score, planned + size
+            freed = 0
+            for bucket, entries in chosen.items():
+                keys = [*self._bucket_keys(bucket), *entries]
+                dropping = "drop least recent action results"
+                freed += int(await self._run(dropping, _AC_DROP, keys, cutoff))
             if freed <= 0:
                 return
             excess -= freed
