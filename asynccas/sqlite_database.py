@@ -295,6 +295,19 @@ class SqliteDatabase:
                     await self._call(_commit)
 
 
+@contextmanager
+def immediate_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on ``conn`` in the calling thread: committed if the block ends
+    normally, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        _rollback(conn)
+        raise
+    _commit(conn)
+
+
 def _in_transaction(
     func: Callable[[sqlite3.Connection], T],
     before: Callable[[], None] | None,

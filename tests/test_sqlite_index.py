@@ -399,15 +399,57 @@ async def test_small_uploads_waiting_for_the_writer_share_one_hop_and_transactio
     results: list[BaseException | None] = [None] * len(blobs)
     async with open_tiered_index(tmp_path) as index:
         batches = _count_publish_batches(index, monkeypatch)
+        rows_statements = _trace_rows_writes(index)
         hops.hops = 0
         async with _commits_queued_behind_a_busy_writer(index, blobs, results):
             assert hops.hops == 0, "small uploads are hashed on the loop"
         assert results == [None] * len(blobs)
         assert batches == [len(blobs)]
         assert hops.hops == 1
+        # One commit (one fsync) of the rows' database, not one per upload.
+        assert rows_statements == ["BEGIN", *["INSERT"] * len(blobs), "COMMIT"]
         for digest, data in blobs:
             assert await index.bulk_read_blobs([digest]) == {digest: data}
         assert await index.get_total_size() == sum(d.size_bytes for d, _ in blobs)
+
+
+def _trace_rows_writes(index: SqliteIndex) -> list[str]:
+    """The first word of each statement run on the small-blob rows' write connection."""
+    assert isinstance(index.storage, SizeDifferentiatedStorage)
+    assert isinstance(index.storage.small, SqliteBlobStorage)
+    statements: list[str] = []
+    connection = index.storage.small._db.write_connection()
+    connection.set_trace_callback(lambda sql: statements.append(sql.split()[0]))
+    return statements
+
+
+async def test_a_batch_of_small_blobs_is_published_in_one_hop_and_one_commit(
+    tmp_path: Path, hops: _CountingPool
+) -> None:
+    blobs = [blob(4096, 1500 + i) for i in range(20)]
+    async with open_tiered_index(tmp_path) as index:
+        rows_statements = _trace_rows_writes(index)
+        hops.hops = 0
+        assert await index.bulk_update_blobs(blobs) == [None] * len(blobs)
+        assert hops.hops == 2, "hashing, then publishing rows and index rows in one hop"
+        assert rows_statements == ["BEGIN", *["INSERT"] * len(blobs), "COMMIT"]
+        assert await index.bulk_read_blobs([d for d, _ in blobs]) == dict(blobs)
+
+
+async def test_small_blobs_whose_index_rows_fail_are_taken_back_out(tmp_path: Path) -> None:
+    blobs = [blob(4096, 1600 + i) for i in range(3)]
+    async with open_tiered_index(tmp_path) as index:
+        await index._db.write(
+            lambda conn: conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON blobs"
+                " BEGIN SELECT RAISE(ABORT, 'index refused'); END"
+            )
+        )
+        with pytest.raises(BackendUnavailable, match="index refused"):
+            await index.bulk_update_blobs(blobs)
+        assert isinstance(index.storage, SizeDifferentiatedStorage)
+        # The rows had committed before the index failed: none may stay, stored but unindexed.
+        assert await index.storage.small.bulk_read(NO_CONTEXT, [d for d, _ in blobs]) == {}
 
 
 async def test_a_wrong_small_upload_queued_with_others_fails_alone(tmp_path: Path) -> None:

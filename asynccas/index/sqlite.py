@@ -15,6 +15,7 @@ import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import ExitStack
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -203,9 +204,9 @@ class SqliteIndex(StorageIndex):
     async def publish_staged(self, writers: Sequence[BlobWriter]) -> None:
         if not writers:
             return
-        # Files publish in the index's hop; rows of the small-blob tier are inserted one
-        # statement (one transaction) each that way, which suits one upload, not a batch.
-        if all(isinstance(w, CommitsInThread) and w.publish_lock() is None for w in writers):
+        # Files and rows of the small-blob tier publish in the index's hop (the rows in one
+        # transaction of their database's, see ``CommitsInThread.publishing_together``).
+        if all(isinstance(w, CommitsInThread) for w in writers):
             await self._publish_in_one_hop(writers)  # type: ignore[arg-type]
             return
         # Shielded: once a file is published its row must be committed too.
@@ -233,10 +234,16 @@ class SqliteIndex(StorageIndex):
         now = time.time()
         rows = [(w.digest.key, w.digest.size_bytes, now, now) for w in writers]
 
+        # One writer per store published into (per publish lock), to group the others' rows.
+        one_per_store = {id(w.publish_lock()): w for w in writers}.values()
+
         def publish(conn: sqlite3.Connection) -> None:
-            for writer in writers:
-                if (take_back := writer.publish_in_thread()) is not None:
-                    undo.append(take_back)
+            with ExitStack() as together:
+                for writer in one_per_store:
+                    together.enter_context(writer.publishing_together())
+                for writer in writers:
+                    if (take_back := writer.publish_in_thread()) is not None:
+                        undo.append(take_back)
             conn.executemany(_UPSERT, rows)
 
         def take_back_all() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from itertools import compress
 from types import TracebackType
 from typing import Final, Self, cast
@@ -189,6 +189,13 @@ class CommitsInThread(abc.ABC):
     def publish_in_thread(self) -> Callable[[], None] | None:
         """Publish and release the temporary data; return how to take the blob back out if
         this call stored it (None if it was stored already)."""
+
+    def publishing_together(self) -> AbstractContextManager[None]:
+        """Entered (in the worker thread) around the ``publish_in_thread`` calls of all the
+        writers that share this one's ``publish_lock``: a store that publishes into a database
+        of its own makes them one transaction there (one commit, one fsync), which commits
+        before the index's does."""
+        return nullcontext()
 
 
 class Storage(abc.ABC):

@@ -12,7 +12,8 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ from asynccas.errors import BlobNotFound, CasError, DigestMismatch, StorageFull
 from asynccas.sqlite_database import (
     LOOKUP_LIMIT,
     SqliteDatabase,
+    immediate_transaction,
     move_rows_off_without_rowid,
     sqlite_errors,
 )
@@ -264,6 +266,12 @@ class _SqliteWriter(BlobWriter, CommitsInThread):
         self.data = b"".join(self._parts)
         self._parts = []
         self.check_hash()
+
+    @contextmanager
+    def publishing_together(self) -> Iterator[None]:
+        storage = self._storage
+        with sqlite_errors(storage.path), immediate_transaction(storage._db.write_connection()):
+            yield
 
     def publish_in_thread(self) -> Callable[[], None] | None:
         storage = self._storage
