@@ -182,8 +182,9 @@ async def test_recency_is_refreshed_once_per_window_by_each_process(tmp_path: Pa
 
     path = tmp_path / "index.sqlite"
     await clear_of_window_edge()
+    async with SqliteIndex(storage, path, touch_interval=3600) as uploader:
+        await uploader.commit_write(digest, chunks(data))
     async with SqliteIndex(storage, path, touch_interval=3600) as index:
-        await index.commit_write(digest, chunks(data))
         await make_stale(index)
         assert await index.bulk_read_blobs([digest]) == {digest: data}
         refreshed = await accessed_at(index)
@@ -196,6 +197,39 @@ async def test_recency_is_refreshed_once_per_window_by_each_process(tmp_path: Pa
         async with SqliteIndex(storage, path, touch_interval=3600) as other:
             assert await other.missing_blobs([digest]) == []
             assert await accessed_at(other) == refreshed
+
+
+async def test_blobs_are_refreshed_on_the_loop_and_not_right_after_their_upload(
+    tmp_path: Path, hops: _CountingPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = [blob(300, 1700 + i) for i in range(3)]
+    await clear_of_window_edge()
+    async with open_tiered_index(tmp_path) as index:
+        refreshes: list[object] = []
+        write_on_loop, run = index._db.write_on_loop, index._db.run
+
+        async def counted_on_loop(func: Callable[[sqlite3.Connection], object]) -> object:
+            refreshes.append(func)
+            return await write_on_loop(func)
+
+        async def counted_run(func: Callable[[sqlite3.Connection], object]) -> object:
+            refreshes.append(func)
+            return await run(func)
+
+        monkeypatch.setattr(index._db, "write_on_loop", counted_on_loop)
+        monkeypatch.setattr(index._db, "run", counted_run)
+        for digest, data in blobs:
+            await index.commit_write(digest, chunks(data))
+        # Uploaded with the present time: using them in the same window writes nothing.
+        assert await index.missing_blobs([d for d, _ in blobs]) == []
+        assert await index.bulk_read_blobs([d for d, _ in blobs]) == dict(blobs)
+        assert refreshes == []
+        # In a later window the first use refreshes them, on the event loop.
+        index.touch_interval = 1e-3
+        await anyio.sleep(0.01)
+        hops.hops = 0
+        assert await index.missing_blobs([d for d, _ in blobs]) == []
+        assert (len(refreshes), hops.hops) == (1, 0)
 
 
 async def test_commit_with_ends_the_transaction_with_its_statement(tmp_path: Path) -> None:

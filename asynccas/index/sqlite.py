@@ -173,8 +173,11 @@ class SqliteIndex(StorageIndex):
     async def _touch_keys(self, keys: list[str]) -> None:
         window, stale = self._to_refresh(keys)
         if stale is None:
-            return  # all refreshed by this process in this window: no thread hop at all
-        await self._db.run(lambda conn: conn.execute(_REFRESH, (window, stale, window)))
+            return  # all refreshed by this process in this window: nothing to write
+        # A few rows (an action's blobs) are refreshed on the event loop, where a thread hop
+        # would cost more than the write (see ``SqliteDatabase.write_on_loop``).
+        write = self._db.write_on_loop if len(keys) <= LOOKUP_LIMIT else self._db.run
+        await write(lambda conn: conn.execute(_REFRESH, (window, stale, window)))
         self._touched.add(window, keys)
 
     def _to_refresh(self, keys: list[str]) -> tuple[float, str | None]:
@@ -216,6 +219,7 @@ class SqliteIndex(StorageIndex):
                 now = time.time()
                 rows = [(w.digest.key, w.digest.size_bytes, now, now) for w in writers]
                 await sql.commit_with(lambda conn: conn.executemany(_UPSERT, rows))
+        self._used_at(now, rows)
 
     async def _publish_in_one_hop(
         self,
@@ -265,6 +269,12 @@ class SqliteIndex(StorageIndex):
                 also_holding=[lock for _, lock in sorted(locks.items())],
                 lock_held=lock_held,
             )
+        self._used_at(now, rows)
+
+    def _used_at(self, now: float, rows: Sequence[tuple[str, int, float, float]]) -> None:
+        """Rows just written with ``now`` as their recency count as refreshed this window:
+        the first uses of a blob just uploaded (Bazel reads outputs back) write nothing."""
+        self._touched.add(recency_window(now, self.touch_interval), [row[0] for row in rows])
 
     async def commit_writer(self, writer: BlobWriter) -> None:
         # A small upload to disk ends in one thread hop. A larger one is verified (its fsync
