@@ -44,7 +44,10 @@ def sqlite_errors(path: Path) -> Iterator[None]:
         message = str(exc)
         if "full" in message:
             raise StorageFull(f"SQLite database {path} is full: {message}") from exc
-        outages("SQLite", str(path)).failed(exc)
+        if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+            # The file or its disk failed (an I/O error, corruption, a lock held too long). A
+            # refused statement (a constraint) says nothing about the database being there.
+            outages("SQLite", str(path)).failed(exc)
         raise BackendUnavailable(f"SQLite database {path} failed: {message}") from exc
     outages("SQLite", str(path)).succeeded()
 
