@@ -35,6 +35,8 @@ ASYNCCAS = "asynccas (defaults: disk + SQLite, fsync)"
 ASYNCCAS_NO_FSYNC = "asynccas (disk + SQLite, --no-fsync)"
 BUILDGRID = "BuildGrid 0.4.4 (disk + Redis index)"
 FLOOR = "grpc.aio floor (handlers that do no work: count bytes, read from a dict)"
+FILES_FLOOR = "files floor (hash, write, fsync, link; nothing else)"
+FILES_FLOOR_NO_FSYNC = "files floor, no fsync"
 SIZE_MIX_8K = ((8192, 8193, 1.0),)  # the concurrency sweep's blobs: 8 KiB each
 
 
@@ -51,7 +53,7 @@ class Load:
     servers: tuple[str, ...] = ()  # beyond asynccas and BuildGrid
 
 
-WRITE_SERVERS = (ASYNCCAS_NO_FSYNC, FLOOR)
+WRITE_SERVERS = (ASYNCCAS_NO_FSYNC, FILES_FLOOR, FILES_FLOOR_NO_FSYNC, FLOOR)
 LOADS = [
     Load(
         "write-1",
@@ -131,18 +133,28 @@ def _servers(stack: ExitStack, work: Path) -> dict[str, Target]:
         ASYNCCAS: stack.enter_context(asynccas_server(work / "ac", index="sqlite", fsync=True)),
         ASYNCCAS_NO_FSYNC: stack.enter_context(asynccas_server(work / "nofsync", index="sqlite")),
         FLOOR: stack.enter_context(floor_server(work)),
+        FILES_FLOOR: stack.enter_context(floor_server(work, files=work / "files-floor")),
+        FILES_FLOOR_NO_FSYNC: stack.enter_context(
+            floor_server(work, files=work / "files-floor-no-fsync", fsync=False)
+        ),
     }
 
 
 @contextmanager
-def floor_server(work: Path, *, keep_all: bool = False) -> Iterator[Target]:
+def floor_server(
+    work: Path, *, keep_all: bool = False, files: Path | None = None, fsync: bool = True
+) -> Iterator[Target]:
     """``benchmarks.floor``: what grpc.aio costs with no work behind it (``keep_all``: a
-    cache Bazel can build against, keeping everything in dicts, checking nothing)."""
+    cache Bazel can build against, keeping everything in dicts, checking nothing; ``files``:
+    writes that only hash, write a file, fsync unless told not to, and link it in there)."""
     port = free_port()
     args = [sys.executable, "-m", "benchmarks.floor", str(port)]
     if keep_all:
         args.append("--keep-all")
-    with process(args, work / "floor.log", port) as child:
+    if files is not None:
+        args += ["--durable", str(files)] + ([] if fsync else ["--no-fsync"])
+    log = work / ("floor.log" if files is None else f"{files.name}.log")
+    with process(args, log, port) as child:
         yield Target(f"127.0.0.1:{port}", child.pid, None)
 
 
@@ -202,6 +214,9 @@ def markdown(
         " load and server, taking turns; medians; 2 client processes (1 for one stream);"
         " HTML: `benchmarks/out/bazel-traffic.html`",
         f"- {ASYNCCAS} against {BUILDGRID}, which does not fsync",
+        "- floors (`benchmarks/floor.py`): the grpc.aio floor does no work; the files floor"
+        " does only what a cache that loses nothing must do per blob (check its SHA-256, write"
+        " a file, fsync, link it in place) in one worker-thread hop, and no index",
         "",
         "| load | server | ops/s | vs BuildGrid | target | p50 ms | p99 ms | errors |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",

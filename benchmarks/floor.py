@@ -8,13 +8,26 @@ With ``--keep-all`` it is the least a cache Bazel can build against must do: eve
 in a dict (nothing hashed or checked), FindMissingBlobs answers from it, and the action cache
 is a dict too. ``bazel-build`` times Bazel against it, as the floor of a build's remote part.
 
-Run as ``python -m benchmarks.floor PORT [--keep-all]``.
+With ``--durable DIR`` Write does the least a cache that loses nothing it acknowledged must do
+for each blob, and nothing more: check the data's SHA-256 against the resource name, write it
+to a new file, fsync it and link it into place, in one worker-thread hop at the end of the
+stream (no index, no upload sessions, no limits); ``--no-fsync`` leaves out the fsync, as
+asynccas's ``--no-fsync`` does. ``bazel-traffic`` measures the writes on it, so that the cost of
+the work itself is told apart from what asynccas adds to it.
+
+Run as ``python -m benchmarks.floor PORT [--keep-all | --durable DIR [--no-fsync]]``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import os
 import sys
 from collections.abc import AsyncIterator
+from itertools import count
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -75,6 +88,55 @@ class CountingByteStream(bs_grpc.ByteStreamServicer):
         raise AssertionError("abort returned")
 
 
+class DurableByteStream(CountingByteStream):
+    """Write as a durable cache must at least: hash, write, fsync and link each blob."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        super().__init__()
+        self.root = root
+        self.fsync = fsync
+        self.temp_names = count()
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    async def Write(
+        self, request_iterator: AsyncIterator[bs_pb2.WriteRequest], context: Context
+    ) -> bs_pb2.WriteResponse:
+        name = ""
+        parts: list[bytes] = []
+        async for request in request_iterator:
+            name = name or request.resource_name
+            parts.append(request.data)
+        key = _blob_key(name)
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self._store, key, parts):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"data is not {key}")
+        return bs_pb2.WriteResponse(committed_size=sum(len(part) for part in parts))
+
+    def _store(self, key: str, parts: list[bytes]) -> bool:
+        data = b"".join(parts)
+        hash_, _ = key.split("/")
+        if hashlib.sha256(data).hexdigest() != hash_:
+            return False
+        temp = self.root / "tmp" / str(next(self.temp_names))
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = self.root / hash_[:2] / hash_
+        final.parent.mkdir(exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # stored already: keep that copy
+            os.link(temp, final)
+        os.unlink(temp)
+        if len(data) <= self.keep_up_to:
+            self.small_blobs[key] = data
+        return True
+
+
 def _digest_key(digest: re_pb2.Digest) -> str:
     return f"{digest.hash}/{digest.size_bytes}"
 
@@ -112,13 +174,16 @@ class DictActionCache(re_grpc.ActionCacheServicer):
         return request.action_result
 
 
-async def serve(port: int, keep_all: bool) -> None:
+async def serve(port: int, keep_all: bool, durable: Path | None, fsync: bool) -> None:
     server = grpc.aio.server(options=TRANSPORT_OPTIONS)
     re_grpc.add_CapabilitiesServicer_to_server(
         CapabilitiesService(max_batch_total_size_bytes=4 << 20, allow_action_cache_updates=True),
         server,
     )
-    bytestream = CountingByteStream(keep_up_to=1 << 62 if keep_all else _KEPT_UP_TO)
+    if durable is not None:
+        bytestream: CountingByteStream = DurableByteStream(durable, fsync=fsync)
+    else:
+        bytestream = CountingByteStream(keep_up_to=1 << 62 if keep_all else _KEPT_UP_TO)
     bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
     if keep_all:
         # Only what Bazel sends is implemented; grpc answers the rest UNIMPLEMENTED.
@@ -131,4 +196,8 @@ async def serve(port: int, keep_all: bool) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(serve(int(sys.argv[1]), keep_all="--keep-all" in sys.argv[2:]))
+    options = sys.argv[2:]
+    durable_root = Path(options[options.index("--durable") + 1]) if "--durable" in options else None
+    uvloop.run(
+        serve(int(sys.argv[1]), "--keep-all" in options, durable_root, "--no-fsync" not in options)
+    )
