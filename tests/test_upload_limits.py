@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
 from asynccas._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from asynccas._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from asynccas.client import CasClient
 from asynccas.digest import Digest
 from asynccas.index.sqlite import SqliteIndex
 from asynccas.resource_names import format_write_name
@@ -185,3 +187,32 @@ def test_serve_advertises_the_blob_size_limit(flags: list[str], limit: int, tmp_
         assert capabilities.cache_capabilities.max_cas_blob_size_bytes == limit
     finally:
         stop(process, signal.SIGTERM)
+
+
+async def test_an_upload_refused_mid_stream_reports_the_servers_status(tmp_path: Path) -> None:
+    """A server that refuses an upload at its first message ends the stream while the client
+    is still sending. grpc.aio then reported its own failed send (INTERNAL, 'Internal error
+    from Core': grpc/grpc#36066) in place of the server's INVALID_ARGUMENT, most often when
+    the client's next message came a moment after its first (a source reading a file: here
+    77 of 100 uploads with a 0.3 ms pause). The client takes such a send for a broken stream
+    and asks again, as RemoteStorage does: its caller sees the server's answer."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    args = ["--address", "127.0.0.1:0", "--storage", "memory", "--max-blob-size", "1M"]
+    process, target, _ = await anyio.to_thread.run_sync(start, args, env)
+    digest, data = blob(2 * 1024 * 1024, 77)
+
+    async def chunks_from(offset: int) -> AsyncGenerator[bytes]:
+        yield data[offset : offset + 16 * 1024]
+        await anyio.sleep(0.0003)  # the next chunk is read from a file, say
+        yield data[offset + 16 * 1024 :]
+
+    codes: Counter[str] = Counter()
+    try:
+        async with CasClient(f"grpc://{target}") as cas:
+            for _ in range(100):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await cas.write_stream(digest, chunks_from)
+                codes[refused.value.code().name] += 1
+    finally:
+        await anyio.to_thread.run_sync(stop, process, signal.SIGTERM)
+    assert codes == {"INVALID_ARGUMENT": 100}

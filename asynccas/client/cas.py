@@ -8,6 +8,7 @@ concurrency is bounded, and every download is checked against its digest.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -46,6 +47,7 @@ from asynccas.client.channel import (
     TRANSIENT,
     backoff_delay,
     check_token,
+    failed_send,
     function_field,
     open_channel,
     read_response_data,
@@ -449,9 +451,10 @@ class CasClient:
         name = format_write_name(self.instance_name, str(uuid.uuid4()), digest)
         offset = 0
         reported = 0  # bytes counted so far: a resume may send some of them again
+        listen_first = 0.0
         for attempt in range(self.max_attempts):
 
-            async def requests(start: int = offset) -> AsyncIterator[bs_pb2.WriteRequest]:
+            async def requests(start: int = offset) -> AsyncGenerator[bs_pb2.WriteRequest]:
                 position = start
                 async with aclosing(chunks_from(start)) as chunks:
                     async for chunk in chunks:
@@ -476,11 +479,11 @@ class CasClient:
                     )
 
             try:
-                response = await self._bytestream.Write(requests(), timeout=self.timeout)
+                response = await self._send_write(requests(), listen_first)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in TRANSIENT or attempt + 1 == self.max_attempts:
+                if not self._retryable(exc, attempt):
                     raise
-                await anyio.sleep(self._delay(attempt))
+                listen_first = await self._wait_before_retry(exc, attempt)
                 offset = await self._committed_size(name)
                 if offset == digest.size_bytes:
                     return
@@ -498,11 +501,12 @@ class CasClient:
         """ByteStream Write of the blob as one zstd frame. A failed attempt starts over (with a
         new upload name): resuming would mean compressing everything before the server's
         offset again only to skip it."""
+        listen_first = 0.0
         for attempt in range(self.max_attempts):
             name = format_write_name(self.instance_name, str(uuid.uuid4()), digest, ZSTD)
             sent = 0
 
-            async def requests(name: str = name) -> AsyncIterator[bs_pb2.WriteRequest]:
+            async def requests(name: str = name) -> AsyncGenerator[bs_pb2.WriteRequest]:
                 nonlocal sent
                 held: bytes | None = None  # one piece behind, so the last can say finish_write
                 async with aclosing(compressed(chunks_from(0))) as frame:
@@ -525,11 +529,11 @@ class CasClient:
                 self.bytes_sent += len(last)
 
             try:
-                response = await self._bytestream.Write(requests(), timeout=self.timeout)
+                response = await self._send_write(requests(), listen_first)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in TRANSIENT or attempt + 1 == self.max_attempts:
+                if not self._retryable(exc, attempt):
                     raise
-                await anyio.sleep(self._delay(attempt))
+                listen_first = await self._wait_before_retry(exc, attempt)
                 continue
             if response.committed_size not in (sent, -1):
                 raise DigestMismatch(
@@ -537,6 +541,51 @@ class CasClient:
                     f" of {digest}"
                 )
             return
+
+    async def _send_write(
+        self, requests: AsyncGenerator[bs_pb2.WriteRequest], listen_first: float
+    ) -> bs_pb2.WriteResponse:
+        """One ByteStream Write of ``requests``. With ``listen_first``, the stream pauses after
+        its first message until the server answers or that many seconds pass: a server that
+        refuses an upload at its first message ends the stream while a client still sends,
+        and grpc.aio may then report its own failed send instead of the server's status
+        (``failed_send``). A retry after such a send listens, so the caller gets the answer."""
+        if not listen_first:
+            return await self._bytestream.Write(requests, timeout=self.timeout)
+        answered = asyncio.Event()
+
+        async def listening() -> AsyncIterator[bs_pb2.WriteRequest]:
+            async with aclosing(requests):
+                first = True
+                async for request in requests:
+                    yield request
+                    if first:
+                        first = False
+                        with anyio.move_on_after(listen_first):
+                            await answered.wait()
+                        if answered.is_set():
+                            return  # the server's answer, not the rest of the blob
+
+        call = self._bytestream.Write(listening(), timeout=self.timeout)
+        call.add_done_callback(lambda _: answered.set())
+        return await call
+
+    async def _wait_before_retry(self, exc: grpc.aio.AioRpcError, attempt: int) -> float:
+        """Back off before retry ``attempt + 1``; returns how long that retry listens after its
+        first message (``_send_write``). After a failed send the backoff is spent listening
+        rather than sleeping: the server has most likely answered already."""
+        delay = self._delay(attempt)
+        if failed_send(exc):
+            return delay
+        await anyio.sleep(delay)
+        return 0.0
+
+    def _retryable(self, exc: grpc.aio.AioRpcError, attempt: int) -> bool:
+        """Whether a failed upload is tried again: a transient status, or a stream that broke
+        under a send (the server may have answered early; asking again gets its answer)."""
+        if attempt + 1 == self.max_attempts:
+            return False
+        return exc.code() in TRANSIENT or failed_send(exc)
 
     async def _committed_size(self, name: str) -> int:
         try:

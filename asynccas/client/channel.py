@@ -31,6 +31,17 @@ there it means a conflicting upload offset, which sending again cannot fix."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 
+def failed_send(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether ``exc`` is grpc.aio's report of its own send on a stream the server had already
+    ended (INTERNAL, ``Failed "execute_batch"``), which replaces the server's status
+    (grpc/grpc#36066): typically a server that answered an upload early, refusing it or
+    having the blob. Like a dropped connection, it says nothing of why; QueryWriteStatus or a
+    new stream does."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (
+        exc.debug_error_string() or ""
+    )
+
+
 def backoff_delay(attempt: int, first: float, cap: float) -> float:
     """Capped exponential backoff with jitter: the wait before retry ``attempt`` (0-based) is
     a random point in the upper half of ``min(cap, first * 2**attempt)``, so that many callers

@@ -38,6 +38,7 @@ from asynccas._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from asynccas.client.channel import (
     backoff_delay,
     check_token,
+    failed_send,
     function_field,
     open_channel,
     read_response_data,
@@ -606,12 +607,9 @@ class RemoteWriter(BlobWriter):
         had the blob (it may answer before reading everything)."""
         call, self._call = self._call, None
         if isinstance(exc, grpc.aio.AioRpcError):
-            if exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (
-                exc.debug_error_string() or ""
-            ):
-                # A send on a stream the remote already ended: grpc reports its own failed
-                # send, not the remote's status. The stream is gone, like a dropped
-                # connection; QueryWriteStatus (and a new stream) will say why.
+            if failed_send(exc):
+                # The stream is gone, like a dropped connection; QueryWriteStatus (and a new
+                # stream) will say why.
                 return grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.aio.Metadata(),
