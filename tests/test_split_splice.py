@@ -9,7 +9,8 @@ import os
 import random
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -29,11 +30,13 @@ from asynccas.index.redis import RedisIndex
 from asynccas.redis_provider import RedisProvider
 from asynccas.resource_names import format_write_name
 from asynccas.server.app import CasServer
-from asynccas.server.split_splice import splice_blob
+from asynccas.server.split_splice import SplitCache, splice_blob, split_blob
 from asynccas.storage.action_cache import MemoryActionCache
-from asynccas.storage.base import contains, read_all
-from asynccas.storage.context import NO_CONTEXT
+from asynccas.storage.base import Storage, contains, missing_digests, put_chunks, read_all
+from asynccas.storage.context import NO_CONTEXT, RequestContext
 from asynccas.storage.disk import DiskStorage
+from asynccas.storage.forwarding import ForwardingStorage
+from asynccas.storage.memory import MemoryStorage
 from tests.servers import memory_server
 from tests.support.redis_servers import RedisServer
 
@@ -281,3 +284,58 @@ async def test_unknown_enum_values_are_invalid_arguments_naming_them(
     )
     assert response.responses[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "value 42" in response.responses[0].status.message
+
+
+class CountingReads(ForwardingStorage):
+    """A storage that counts reads of each blob: tells a split that read its blob from one
+    that did not."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.reads: Counter[Digest] = Counter()
+
+    def get(
+        self, ctx: RequestContext, digest: Digest, offset: int = 0, limit: int = 0
+    ) -> AsyncGenerator[bytes]:
+        self.reads[digest] += 1
+        return super().get(ctx, digest, offset, limit)
+
+
+async def test_a_blob_split_before_is_answered_from_its_chunk_list() -> None:
+    """SplitBlob read and hashed the whole blob on every call; a repeat now asks only whether
+    the chunks are still stored, and splits again when one is not."""
+    memory = MemoryStorage(64 << 20)
+    storage = CountingReads(memory)
+    data = random.Random(5).randbytes(3 << 20)
+    digest = Digest.of(data)
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield data
+
+    await put_chunks(storage, NO_CONTEXT, digest, whole())
+    cache, params = SplitCache(), FastCdcParams()
+    first = await split_blob(storage, NO_CONTEXT, digest, params, cache)
+    assert len(first) > 2
+    assert storage.reads[digest] == 1
+    assert await split_blob(storage, NO_CONTEXT, digest, params, cache) == first
+    assert storage.reads[digest] == 1, "the blob was read again"
+    await memory.delete([first[1]])  # evicted, say
+    assert await split_blob(storage, NO_CONTEXT, digest, params, cache) == first
+    assert storage.reads[digest] == 2
+    assert await missing_digests(memory, NO_CONTEXT, first) == [], "the chunk was not restored"
+
+
+def test_the_split_cache_keeps_the_most_recent_chunk_lists_within_its_bound() -> None:
+    blobs = [Digest.of(bytes([n])) for n in range(4)]
+    chunks = [[Digest.of(bytes([n, c])) for c in range(3)] for n in range(4)]
+    cache = SplitCache(max_chunks=7)
+    cache.put(blobs[0], chunks[0])
+    cache.put(blobs[1], chunks[1])
+    assert cache.get(blobs[0]) == chunks[0]  # now the most recent
+    cache.put(blobs[2], chunks[2])  # 9 chunks > 7: the least recent list goes
+    assert cache.get(blobs[1]) is None
+    assert cache.get(blobs[0]) == chunks[0]
+    assert cache.get(blobs[2]) == chunks[2]
+    cache.put(blobs[3], [chunks[3][0]] * 8)  # larger than the whole bound: not kept
+    assert cache.get(blobs[3]) is None
+    assert cache.get(blobs[2]) == chunks[2]

@@ -3,13 +3,15 @@ client moves only the chunks the other side lacks.
 
 Split reads the blob once, cuts it with FastCDC as it streams, and stores the chunks the CAS
 lacks (asking FindMissingBlobs for the others extends their lifetimes, as the API wants)
-before answering. Splice streams the named chunks, in order, into one upload of the blob,
+before answering. It keeps the chunk list (``SplitCache``): splitting the same blob again
+asks only whether its chunks are all still stored. Splice streams the named chunks, in order, into one upload of the blob,
 whose writer checks the result against the blob's digest: the client's digest is never
 trusted, and nothing is stored when it is wrong. Neither holds more than a few megabytes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
@@ -25,14 +27,68 @@ STORE_BATCH_BYTES = 8 * 1024 * 1024
 """Chunks are stored in batches of about this many bytes (one bulk_update each)."""
 
 
+class SplitCache:
+    """The chunk lists of blobs split before, least recently used first out. Content is
+    immutable, so a list never goes stale; its chunks can only go missing, which
+    ``split_blob`` asks about before answering from here. A list costs about 200 bytes of
+    memory per chunk, and the same blob's chunks on any instance (FastCDC's cuts depend only
+    on the content and the server's parameters)."""
+
+    def __init__(self, max_chunks: int = 100_000) -> None:
+        self.max_chunks = max_chunks
+        self._lists: OrderedDict[Digest, list[Digest]] = OrderedDict()
+        self._chunks = 0
+
+    def get(self, digest: Digest) -> list[Digest] | None:
+        chunks = self._lists.get(digest)
+        if chunks is not None:
+            self._lists.move_to_end(digest)
+        return chunks
+
+    def put(self, digest: Digest, chunks: list[Digest]) -> None:
+        if len(chunks) > self.max_chunks or digest in self._lists:
+            return
+        self._lists[digest] = chunks
+        self._chunks += len(chunks)
+        while self._chunks > self.max_chunks:
+            _, dropped = self._lists.popitem(last=False)
+            self._chunks -= len(dropped)
+
+    def forget(self, digest: Digest) -> None:
+        dropped = self._lists.pop(digest, None)
+        if dropped is not None:
+            self._chunks -= len(dropped)
+
+
 async def split_blob(
-    storage: Storage, ctx: RequestContext, digest: Digest, params: FastCdcParams
+    storage: Storage,
+    ctx: RequestContext,
+    digest: Digest,
+    params: FastCdcParams,
+    cache: SplitCache | None = None,
 ) -> list[Digest]:
-    """The digests of ``digest``'s chunks, in order, every chunk stored."""
+    """The digests of ``digest``'s chunks, in order, every chunk stored. With ``cache``, a
+    blob split before costs one existence query of its chunks, not a read of the blob."""
     if digest.is_empty:
         return []
     if not await contains(storage, ctx, digest):  # also extends the blob's lifetime
         raise BlobNotFound(digest)
+    known = cache.get(digest) if cache is not None else None
+    if known is not None:
+        # Asking also extends the chunks' lifetimes, as a split must.
+        if not await missing_digests(storage, ctx, known):
+            return known
+        assert cache is not None
+        cache.forget(digest)  # a chunk went away (or is not this instance's): split again
+    chunk_digests = await _split(storage, ctx, digest, params)
+    if cache is not None:
+        cache.put(digest, chunk_digests)
+    return chunk_digests
+
+
+async def _split(
+    storage: Storage, ctx: RequestContext, digest: Digest, params: FastCdcParams
+) -> list[Digest]:
     chunk_digests: list[Digest] = []
     batch: list[tuple[Digest, bytes]] = []
     batch_bytes = 0
