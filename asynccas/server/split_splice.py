@@ -4,9 +4,10 @@ client moves only the chunks the other side lacks.
 Split reads the blob once, cuts it with FastCDC as it streams, and stores the chunks the CAS
 lacks (asking FindMissingBlobs for the others extends their lifetimes, as the API wants)
 before answering. It keeps the chunk list (``SplitCache``): splitting the same blob again
-asks only whether its chunks are all still stored. Splice streams the named chunks, in order, into one upload of the blob,
-whose writer checks the result against the blob's digest: the client's digest is never
-trusted, and nothing is stored when it is wrong. Neither holds more than a few megabytes.
+asks only whether its chunks are all still stored. Splice streams the named chunks, in order,
+into one upload of the blob, whose writer checks the result against the blob's digest: the
+client's digest is never trusted, and nothing is stored when it is wrong. Neither holds more
+than a few megabytes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class SplitCache:
     """The chunk lists of blobs split before, least recently used first out. Content is
     immutable, so a list never goes stale; its chunks can only go missing, which
     ``split_blob`` asks about before answering from here. A list costs about 200 bytes of
-    memory per chunk, and the same blob's chunks on any instance (FastCDC's cuts depend only
-    on the content and the server's parameters)."""
+    memory per chunk and serves every instance: FastCDC's cuts depend only on the content
+    and the server's parameters."""
 
     def __init__(self, max_chunks: int = 100_000) -> None:
         self.max_chunks = max_chunks
@@ -73,12 +74,10 @@ async def split_blob(
         return []
     if not await contains(storage, ctx, digest):  # also extends the blob's lifetime
         raise BlobNotFound(digest)
-    known = cache.get(digest) if cache is not None else None
-    if known is not None:
+    if cache is not None and (known := cache.get(digest)) is not None:
         # Asking also extends the chunks' lifetimes, as a split must.
         if not await missing_digests(storage, ctx, known):
             return known
-        assert cache is not None
         cache.forget(digest)  # a chunk went away (or is not this instance's): split again
     chunk_digests = await _split(storage, ctx, digest, params)
     if cache is not None:
