@@ -65,8 +65,8 @@ async def test_the_cache_keeps_to_its_budget_and_forgets_deleted_blobs() -> None
     blobs = [blob(3000, seed) for seed in range(5)]
     await cache.bulk_update(NO_CONTEXT, blobs)
     assert await cache.bulk_read(NO_CONTEXT, [d for d, _ in blobs]) == dict(blobs)
-    assert cache.lru.total == sum(map(len, cache.lru.blobs.values())) <= 10_000
-    assert list(cache.lru.blobs) == [d for d, _ in blobs[-3:]], "least recently read went first"
+    assert cache.lru.total == sum(map(len, cache.lru.entries.values())) <= 10_000
+    assert list(cache.lru.entries) == [d for d, _ in blobs[-3:]], "least recently read went first"
     victim = blobs[-1][0]
     assert await cache.delete([victim]) == [victim]
     assert victim not in cache.lru

@@ -313,7 +313,7 @@ async def test_a_blob_split_before_is_answered_from_its_chunk_list() -> None:
         yield data
 
     await put_chunks(storage, NO_CONTEXT, digest, whole())
-    cache, params = SplitCache(), FastCdcParams()
+    cache, params = SplitCache(1000), FastCdcParams()
     first = await split_blob(storage, NO_CONTEXT, digest, params, cache)
     assert len(first) > 2
     assert storage.reads[digest] == 1
@@ -328,14 +328,14 @@ async def test_a_blob_split_before_is_answered_from_its_chunk_list() -> None:
 def test_the_split_cache_keeps_the_most_recent_chunk_lists_within_its_bound() -> None:
     blobs = [Digest.of(bytes([n])) for n in range(4)]
     chunks = [[Digest.of(bytes([n, c])) for c in range(3)] for n in range(4)]
-    cache = SplitCache(max_chunks=7)
-    cache.put(blobs[0], chunks[0])
-    cache.put(blobs[1], chunks[1])
+    cache = SplitCache(7)
+    cache.add(blobs[0], chunks[0])
+    cache.add(blobs[1], chunks[1])
     assert cache.get(blobs[0]) == chunks[0]  # now the most recent
-    cache.put(blobs[2], chunks[2])  # 9 chunks > 7: the least recent list goes
+    cache.add(blobs[2], chunks[2])  # 9 chunks > 7: the least recent list goes
     assert cache.get(blobs[1]) is None
     assert cache.get(blobs[0]) == chunks[0]
     assert cache.get(blobs[2]) == chunks[2]
-    cache.put(blobs[3], [chunks[3][0]] * 8)  # larger than the whole bound: not kept
+    cache.add(blobs[3], [chunks[3][0]] * 8)  # larger than the whole bound: not kept
     assert cache.get(blobs[3]) is None
     assert cache.get(blobs[2]) == chunks[2]

@@ -29,7 +29,7 @@ from asynccas.server.calls import authorize
 from asynccas.server.errors import Context, rpc_status, streaming_rpc, unary_rpc
 from asynccas.server.get_tree_cache import CachedTree, GetTreeCache
 from asynccas.server.registration import register, server_streaming, unary
-from asynccas.server.split_splice import SplitCache, splice_blob, split_blob
+from asynccas.server.split_splice import SPLIT_CACHE_CHUNKS, SplitCache, splice_blob, split_blob
 from asynccas.storage.base import CHUNK_SIZE, Storage, deletion_marker, missing_digests
 from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
@@ -161,7 +161,7 @@ class ContentAddressableStorageService:
         self.storage = storage
         self.max_blob_size = max_blob_size
         self.fast_cdc = fast_cdc or FastCdcParams()
-        self.split_cache = SplitCache()
+        self.split_cache = SplitCache(SPLIT_CACHE_CHUNKS)
         self.max_batch_total_size_bytes = max_batch_total_size_bytes
         self.max_response_bytes = max_response_bytes or response_limit(max_batch_total_size_bytes)
         self.tree_cache = tree_cache if tree_cache is not None else GetTreeCache()

@@ -12,7 +12,6 @@ than a few megabytes.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
@@ -20,6 +19,7 @@ from asynccas.chunking import FastCdcParams, chunks_of
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, DigestMismatch, NotFound
 from asynccas.hashing import THREAD_THRESHOLD
+from asynccas.lru import SizedLru
 from asynccas.storage.base import Storage, contains, missing_digests, put_chunks
 from asynccas.storage.context import RequestContext
 from asynccas.threads import in_thread
@@ -28,37 +28,14 @@ STORE_BATCH_BYTES = 8 * 1024 * 1024
 """Chunks are stored in batches of about this many bytes (one bulk_update each)."""
 
 
-class SplitCache:
-    """The chunk lists of blobs split before, least recently used first out. Content is
-    immutable, so a list never goes stale; its chunks can only go missing, which
-    ``split_blob`` asks about before answering from here. A list costs about 200 bytes of
-    memory per chunk and serves every instance: FastCDC's cuts depend only on the content
-    and the server's parameters."""
+SPLIT_CACHE_CHUNKS = 100_000
+"""Chunk digests kept in a ``SplitCache`` (about 200 bytes of memory each)."""
 
-    def __init__(self, max_chunks: int = 100_000) -> None:
-        self.max_chunks = max_chunks
-        self._lists: OrderedDict[Digest, list[Digest]] = OrderedDict()
-        self._chunks = 0
-
-    def get(self, digest: Digest) -> list[Digest] | None:
-        chunks = self._lists.get(digest)
-        if chunks is not None:
-            self._lists.move_to_end(digest)
-        return chunks
-
-    def put(self, digest: Digest, chunks: list[Digest]) -> None:
-        if len(chunks) > self.max_chunks or digest in self._lists:
-            return
-        self._lists[digest] = chunks
-        self._chunks += len(chunks)
-        while self._chunks > self.max_chunks:
-            _, dropped = self._lists.popitem(last=False)
-            self._chunks -= len(dropped)
-
-    def forget(self, digest: Digest) -> None:
-        dropped = self._lists.pop(digest, None)
-        if dropped is not None:
-            self._chunks -= len(dropped)
+SplitCache = SizedLru[Digest, list[Digest]]
+"""The chunk lists of blobs split before, bounded by their number of chunks. Content is
+immutable, so a list never goes stale; its chunks can only go missing, which ``split_blob``
+asks about before answering from here. A list serves every instance: FastCDC's cuts depend
+only on the content and the server's parameters."""
 
 
 async def split_blob(
@@ -78,10 +55,10 @@ async def split_blob(
         # Asking also extends the chunks' lifetimes, as a split must.
         if not await missing_digests(storage, ctx, known):
             return known
-        cache.forget(digest)  # a chunk went away (or is not this instance's): split again
+        cache.pop(digest)  # a chunk went away (or is not this instance's): split again
     chunk_digests = await _split(storage, ctx, digest, params)
     if cache is not None:
-        cache.put(digest, chunk_digests)
+        cache.add(digest, chunk_digests)
     return chunk_digests
 
 

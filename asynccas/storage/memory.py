@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 
 from asynccas.digest import Digest, DigestBatch
 from asynccas.errors import BlobNotFound, StorageFull
+from asynccas.lru import SizedLru
 from asynccas.storage.base import (
     CHUNK_SIZE,
     BlobWriter,
@@ -18,51 +18,12 @@ from asynccas.storage.base import (
 from asynccas.storage.context import RequestContext
 
 
-class BlobLru:
-    """Blobs by digest in memory, the least recently used dropped first beyond ``max_bytes``:
-    the memory storage's store and the read cache's."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.blobs: OrderedDict[Digest, bytes] = OrderedDict()
-        self.total = 0
-        self.removals = 0  # dropped for room or popped: what a deletion marker counts
-
-    def __contains__(self, digest: Digest) -> bool:
-        return digest in self.blobs
-
-    def get(self, digest: Digest) -> bytes | None:
-        """The blob, now the most recently used; None if absent."""
-        data = self.blobs.get(digest)
-        if data is not None:
-            self.blobs.move_to_end(digest)
-        return data
-
-    def add(self, digest: Digest, data: bytes) -> None:
-        if digest in self.blobs:
-            self.blobs.move_to_end(digest)
-            return
-        self.blobs[digest] = data
-        self.total += len(data)
-        while self.total > self.max_bytes:
-            _, dropped = self.blobs.popitem(last=False)
-            self.total -= len(dropped)
-            self.removals += 1
-
-    def pop(self, digest: Digest) -> bytes | None:
-        data = self.blobs.pop(digest, None)
-        if data is not None:
-            self.total -= len(data)
-            self.removals += 1
-        return data
-
-
 class MemoryStorage(Storage, Deletable, DeletionMarked):
     """Blobs in a dict, least recently used evicted first once ``max_bytes`` is exceeded."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
-        self._lru = BlobLru(max_bytes)
+        self._lru: SizedLru[Digest, bytes] = SizedLru(max_bytes)
 
     @property
     def total_size(self) -> int:

@@ -13,10 +13,10 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from asynccas.digest import Digest
+from asynccas.lru import SizedLru
 from asynccas.storage.base import CHUNK_SIZE, Storage
 from asynccas.storage.context import RequestContext
 from asynccas.storage.forwarding import ForwardingStorage
-from asynccas.storage.memory import BlobLru
 
 
 class ReadCacheStorage(ForwardingStorage):
@@ -26,7 +26,7 @@ class ReadCacheStorage(ForwardingStorage):
         super().__init__(inner)
         self.max_bytes = max_bytes
         self.max_blob_size = min(max_blob_size, max_bytes, CHUNK_SIZE)
-        self.lru = BlobLru(max_bytes)
+        self.lru: SizedLru[Digest, bytes] = SizedLru(max_bytes)
         self.hits = 0
         self.misses = 0
 
